@@ -1,0 +1,33 @@
+"""Shared, session-scoped fixtures: the embedded dataset is generated once per test run."""
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local Ray must not write auth tokens in tests
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One cache folder for the whole run, so the synthetic dataset is generated once."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(cache_dir):
+    from tune_upl.synthetic import ensure_synthetic
+
+    return ensure_synthetic(cache_dir, dataset_seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_values(cache_dir, synthetic_root):
+    """TrialConfig values of the demo's fixed part: tiny backbone, 64 px, synthetic data, 2 threads."""
+    return {
+        "data_name": "synthetic",
+        "backbone_type": "tiny",
+        "image_size": 64,
+        "warm_up": 0,
+        "cache_dir": cache_dir,
+        "num_workers": 0,
+        "num_threads": 2,
+    }

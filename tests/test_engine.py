@@ -1,0 +1,58 @@
+"""One training run on the embedded dataset: it must learn, fast, from an untrained floor near chance."""
+import time
+
+import torch
+
+from tune_upl.config import make_config
+from tune_upl.engine import build_run, final_test, load_state, save_state, train_epoch
+
+
+def test_five_cpu_epochs_lift_test_recall_well_above_untrained(tiny_values):
+    cfg = make_config(tiny_values, num_epochs=5, lr=1e-3, feature_dim=128)
+    run = build_run(cfg)
+    untrained = final_test(run)["test_recall@1"]
+    start = time.perf_counter()
+    history = [train_epoch(run) for _ in range(cfg.num_epochs)]
+    seconds = time.perf_counter() - start
+    trained = final_test(run)["test_recall@1"]
+    print(f"untrained {untrained:.3f} -> trained {trained:.3f} in {seconds:.1f} s")
+    assert untrained <= 0.15
+    assert seconds <= 90
+    assert trained >= untrained + 0.20
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+    assert all("val_recall@1" in h and "test_recall@1" not in h for h in history)  # epochs never see test
+    assert history[0]["lr"] == 1e-3 and history[0]["proxy_lr"] == 1e-2
+
+
+def test_warm_up_freezes_the_backbone_then_releases_it(tiny_values):
+    run = build_run(make_config(tiny_values, num_epochs=2, warm_up=1, feature_dim=32, lr=1e-3))
+    backbone = [p.detach().clone() for p in run.model.backbone_parameters()]
+    embedding = run.model.net.embedding.weight.detach().clone()
+    train_epoch(run)
+    assert all(torch.equal(a, b) for a, b in zip(backbone, run.model.backbone_parameters()))
+    assert not torch.equal(embedding, run.model.net.embedding.weight)
+    train_epoch(run)
+    assert not all(torch.equal(a, b) for a, b in zip(backbone, run.model.backbone_parameters()))
+
+
+def test_step_lr_halves_every_lr_step_epochs(tiny_values):
+    run = build_run(make_config(tiny_values, num_epochs=3, lr_step=1, feature_dim=16, lr=1e-3))
+    lrs = [train_epoch(run)["lr"] for _ in range(3)]
+    assert lrs == [1e-3, 5e-4, 2.5e-4]
+
+
+def test_checkpoint_restores_and_continues_identically(tiny_values, tmp_path):
+    """A restarted trial continues at the next epoch exactly as if it had not stopped."""
+    cfg = make_config(tiny_values, num_epochs=2, feature_dim=16, lr=1e-3)
+    straight = build_run(cfg)
+    train_epoch(straight)
+    save_state(straight, tmp_path / "state.pt")
+    expected = train_epoch(straight)
+    resumed = build_run(cfg)
+    resumed.load_state_dict(load_state(tmp_path / "state.pt"))
+    assert resumed.epoch == 1
+    again = train_epoch(resumed)
+    assert again["epoch"] == 2
+    assert again["train_loss"] == expected["train_loss"]
+    assert again["val_recall@1"] == expected["val_recall@1"]

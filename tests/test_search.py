@@ -1,0 +1,107 @@
+"""A real Ray Tune + Optuna + ASHA search of the demo spec at reduced size, checked from Tune's raw files."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tune_upl.search import FINAL_FILE, make_searcher, plan_studies, run_search
+from tune_upl.spec import load_spec, parse_spec
+from tune_upl.report import write_report
+
+DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
+SAMPLES = 3
+
+
+def small_demo():
+    spec = load_spec(DEMO)
+    data = spec.model_dump()
+    data["num_samples"] = SAMPLES
+    data["fixed"] = {**data["fixed"], "num_epochs": 2, "image_size": 48}
+    return parse_spec(data)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_search(ray_session, cache_dir, synthetic_root, tmp_path_factory):
+    spec = small_demo()
+    storage = tmp_path_factory.mktemp("runs")
+    experiment = run_search(spec, {"cache_dir": cache_dir, "num_workers": 0}, storage)
+    report = write_report(experiment, tmp_path_factory.mktemp("reports"))
+    return spec, experiment, report
+
+
+def raw_results(experiment):
+    """Each trial's per-epoch results, parsed straight from Tune's result.json (one JSON per line)."""
+    trials = {}
+    for path in (experiment / "main").glob("*/result.json"):
+        trials[path.parent.name] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return trials
+
+
+def test_every_trial_ran_and_reported_each_epoch(demo_search):
+    spec, experiment, _ = demo_search
+    trials = raw_results(experiment)
+    assert len(trials) == SAMPLES
+    for rows in trials.values():
+        assert [r["training_iteration"] for r in rows] == list(range(1, len(rows) + 1))
+        assert all(0 <= r["val_recall@1"] <= 1 and r["images_per_s"] > 0 for r in rows)
+    assert max(len(rows) for rows in trials.values()) == 2  # ASHA lets the best finish
+
+
+def test_report_numbers_equal_the_raw_results(demo_search):
+    spec, experiment, report = demo_search
+    text = report.read_text()
+    trials = raw_results(experiment)
+    best = {tid: max(r["val_recall@1"] for r in rows) for tid, rows in trials.items()}
+    for tid, value in best.items():
+        row = next(line for line in text.splitlines() if f"| {tid} " in line)
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[6]) == pytest.approx(value, abs=5e-5)
+    final = json.loads((experiment / "main" / FINAL_FILE).read_text())
+    assert final["trial_id"] == max(best, key=best.get)
+    assert final["objective"]["val_recall@1"] == pytest.approx(best[final["trial_id"]])
+    r1 = f"{100 * final['test']['test_recall@1']:.1f}%"
+    assert re.search(rf"\|\s+Tiny\s+\|\s+balanced_proxy\s+\|\s+\d+\s+\|\s+{re.escape(r1)}\s+\|", text)
+    assert "yes" in text  # the baseline row is marked
+
+
+def test_test_classes_evaluated_only_after_selection(demo_search):
+    _, experiment, _ = demo_search
+    trials = raw_results(experiment)
+    assert not any(k.startswith("test_") for rows in trials.values() for r in rows for k in r)
+    final = json.loads((experiment / "main" / FINAL_FILE).read_text())
+    last_result = max(r["timestamp"] for rows in trials.values() for r in rows)
+    assert final["evaluated_at"] >= last_result and set(final["test"]) == {f"test_recall@{k}" for k in (1, 2, 4, 8)}
+
+
+def test_same_sampler_seed_proposes_the_same_first_configurations(demo_search):
+    spec, experiment, _ = demo_search
+    study = plan_studies(spec, {"cache_dir": "/x"})[0]
+
+    def proposals():
+        searcher = make_searcher(spec, study)
+        return [{k: v for k, v in searcher.suggest(f"t{i}").items() if k in spec.space} for i in range(SAMPLES)]
+
+    first, second = proposals(), proposals()
+    assert first == second
+    assert first[0] == {"lr": 1e-4, "scale": 32, "feature_dim": 512, "margin": 0.1}  # the baseline: seed recipe
+    ran = [{k: json.loads((p.parent / "params.json").read_text())[k] for k in spec.space}
+           for p in (experiment / "main").glob("*/result.json")]
+    assert sorted(map(str, ran)) == sorted(map(str, first))
+
+
+def test_command_line_override_fixes_a_field_and_removes_it_from_the_space():
+    study = plan_studies(small_demo(), {"lr": 1e-3})[0]
+    assert "lr" not in study.space and study.base["lr"] == 1e-3
+    assert set(study.space) == {"scale", "feature_dim", "margin"}
+    no_margin = plan_studies(small_demo(), {"loss_name": "proxy_anchor"})[0]
+    assert "margin" in no_margin.space  # its when holds for proxy_anchor

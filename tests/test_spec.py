@@ -1,0 +1,100 @@
+"""Search specs: the canonical demo loads; every kind of mistake is one line naming its key path."""
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tune_upl.spec import SpecError, load_spec, parse_spec
+
+DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
+
+
+def demo_dict():
+    return yaml.safe_load(DEMO.read_text())
+
+
+def test_demo_spec_loads():
+    spec = load_spec(DEMO)
+    assert spec.name == "demo" and spec.num_samples == 8 and spec.max_concurrent == 2
+    assert spec.searcher.type == "tpe" and spec.scheduler.type == "asha"
+    assert spec.space["lr"].loguniform == (1e-4, 1e-2)
+    assert spec.space["margin"].when == {"loss_name": ["proxy_anchor", "balanced_proxy"]}
+    assert spec.fixed["backbone_type"] == "tiny" and spec.study_points() == [{}]
+
+
+def test_studies_are_a_cartesian_product():
+    data = demo_dict()
+    data["fixed"].pop("data_name")
+    data["studies"] = {"data_name": ["synthetic", "cub"], "loss_name": ["proxy_anchor", "balanced_proxy"]}
+    points = parse_spec(data).study_points()
+    assert len(points) == 4 and {"data_name": "cub", "loss_name": "proxy_anchor"} in points
+
+
+def edit(path, value):
+    """Return a demo dict with `value` set at the dotted `path` (None deletes nothing, it sets None)."""
+    data = demo_dict()
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    "path, value, expected",
+    [
+        ("bogus", 1, r"^spec: bogus = 1: unknown key; allowed: name, objective"),
+        ("searcher.kind", "tpe", r"^spec: searcher.kind = 'tpe': unknown key; allowed: type, seed"),
+        ("num_samples", "many", r"^spec: num_samples = 'many': Input should be a valid integer"),
+        ("num_samples", 0, r"^spec: num_samples = 0: Input should be greater than or equal to 1"),
+        ("resources.cpu", 0, r"^spec: resources.cpu = 0: Input should be greater than 0"),
+        ("resources.gpu", -1, r"^spec: resources.gpu = -1: Input should be greater than or equal to 0"),
+        ("space.scale", {"choice": []}, r"^spec: space.scale: choice must list at least one value"),
+        ("space.lr", {"loguniform": [0.1, 0.01]}, r"^spec: space.lr: low must be below high"),
+        ("space.lr", {"uniform": [0.1, 0.2], "int": [1, 2]}, r"space.lr: give exactly one distribution"),
+        ("space.scal", {"uniform": [1, 2]}, r"^spec: space.scal: unknown field 'scal' \(did you mean 'scale'\?\); allowed:"),
+        ("space.margin.when", {"loss": ["proxy_anchor"]}, r"^spec: space.margin.when.loss: unknown field 'loss'"),
+        ("space.margin.when", {"loss_name": ["arcface"]}, r"space.margin.when.loss_name = 'arcface': unknown loss_name"),
+        ("space.feature_dim", {"choice": [64, -1]}, r"space.feature_dim.choice = -1: Input should be greater"),
+        ("fixed.backbone_type", "vgg", r"^spec: fixed.backbone_type = 'vgg': unknown backbone_type 'vgg'; allowed"),
+        ("fixed.lr", 0.1, r"^spec: space.lr: 'lr' is both in fixed and space"),
+        ("scheduler.type", "median", r"^spec: scheduler.type = 'median': Input should be 'asha' or 'fifo'"),
+        ("searcher.type", "grid", r"^spec: scheduler.type: grid search runs every point to the end; use fifo"),
+        ("objective.metric", "val_accuracy", r"objective.metric = 'val_accuracy': unknown metric"),
+        ("objective.metric", "test_recall@1", r"allowed only under protocol seed"),
+    ],
+)
+def test_each_mistake_is_one_line_with_its_key_path(path, value, expected):
+    with pytest.raises(SpecError, match=expected) as info:
+        parse_spec(edit(path, value))
+    assert "\n" not in str(info.value)
+
+
+def test_grid_needs_choices_and_seed_protocol_needs_test_objective():
+    data = edit("searcher.type", "grid")
+    data["scheduler"]["type"] = "fifo"
+    with pytest.raises(SpecError, match="space.lr: grid search takes choice only"):
+        parse_spec(data)
+    data["space"] = {"scale": {"choice": [16, 32]}}
+    assert parse_spec(data).searcher.type == "grid"
+    seeded = copy.deepcopy(data)
+    seeded["protocol"] = "seed"
+    with pytest.raises(SpecError, match="protocol seed has no validation classes"):
+        parse_spec(seeded)
+    seeded["objective"]["metric"] = "test_recall@1"
+    assert parse_spec(seeded).protocol == "seed"
+
+
+def test_load_spec_file_errors(tmp_path):
+    with pytest.raises(SpecError, match="spec file not found"):
+        load_spec(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+    code = tmp_path / "code.yaml"
+    code.write_text("name: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(SpecError, match="not valid YAML"):  # safe_load refuses to build objects
+        load_spec(code)

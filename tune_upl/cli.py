@@ -1,0 +1,183 @@
+"""Command line: `python run_search.py [search|train] [options]`.
+
+Every `TrialConfig` field is an option under its own name (`--feature_dim`) and its dash spelling
+(`--feature-dim`). This module is the one place that reads the environment (home folder, CPU count):
+it resolves them into fields, so nothing behind a `TrialConfig` looks at global state.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tune_upl.config import FIELD_DEFAULTS, FIELD_HELP, FIELD_NAMES, ConfigError, make_config, validate_field
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def option_spellings(name: str) -> list[str]:
+    """`--feature_dim` and `--feature-dim`: both spellings of every long option."""
+    spellings = [f"--{name}"]
+    if "_" in name:
+        spellings.append(f"--{name.replace('_', '-')}")
+    return spellings
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training options (TrialConfig fields)")
+    for name in FIELD_NAMES:
+        default = FIELD_DEFAULTS[name]
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        group.add_argument(
+            *option_spellings(name),
+            dest=name,
+            default=argparse.SUPPRESS,
+            metavar=name.upper(),
+            help=f"{FIELD_HELP[name]} [default: {shown}]",
+        )
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrialConfig fields given on the command line, as strings for pydantic to convert."""
+    return {name: getattr(args, name) for name in FIELD_NAMES if hasattr(args, name)}
+
+
+def resolve_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """Absolute data, cache and weights paths with `~` expanded: trials run in other working directories.
+
+    Returns only the path fields (from `values`, else the defaults)."""
+    resolved = {name: str(Path(values.get(name, FIELD_DEFAULTS[name])).expanduser().resolve())
+                for name in ("data_path", "cache_dir")}
+    if values.get("pretrained") not in (None, "auto", "none"):
+        resolved["pretrained"] = str(Path(values["pretrained"]).expanduser().resolve())
+    return resolved
+
+
+def format_metrics(metrics: dict[str, float], prefix: str) -> str:
+    keys = [k for k in metrics if k.startswith(f"{prefix}_recall@")]
+    return " ".join(f"R@{k.split('@')[1]} {metrics[k]:.3f}" for k in keys)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """One run of one configuration, printing a line per epoch (the seed's train.py)."""
+    from tune_upl.engine import build_run, final_test, train_epoch
+
+    values = config_overrides(args)
+    cfg = make_config({**values, **resolve_paths(values)})
+    start = time.perf_counter()
+    run = build_run(cfg)
+    where = run.metric_prefix
+    print(
+        f"train {cfg.data_name}/{cfg.backbone_type}/{cfg.loss_name} d={cfg.feature_dim} on {run.device}: "
+        f"{len(run.train_loader.dataset)} training images in {run.train_loader.dataset.num_classes} classes, "
+        f"{len(run.eval_loader.dataset)} {where} images; protocol {cfg.protocol}",
+        flush=True,
+    )
+    best: tuple[float, int, dict[str, float]] | None = None
+    for _ in range(cfg.num_epochs):
+        m = train_epoch(run)
+        print(
+            f"epoch {m['epoch']:>3}/{cfg.num_epochs}  loss {m['train_loss']:.4f}  {where} {format_metrics(m, where)}  "
+            f"{m['images_per_s']:.0f} img/s  {m['epoch_seconds']:.1f} s",
+            flush=True,
+        )
+        score = m[f"{where}_recall@{cfg.recalls[0]}"]
+        if best is None or score > best[0]:
+            best = (score, m["epoch"], m)
+    if cfg.protocol == "seed":
+        assert best is not None
+        print(f"best epoch {best[1]} (test-selected, as the seed): test {format_metrics(best[2], 'test')}")
+    else:
+        test = final_test(run)
+        print(f"test after epoch {run.epoch} (classes unseen in training and selection): {format_metrics(test, 'test')}")
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Validate the spec (before Ray starts), run the search, write the report."""
+    from tune_upl.spec import load_spec
+
+    spec = load_spec(args.space)
+    updates = {k: v for k, v in (("name", args.name), ("num_samples", args.num_samples),
+                                 ("max_concurrent", args.max_concurrent)) if v is not None}
+    if updates:
+        from tune_upl.spec import parse_spec
+
+        spec = parse_spec({**spec.model_dump(), **updates}, f"{args.space} (with command-line options)")
+    overrides = {k: validate_field(k, v) for k, v in config_overrides(args).items()}  # fails before Ray
+    overrides.update(resolve_paths({**spec.fixed, **overrides}))
+    storage = Path(args.storage).expanduser().resolve()
+    reports = Path(args.reports_dir).expanduser().resolve()
+    from tune_upl.report import write_report
+    from tune_upl.search import run_search
+
+    start = time.perf_counter()
+    experiment = run_search(spec, overrides, storage, verbose=args.verbose, address=args.address)
+    report = write_report(experiment, reports)
+    print(f"search {spec.name} done in {time.perf_counter() - start:.0f} s; report: {report}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tune_upl.report import write_report
+
+    experiment = Path(args.storage).expanduser().resolve() / args.name
+    print(write_report(experiment, Path(args.reports_dir).expanduser().resolve()))
+    return 0
+
+
+def add_option(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
+    parser.add_argument(*option_spellings(name), dest=name, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_search.py",
+        description="Hyper-parameter search for proxy-based deep metric learning (Ray Tune + Optuna + ASHA).",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="{search,train,report}")
+    search = commands.add_parser("search", help="run a search spec on Ray Tune (the default command)")
+    add_option(search, "space", default=str(DEFAULT_SPEC), help="search spec YAML [default: search_spaces/demo.yaml]")
+    add_option(search, "name", help="experiment name [default: the spec's name]")
+    add_option(search, "num_samples", type=int, help="trials per study [default: the spec's]")
+    add_option(search, "max_concurrent", type=int, help="trials running at once [default: the spec's]")
+    add_option(search, "storage", default="runs", help="experiment folder root, made absolute [default: runs]")
+    add_option(search, "reports_dir", default="reports", help="where the markdown report goes [default: reports]")
+    add_option(search, "address", default=None, help="Ray cluster address to join [default: start a local Ray]")
+    search.add_argument("--verbose", action="store_true", help="show Ray's own progress tables and logs")
+    add_config_options(search)
+    search.set_defaults(handler=cmd_search)
+    report = commands.add_parser("report", help="(re)write the markdown report of an experiment")
+    add_option(report, "name", default="demo", help="experiment name [default: demo]")
+    add_option(report, "storage", default="runs", help="experiment folder root [default: runs]")
+    add_option(report, "reports_dir", default="reports", help="where the report goes [default: reports]")
+    report.set_defaults(handler=cmd_report)
+    train = commands.add_parser("train", help="train one configuration and report Recall@K")
+    add_config_options(train)
+    train.set_defaults(handler=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv or ["search"])
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    from tune_upl.data import DatasetError, SplitAccessError
+    from tune_upl.spec import SpecError
+
+    try:
+        return handler(args)
+    except (ConfigError, SpecError, DatasetError, SplitAccessError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,229 @@
+"""Search specs: the YAML schema, its validation and loading.
+
+A spec says what to search (`space`), what to hold (`fixed`), what splits the work into separate
+studies (`studies`), how to pick and stop trials (`searcher`, `scheduler`) and on what (`objective`).
+Every key is validated before Ray starts; a mistake is reported as one line naming its key path, the
+bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from typing_extensions import Annotated
+
+from tune_upl.config import FIELD_NAMES, ConfigError, unknown_field_message, validate_field
+
+METRIC_PATTERN = re.compile(r"^(val|test)_(recall@[1-9][0-9]*|map@r|r_precision)$")
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
+Number = Union[int, float]
+Integer = int  # `Param` has a field named int, which shadows the builtin inside its body
+
+
+class SpecError(ValueError):
+    """An invalid spec; the message is one line per problem, each naming the key path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Objective(_Strict):
+    metric: str = "val_recall@1"
+    mode: Literal["max", "min"] = "max"
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        if not METRIC_PATTERN.match(value):
+            raise ValueError(
+                f"unknown metric {value!r}; allowed: val_recall@K, val_map@r, val_r_precision (or test_ under protocol seed)"
+            )
+        return value
+
+
+class Searcher(_Strict):
+    type: Literal["tpe", "random", "grid"] = "tpe"
+    seed: Annotated[int, Field(ge=0)] = 0
+    n_startup_trials: Annotated[int, Field(ge=0)] = 10  # TPE's random trials before it models
+
+
+class Scheduler(_Strict):
+    type: Literal["asha", "fifo"] = "asha"
+    grace_period: Annotated[int, Field(ge=1)] = 1  # epochs before ASHA may stop a trial
+    reduction_factor: Annotated[float, Field(gt=1)] = 2
+
+
+class Resources(_Strict):
+    cpu: Annotated[float, Field(gt=0)] = 1
+    gpu: Annotated[float, Field(ge=0)] = 0
+
+
+class Param(_Strict):
+    """One searched field: exactly one distribution, an optional `step` (int only) and `when`."""
+
+    choice: Optional[list[Any]] = None
+    uniform: Optional[tuple[Number, Number]] = None
+    loguniform: Optional[tuple[Number, Number]] = None
+    int: Optional[tuple[Integer, Integer]] = None
+    step: Optional[Annotated[Integer, Field(ge=1)]] = None
+    when: Optional[dict[str, list[Any]]] = None
+
+    @model_validator(mode="after")
+    def _one_distribution(self) -> "Param":
+        given = [name for name in DISTRIBUTIONS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one distribution of {', '.join(DISTRIBUTIONS)}; got {given or 'none'}")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice must list at least one value")
+        bounds = self.uniform or self.loguniform or self.int
+        if bounds is not None and bounds[0] >= bounds[1]:
+            raise ValueError(f"low must be below high, got [{bounds[0]}, {bounds[1]}]")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.loguniform[0]}")
+        if self.step is not None and self.int is None:
+            raise ValueError("step goes with int only")
+        if self.when is not None and (not self.when or any(not v for v in self.when.values())):
+            raise ValueError("when must map a field to a non-empty list of values")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in DISTRIBUTIONS if getattr(self, name) is not None)
+
+    def values_to_check(self) -> list[Any]:
+        """Values that must be legal for the field: every choice, or both bounds."""
+        if self.choice is not None:
+            return list(self.choice)
+        return list(self.uniform or self.loguniform or self.int)
+
+
+class SearchSpec(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    objective: Objective = Objective()
+    searcher: Searcher = Searcher()
+    scheduler: Scheduler = Scheduler()
+    num_samples: Annotated[int, Field(ge=1)] = 8  # trials per study; under grid, repeats of the grid
+    max_concurrent: Annotated[int, Field(ge=1)] = 2
+    resources: Resources = Resources()
+    protocol: Literal["val", "seed"] = "val"
+    final_seeds: Annotated[int, Field(ge=1)] = 1
+    max_failures: Annotated[int, Field(ge=0)] = 1
+    baseline: bool = True
+    studies: dict[str, list[Any]] = {}
+    fixed: dict[str, Any] = {}
+    space: dict[str, Param] = {}
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> "SearchSpec":
+        for section in ("studies", "fixed", "space"):
+            for name in getattr(self, section):
+                if name not in FIELD_NAMES:
+                    raise ValueError(unknown_field_message(name, where=f"{section}.{name}"))
+        if "protocol" in {*self.fixed, *self.space, *self.studies}:
+            raise ValueError("protocol is set at the top level of a spec, not under fixed/space/studies")
+        for section_a, section_b in (("fixed", "space"), ("fixed", "studies"), ("studies", "space")):
+            both = sorted(set(getattr(self, section_a)) & set(getattr(self, section_b)))
+            if both:
+                raise ValueError(f"{section_b}.{both[0]}: {both[0]!r} is both in {section_a} and {section_b}; keep one")
+        for name, value in self.fixed.items():
+            _check_value(f"fixed.{name}", name, value)
+        for name, values in self.studies.items():
+            if not values:
+                raise ValueError(f"studies.{name}: must list at least one value")
+            for value in values:
+                _check_value(f"studies.{name}", name, value)
+        for name, param in self.space.items():
+            for value in param.values_to_check():
+                _check_value(f"space.{name}.{param.kind}", name, value)
+            for other, values in (param.when or {}).items():
+                if other not in FIELD_NAMES:
+                    raise ValueError(unknown_field_message(other, where=f"space.{name}.when.{other}"))
+                if other == name:
+                    raise ValueError(f"space.{name}.when.{other}: a parameter cannot depend on itself")
+                for value in values:
+                    _check_value(f"space.{name}.when.{other}", other, value)
+        return self
+
+    @model_validator(mode="after")
+    def _check_strategy(self) -> "SearchSpec":
+        if self.searcher.type == "grid":
+            if self.scheduler.type == "asha":
+                raise ValueError("scheduler.type: grid search runs every point to the end; use fifo, not asha")
+            continuous = [name for name, p in self.space.items() if p.choice is None]
+            if continuous:
+                raise ValueError(f"space.{continuous[0]}: grid search takes choice only; allowed: choice")
+        if self.objective.metric.startswith("test_") and self.protocol != "seed":
+            raise ValueError(
+                f"objective.metric = {self.objective.metric!r}: selecting on the test classes is allowed only "
+                "under protocol seed; allowed: a val_ metric"
+            )
+        if self.protocol == "seed" and self.objective.metric.startswith("val_"):
+            raise ValueError(
+                f"objective.metric = {self.objective.metric!r}: protocol seed has no validation classes; "
+                "allowed: a test_ metric"
+            )
+        return self
+
+    def study_points(self) -> list[dict[str, Any]]:
+        """The cartesian product of `studies` (one empty study when there are none)."""
+        names = list(self.studies)
+        return [dict(zip(names, combo)) for combo in itertools.product(*(self.studies[n] for n in names))]
+
+
+def _check_value(path: str, field: str, value: Any) -> None:
+    try:
+        validate_field(field, value)
+    except ConfigError as error:
+        detail = str(error).split(": ", 1)[-1]
+        raise ValueError(f"{path} = {value!r}: {detail}") from None
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The keys of the schema section at `loc` (e.g. ('searcher',) -> type, seed, n_startup_trials)."""
+    model: Any = SearchSpec
+    for part in loc:
+        annotation = model.model_fields[part].annotation if part in getattr(model, "model_fields", {}) else Param
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else Param
+    return list(model.model_fields)
+
+
+def format_spec_error(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors(include_url=False):
+        path = ".".join(str(p) for p in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = f"unknown key; allowed: {', '.join(_allowed_keys(item['loc'][:-1]))}"
+        if path:
+            value = item.get("input")
+            shown = "" if isinstance(value, (dict, list)) or value is None else f" = {value!r}"
+            lines.append(f"{source}: {path}{shown}: {message}")
+        else:
+            lines.append(f"{source}: {message}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: Any, source: str = "spec") -> SearchSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a spec is a YAML mapping of keys (name, objective, ...), got {type(data).__name__}")
+    try:
+        return SearchSpec.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(format_spec_error(error, source)) from None
+
+
+def load_spec(path: str | Path) -> SearchSpec:
+    """Read a YAML spec with `yaml.safe_load` (nothing in it runs as code) and validate it."""
+    file = Path(path)
+    if not file.is_file():
+        raise SpecError(f"spec file not found: {file}")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as error:
+        raise SpecError(f"{file}: not valid YAML: {error}".replace("\n", " ")) from None
+    return parse_spec(data, str(file))
