@@ -31,3 +31,13 @@ def tiny_values(cache_dir, synthetic_root):
         "num_workers": 0,
         "num_threads": 2,
     }
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test run (ray.init costs seconds and ~700 MB)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()

@@ -50,3 +50,9 @@ def test_bad_spec_fails_before_ray_starts(tmp_path):
 def test_missing_dataset_is_named():
     out = run_cli("train", "--data_name", "cub", "--data_path", "/nonexistent")
     assert out.returncode == 2 and "CUB-200-2011 not found: expected /nonexistent/cub/images.txt" in out.stderr
+
+
+def test_report_of_unknown_experiment_is_named(tmp_path):
+    out = run_cli("report", "--name", "nope", "--storage", str(tmp_path))
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: no experiment at {tmp_path}/nope (missing search_spec.json); check --name and --storage"

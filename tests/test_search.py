@@ -22,15 +22,6 @@ def small_demo():
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="session")
 def demo_search(ray_session, cache_dir, synthetic_root, tmp_path_factory):
     spec = small_demo()
     storage = tmp_path_factory.mktemp("runs")

@@ -168,14 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv or ["search"])
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["search", *argv]  # `python run_search.py [--option ...]` is the search command
+    args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     from tune_upl.data import DatasetError, SplitAccessError
     from tune_upl.spec import SpecError
 
     try:
         return handler(args)
-    except (ConfigError, SpecError, DatasetError, SplitAccessError) as error:
+    except (ConfigError, SpecError, DatasetError, SplitAccessError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

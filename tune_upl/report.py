@@ -110,8 +110,8 @@ def render(experiment: Path) -> str:
     lines = [
         f"# Search `{spec['name']}`",
         "",
-        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{experiment}` by `python run_search.py report "
-        f"--name {spec['name']}`.",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{_shown_path(experiment)}`; regenerate with "
+        f"`python run_search.py report --name {spec['name']}`.",
         "",
         f"- searcher: {spec['searcher']['type']} (seed {spec['searcher']['seed']}), scheduler: "
         f"{spec['scheduler']['type']}, objective: `{metric}` ({mode}), protocol: {spec['protocol']}",
@@ -142,6 +142,14 @@ def render(experiment: Path) -> str:
         shown.insert(0, "rank", range(1, len(shown) + 1))
         lines.append(shown.rename(columns={"objective": metric}).to_markdown(index=False))
     return "\n".join(lines) + "\n"
+
+
+def _shown_path(path: Path) -> str:
+    """Relative to the working directory when inside it, so committed reports carry no home folders."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _fmt(value: Any) -> str:

@@ -152,6 +152,7 @@ def make_searcher(spec: SearchSpec, study: Study) -> tune.search.Searcher:
     from ray.tune.search.optuna import OptunaSearch
 
     if spec.searcher.type == "tpe":
+        warnings.filterwarnings("ignore", message=".*group.*experimental", category=optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(
             seed=spec.searcher.seed,
             n_startup_trials=spec.searcher.n_startup_trials,
@@ -236,6 +237,8 @@ class TrialLines(tune.Callback):
         if state == "finished" and isinstance(planned, int) and epochs < planned:
             state = "stopped early"
         params = " ".join(f"{n}={_short(trial.config.get(n))}" for n in self.names if n in trial.config)
+        if state == "errored":
+            params += f" | {_error_summary(trial)}"
         shown = f"{score:.4f}" if score is not None else "-"
         best = f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best -"
         print(
@@ -249,6 +252,15 @@ class TrialLines(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._line(trial, "errored")
+
+
+def _error_summary(trial: Any) -> str:
+    """The last line of the trial's error (its full traceback stays in the trial folder)."""
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).is_file():
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+        return (lines[-1] if lines else "error") + f" (see {path})"
+    return "error (see the trial folder)"
 
 
 def _short(value: Any) -> str:
@@ -314,17 +326,17 @@ def select_and_test(spec: SearchSpec, results: tune.ResultGrid, folder: Path, gr
     checkpoint = best.get_best_checkpoint(metric, mode)
     frame = best.metrics_dataframe
     best_row = frame.loc[frame[metric].idxmax() if mode == "max" else frame[metric].idxmin()]
-    cfg = make_config(best.config)
-    run = build_run(cfg)
-    with checkpoint.as_directory() as ckpt:
-        run.load_state_dict(load_state(Path(ckpt) / CHECKPOINT_FILE))
-    test = final_test(run) if spec.protocol != "seed" else {
-        k: float(best_row[k]) for k in frame.columns if k.startswith("test_")
-    }
+    if spec.protocol == "seed":  # the seed's protocol: the test metrics of the test-selected epoch
+        test = {k: float(best_row[k]) for k in frame.columns if k.startswith("test_")}
+    else:
+        run = build_run(make_config(best.config))
+        with checkpoint.as_directory() as ckpt:
+            run.load_state_dict(load_state(Path(ckpt) / CHECKPOINT_FILE))
+        test = final_test(run)
     record = {
         "group": group,
         "trial_id": best.metrics["trial_id"],
-        "epoch": int(run.epoch),
+        "epoch": int(best_row["training_iteration"]),
         "objective": {metric: float(best_row[metric])},
         "test": test,
         "test_selected": spec.protocol == "seed",
@@ -348,7 +360,6 @@ def quiet_ray(verbose: bool) -> None:
         return
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the old reporter honours verbose=0 fully
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def init_ray(address: Optional[str], verbose: bool) -> None:
@@ -377,6 +388,10 @@ def run_search(
     init_ray(address, verbose)
     check_resources(spec)
     experiment = storage / spec.name
+    if experiment.exists() and any(experiment.iterdir()):
+        kept = experiment.with_name(f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(experiment.stat().st_mtime))}")
+        experiment.rename(kept)
+        print(f"an earlier experiment {spec.name} was moved to {kept} (nothing is deleted)", flush=True)
     experiment.mkdir(parents=True, exist_ok=True)
     baselines = {s.key: baseline_point(s.space, s.base) for s in studies} if spec.baseline else {}
     _write_json(experiment / SPEC_FILE,
