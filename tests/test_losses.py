@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from tune_upl.losses import LOSSES, build_loss
+from tune_upl.losses import LOSS_PARAMETERS, LOSSES, build_loss
 
 
 def reference_proxy_anchor(sims, labels, scale, margin):
@@ -44,7 +44,7 @@ def test_proxy_anchor_equals_float64_reference():
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_losses_finite_at_scale_64_extremes(name):
-    loss_fn = build_loss(name, scale=64, margin=0.1)
+    loss_fn = build_loss(name, **{p: {"scale": 64, "margin": 0.1}[p] for p in LOSS_PARAMETERS[name]})
     for sims, labels in [
         (torch.tensor([[1.0, -1.0], [-1.0, 1.0]]), torch.tensor([1, 0])),  # all wrong, saturated
         (torch.ones(4, 3), torch.zeros(4, dtype=torch.long)),  # one class in the batch
@@ -70,5 +70,25 @@ def test_balanced_proxy_mean_lowers_the_margin_by_log_n_over_scale():
 
 
 def test_unknown_loss_names_the_allowed_ones():
-    with pytest.raises(ValueError, match="allowed: balanced_proxy, proxy_anchor"):
+    with pytest.raises(ValueError, match="allowed: balanced_proxy, normalized_softmax, proxy_anchor, proxy_nca"):
         build_loss("triplet")
+
+
+def test_proxy_anchor_is_the_unified_loss_with_proxy_anchor_and_sum():
+    from tune_upl.losses import UnifiedProxyLoss
+
+    gen = torch.Generator().manual_seed(1)
+    sims, labels = torch.rand(12, 6, generator=gen) * 2 - 1, torch.randint(0, 6, (12,), generator=gen)
+    unified = UnifiedProxyLoss(scale=32, margin=0.1, anchor="proxy", aggregation="sum")(sims, labels)
+    assert unified.item() == pytest.approx(reference_proxy_anchor(sims.double().tolist(), labels.tolist(), 32, 0.1), rel=1e-5)
+
+
+def test_proxy_nca_and_normalized_softmax_against_float64_loops():
+    gen = torch.Generator().manual_seed(2)
+    sims, labels = torch.rand(5, 4, generator=gen) * 2 - 1, torch.tensor([0, 1, 1, 3, 2])
+    s, y, a = sims.double().tolist(), labels.tolist(), 16.0
+    nca = sum(-a * s[x][y[x]] + math.log(sum(math.exp(a * s[x][p]) for p in range(4) if p != y[x])) for x in range(5)) / 5
+    softmax = sum(-a * s[x][y[x]] + math.log(sum(math.exp(a * s[x][p]) for p in range(4))) for x in range(5)) / 5
+    assert build_loss("proxy_nca", scale=a)(sims, labels).item() == pytest.approx(nca, rel=1e-5)
+    assert build_loss("normalized_softmax", scale=a)(sims, labels).item() == pytest.approx(softmax, rel=1e-5)
+    assert build_loss("proxy_nca", scale=a)(torch.ones(3, 1), torch.zeros(3, dtype=torch.long)).item() == 0.0  # C = 1

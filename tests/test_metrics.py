@@ -2,23 +2,30 @@
 import pytest
 import torch
 
-from tune_upl.metrics import knn_recall, recall_at_k
+from tune_upl.metrics import recall_at_k, retrieval_metrics
 
 
-def brute_force_recall(emb, labels, ks):
-    """Full N x N cosine matrix, neighbours ordered by (-similarity, index), self excluded."""
+def brute_force(emb, labels, ks):
+    """Full N x N cosine matrix, neighbours ordered by (-similarity, index), self excluded.
+
+    Returns Recall@K, MAP@R and R-precision written out as in Musgrave et al. 2020."""
     emb = torch.nn.functional.normalize(emb.double(), dim=1)
     sims = (emb @ emb.t()).tolist()
     labels = labels.tolist()
-    n, hits, counted = len(labels), {k: 0 for k in ks}, 0
+    n, hits, counted, map_sum, rp_sum = len(labels), {k: 0 for k in ks}, 0, 0.0, 0.0
     for i in range(n):
-        if labels.count(labels[i]) < 2:
+        r = labels.count(labels[i]) - 1
+        if r == 0:
             continue
         counted += 1
         order = sorted((j for j in range(n) if j != i), key=lambda j: (-round(sims[i][j], 9), j))
+        rel = [labels[j] == labels[i] for j in order]
         for k in ks:
-            hits[k] += any(labels[j] == labels[i] for j in order[:k])
-    return {k: hits[k] / counted for k in ks}
+            hits[k] += any(rel[:k])
+        precisions = [sum(rel[: idx + 1]) / (idx + 1) for idx in range(r)]
+        map_sum += sum(p for p, hit in zip(precisions, rel[:r]) if hit) / r
+        rp_sum += sum(rel[:r]) / r
+    return {k: hits[k] / counted for k in ks}, map_sum / counted, rp_sum / counted
 
 
 def test_matches_brute_force_with_duplicates_and_small_chunks():
@@ -28,11 +35,14 @@ def test_matches_brute_force_with_duplicates_and_small_chunks():
     labels = torch.randint(0, 9, (len(emb),), generator=gen)
     labels[-1] = 99  # a singleton class: excluded from the mean
     ks = (1, 2, 4, 8)
-    result = knn_recall(emb, labels, ks, chunk_size=7)
-    expected = brute_force_recall(emb, labels, ks)
+    result = retrieval_metrics(emb, labels, ks, chunk_size=7)
+    expected, map_at_r, r_precision = brute_force(emb, labels, ks)
     assert result.num_excluded == 1 and result.num_queries == len(emb) - 1
     for k in ks:
         assert result.recall[k] == pytest.approx(expected[k], abs=1e-12)
+    assert result.map_at_r == pytest.approx(map_at_r, abs=1e-9)
+    assert result.r_precision == pytest.approx(r_precision, abs=1e-9)
+    assert 0 < result.map_at_r <= result.r_precision <= 1
     assert recall_at_k(emb, labels, ks, chunk_size=1000) == result.recall
 
 
@@ -52,3 +62,16 @@ def test_perfect_and_chance_embeddings():
     constant = torch.ones(50, 4)  # every neighbour tied: index order, so only class 0 finds itself first
     assert recall_at_k(constant, labels, (1, 8))[1] == pytest.approx(5 / 50)
     assert recall_at_k(constant, labels, (1, 8))[8] == pytest.approx(10 / 50)  # classes 0 and 1 within 8
+
+
+def test_map_at_r_literal():
+    # Class a = {0, 1, 2}, class b = {3}; b is a singleton and excluded. On a line, cosine order from 0:
+    # query 0 (R=2): neighbours [1 (a), 3 (b), 2 (a)] -> top-2 relevance [1, 0]: AP@R = (1/1)/2 = 0.5, RP = 0.5
+    emb = torch.tensor([[1.0, 0.0], [0.98, 0.2], [0.0, 1.0], [0.9, 0.44]])
+    labels = torch.tensor([0, 0, 0, 1])
+    result = retrieval_metrics(emb, labels, (1,))
+    # query 1: sims to 0: .98, to 3: .97, to 2: .2 -> [0 (a), 3 (b), 2 (a)]: AP@R 0.5, RP 0.5
+    # query 2: sims to 1: .2, to 3: .44, to 0: 0 -> [3 (b), 1 (a), 0 (a)]: top-2 [0, 1]: AP@R (1/2)/2 = .25, RP .5
+    assert result.num_queries == 3 and result.num_excluded == 1
+    assert result.map_at_r == pytest.approx((0.5 + 0.5 + 0.25) / 3)
+    assert result.r_precision == pytest.approx(0.5)

@@ -45,3 +45,54 @@ def test_pretrained_file_loads_and_bad_file_is_named(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="unreadable weights file"):
         build_model(cfg.replace(pretrained=str(bad)), num_classes=3)
+
+
+@pytest.mark.parametrize("name, dim", [("resnet18", 512), ("googlenet", 1024), ("inception", 1024), ("tiny", 256)])
+def test_every_backbone_builds_without_weights_and_runs_forward(name, dim):
+    torch.manual_seed(0)
+    model = build_model(make_config(backbone_type=name, pretrained="none", feature_dim=64), num_classes=4).eval()
+    with torch.no_grad():
+        emb = model(torch.randn(2, 3, 96, 96))
+    assert emb.shape == (2, 64) and model.net.embedding.in_features == dim
+    assert torch.isfinite(emb).all() and torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_a_torchvision_weight_file_loads_by_its_own_parameter_names(tmp_path):
+    from torchvision.models import resnet18
+
+    torch.manual_seed(3)
+    source = resnet18(weights=None)
+    torch.save(source.state_dict(), tmp_path / "resnet18.pth")  # a classifier checkpoint, fc included
+    model = build_model(make_config(backbone_type="resnet18", pretrained=str(tmp_path / "resnet18.pth")), 3)
+    assert torch.equal(model.net.backbone.net.conv1.weight, source.conv1.weight)
+    assert model.freeze_bn  # a pretrained backbone keeps BatchNorm frozen under freeze_bn auto
+
+
+@pytest.mark.parametrize("name", ["resnet50", "inception"])
+def test_unreachable_imagenet_weights_name_the_file_and_folder(name, tmp_path, monkeypatch):
+    """Offline: the message says which file to place where (the hub folder is pointed at an empty one)."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _offline)
+    monkeypatch.setattr(torch.utils.model_zoo, "load_url", _offline)
+    with pytest.raises(ConfigError, match=rf"place the file \S+\.pth in {tmp_path}/hub/checkpoints by hand"):
+        build_model(make_config(backbone_type=name, pretrained="auto"), 3)
+
+
+def _offline(*args, **kwargs):
+    raise OSError("network unreachable")
+
+
+def test_pooling_and_layer_norm_options_change_the_embedding():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 32, 32)
+    outputs = {}
+    for pooling, layer_norm in [("max", True), ("avg", True), ("avgmax", True), ("max", False)]:
+        torch.manual_seed(1)  # same weights for every variant
+        model = build_model(make_config(backbone_type="tiny", feature_dim=8, pooling=pooling, layer_norm=layer_norm), 3)
+        with torch.no_grad():
+            features = model.eval().net.features(images)
+            outputs[(pooling, layer_norm)] = features
+    maxed, averaged, both = outputs[("max", True)], outputs[("avg", True)], outputs[("avgmax", True)]
+    assert not torch.allclose(maxed, averaged) and not torch.allclose(maxed, both)
+    assert torch.allclose(maxed.mean(dim=1), torch.zeros(2), atol=1e-5)  # layer norm centres each feature
+    assert not torch.allclose(outputs[("max", False)].mean(dim=1), torch.zeros(2), atol=1e-3)

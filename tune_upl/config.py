@@ -49,6 +49,7 @@ class TrialConfig:
     warm_up: Annotated[int, Field(ge=0)] = 2  # epochs with the backbone frozen
     recalls: tuple[Annotated[int, Field(ge=1)], ...] = (1, 2, 4, 8)
     # --- optimiser and loss (seed recipe: AdamP, StepLR(5, 0.5), scale 32, margin 0.1) ---
+    optimizer: Literal["adamp", "adamw", "sgd"] = "adamp"
     lr: Annotated[float, Field(gt=0, le=10)] = 1e-4  # backbone and embedding layer
     proxy_lr: Annotated[float, Field(gt=0, le=100)] = 1e-2
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
@@ -69,6 +70,10 @@ class TrialConfig:
     cache_dir: str = "~/.cache/tune_upl"
     num_workers: Union[Annotated[int, Field(ge=0)], Literal["auto"]] = "auto"
     # --- execution ---
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 (fp16 without bf16) on CUDA, off on CPU
+    channels_last: Union[bool, Literal["auto"]] = "auto"  # auto: on CUDA only
+    deterministic: bool = False  # true: the seed's cudnn.deterministic, no cudnn.benchmark
+    compile: bool = False  # torch.compile the embedding network
     seed: Annotated[int, Field(ge=0)] = 1
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: Annotated[int, Field(ge=0)] = 0  # 0: every CPU this process may use
@@ -220,6 +225,7 @@ FIELD_HELP: dict[str, str] = {
     "num_epochs": "training epochs (seed default 20)",
     "warm_up": "epochs at the start with the backbone frozen (seed default 2)",
     "recalls": "Recall@K values to report, comma-separated (seed default 1,2,4,8)",
+    "optimizer": "adamp (seed), adamw or sgd (momentum 0.9); proxies always at proxy_lr",
     "lr": "learning rate of backbone and embedding layer (seed: 1e-4)",
     "proxy_lr": "learning rate of the proxies (seed: 1e-2)",
     "weight_decay": "AdamP weight decay (seed: 0)",
@@ -239,6 +245,10 @@ FIELD_HELP: dict[str, str] = {
     "num_workers": "data-loader workers: auto (min(8, threads-1)) or a number (seed: 8)",
     "seed": "training seed: numpy, torch, loader shuffling (seed: 1)",
     "device": "auto (cuda when available), cpu, cuda or cuda:N",
+    "amp": "mixed precision: auto (bf16 on CUDA, fp16 where bf16 is missing; off on CPU), bf16, fp16, off",
+    "channels_last": "channels-last memory format: auto (on CUDA), true, false",
+    "deterministic": "cudnn deterministic and no cudnn.benchmark, as the seed (slower); false: benchmark on",
+    "compile": "torch.compile the embedding network (startup cost, faster steps on a GPU)",
     "num_threads": "torch CPU threads; 0 = every CPU this process may use",
 }
 assert set(FIELD_HELP) == set(FIELD_NAMES), "every TrialConfig field is documented"

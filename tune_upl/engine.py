@@ -11,7 +11,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -19,19 +19,34 @@ from adamp import AdamP
 from torch.utils.data import DataLoader
 
 from tune_upl.config import TrialConfig
-from tune_upl.data import ImageDataset, SplitManager, load_records, make_loader, eval_transform, train_transform
-from tune_upl.losses import build_loss
-from tune_upl.metrics import knn_recall
+from tune_upl.data import ImageDataset, SplitManager, eval_transform, load_records, make_loader, train_transform
+from tune_upl.losses import LOSS_PARAMETERS, build_loss
+from tune_upl.metrics import retrieval_metrics
 from tune_upl.models import MetricModel, build_model
 
+OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]] = {
+    "adamp": lambda groups, weight_decay: AdamP(groups, weight_decay=weight_decay),
+    "adamw": lambda groups, weight_decay: torch.optim.AdamW(groups, weight_decay=weight_decay),
+    "sgd": lambda groups, weight_decay: torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay),
+}
 
-def seed_everything(seed: int) -> None:
-    """The seed's determinism settings: numpy and torch seeded, cudnn deterministic, benchmark off."""
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """numpy and torch seeded as the seed does; cudnn deterministic (the seed) or benchmarked (fast)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype: bf16 where the GPU has it, fp16 (with a grad scaler) where not, none on CPU."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,6 +71,10 @@ class Run:
     train_loader: DataLoader
     eval_loader: DataLoader
     eval_split: str
+    amp_dtype: Optional[torch.dtype] = None
+    scaler: Optional[torch.amp.GradScaler] = None
+    channels_last: bool = False
+    forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # the (compiled) training forward
     epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -69,6 +88,7 @@ class Run:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "history": self.history,
             "rng": {
                 "python": random.getstate(),
@@ -84,6 +104,8 @@ class Run:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.history = list(state["history"])
         rng = state["rng"]
         random.setstate(rng["python"])
@@ -109,29 +131,36 @@ def load_state(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def build_optimizer(model: MetricModel, cfg: TrialConfig) -> tuple[AdamP, torch.optim.lr_scheduler.StepLR]:
-    """AdamP: `lr` for backbone and embedding layer, `proxy_lr` for the proxies; StepLR once per epoch."""
+def build_optimizer(
+    model: MetricModel, cfg: TrialConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.StepLR]:
+    """`lr` for backbone and embedding layer, `proxy_lr` for the proxies; StepLR stepped once per epoch."""
     groups = [
         {"params": model.backbone_parameters(), "lr": cfg.lr, "name": "backbone"},
         {"params": list(model.net.embedding.parameters()), "lr": cfg.lr, "name": "embedding"},
         {"params": list(model.head.parameters()), "lr": cfg.proxy_lr, "name": "proxies"},
     ]
-    optimizer = AdamP(groups, weight_decay=cfg.weight_decay)
+    optimizer = OPTIMIZERS[cfg.optimizer](groups, cfg.weight_decay)
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
 
 
 def build_run(cfg: TrialConfig) -> Run:
     """Data, model, loss and optimiser of one run. Under protocol `seed` the epochs evaluate on test."""
     torch.set_num_threads(cfg.resolved_num_threads)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, cfg.deterministic)
     device = resolve_device(cfg.device)
     splits = SplitManager(load_records(cfg), cfg.protocol, cfg.val_fraction)
     train_set = ImageDataset(splits.get("train"), train_transform(cfg.image_size))
     eval_split = "test" if cfg.protocol == "seed" else "val"
     eval_set = ImageDataset(splits.get(eval_split), eval_transform(cfg.image_size))
+    channels_last = cfg.channels_last is True or (cfg.channels_last == "auto" and device.type == "cuda")
     model = build_model(cfg, train_set.num_classes).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(model, cfg)
-    loss_fn = build_loss(cfg.loss_name, scale=cfg.scale, margin=cfg.margin)
+    loss_fn = build_loss(cfg.loss_name, **{name: getattr(cfg, name) for name in LOSS_PARAMETERS[cfg.loss_name]})
+    amp_dtype = resolve_amp(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     return Run(
         cfg=cfg,
         device=device,
@@ -143,24 +172,38 @@ def build_run(cfg: TrialConfig) -> Run:
         train_loader=make_loader(train_set, cfg, train=True),
         eval_loader=make_loader(eval_set, cfg, train=False),
         eval_split=eval_split,
+        amp_dtype=amp_dtype,
+        scaler=scaler,
+        channels_last=channels_last,
+        forward=torch.compile(model.net) if cfg.compile else model.net,
     )
 
 
-@torch.no_grad()
-def embed(model: MetricModel, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings and labels of a whole split, in loader order, on `device`."""
-    model.eval()
+def _to_device(run: Run, images: torch.Tensor) -> torch.Tensor:
+    images = images.to(run.device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if run.channels_last else images
+
+
+def _autocast(run: Run) -> Any:
+    return torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None)
+
+
+@torch.inference_mode()
+def embed(run: Run, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 embeddings and labels of a whole split, in loader order, on the run's device."""
+    run.model.eval()
     chunks, labels = [], []
     for images, batch_labels in loader:
-        chunks.append(model(images.to(device, non_blocking=True)))
-        labels.append(batch_labels.to(device))
+        with _autocast(run):
+            chunks.append(run.model(_to_device(run, images)).float())
+        labels.append(batch_labels.to(run.device, non_blocking=True))
     return torch.cat(chunks), torch.cat(labels)
 
 
-def evaluate(model: MetricModel, loader: DataLoader, device: torch.device, ks: tuple[int, ...], prefix: str) -> dict[str, float]:
-    embeddings, labels = embed(model, loader, device)
-    result = knn_recall(embeddings, labels, ks)
-    return {f"{prefix}_recall@{k}": value for k, value in result.recall.items()}
+def evaluate(run: Run, loader: DataLoader, prefix: str) -> dict[str, float]:
+    """Recall@K, MAP@R and R-precision of a split, named `<prefix>_recall@K`, `<prefix>_map@r`, ..."""
+    embeddings, labels = embed(run, loader)
+    return retrieval_metrics(embeddings, labels, run.cfg.recalls).as_metrics(prefix)
 
 
 def train_epoch(run: Run) -> dict[str, float]:
@@ -170,18 +213,27 @@ def train_epoch(run: Run) -> dict[str, float]:
     model.set_backbone_trainable(epoch > cfg.warm_up)
     model.train()
     lrs = {g["name"]: g["lr"] for g in run.optimizer.param_groups}
-    total_loss, seen, start = 0.0, 0, time.perf_counter()
+    loss_sum = torch.zeros((), device=run.device)  # summed on the device: no host sync per step
+    seen, start = 0, time.perf_counter()
     for images, labels in run.train_loader:
-        images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
-        loss = run.loss_fn(model.head(model(images)), labels)
+        images, labels = _to_device(run, images), labels.to(run.device, non_blocking=True)
+        with _autocast(run):
+            similarities = model.head(run.forward(images))
+        loss = run.loss_fn(similarities, labels)  # every loss computes in float32
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
-        total_loss += float(loss.detach()) * len(labels)
+        if run.scaler is not None:
+            run.scaler.scale(loss).backward()
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            loss.backward()
+            run.optimizer.step()
+        loss_sum += loss.detach() * len(labels)
         seen += len(labels)
+    total_loss = float(loss_sum)
     train_seconds = time.perf_counter() - start
     run.scheduler.step()
-    metrics = evaluate(model, run.eval_loader, run.device, cfg.recalls, run.metric_prefix)
+    metrics = evaluate(run, run.eval_loader, run.metric_prefix)
     run.epoch = epoch
     result = {
         "epoch": epoch,
@@ -201,7 +253,6 @@ def train_epoch(run: Run) -> dict[str, float]:
 def final_test(run: Run) -> dict[str, float]:
     """Evaluate once on the test classes: the only place (besides protocol seed) they are read."""
     test_set = ImageDataset(run.splits.get("test", final=True), eval_transform(run.cfg.image_size))
-    loader = make_loader(test_set, run.cfg, train=False)
-    return evaluate(run.model, loader, run.device, run.cfg.recalls, "test")
+    return evaluate(run, make_loader(test_set, run.cfg, train=False), "test")
 
 

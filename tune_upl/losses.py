@@ -73,7 +73,48 @@ def balanced_proxy(scale: float = 32.0, margin: float = 0.1) -> UnifiedProxyLoss
     return UnifiedProxyLoss(scale, margin, anchor="both", aggregation="mean")
 
 
-LOSSES: dict[str, Callable[..., nn.Module]] = {"balanced_proxy": balanced_proxy, "proxy_anchor": proxy_anchor}
+class ProxyNCALoss(nn.Module):
+    """ProxyNCA (Movshovitz-Attias et al., ICCV 2017), the positive excluded from the denominator:
+    1/B sum_x [-a S[x, y_x] + log sum_{p != y_x} exp(a S[x, p])]; a sample with no negative proxy adds 0."""
+
+    def __init__(self, scale: float = 32.0):
+        super().__init__()
+        self.scale = float(scale)
+
+    def forward(self, similarities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.scale * similarities.float()
+        positive = F.one_hot(labels, logits.shape[1]).bool()
+        has_negative = (~positive).any(dim=1)
+        # rows without negatives get finite stand-ins, so no -inf reaches logsumexp's gradient
+        negatives = logits.masked_fill(positive, float("-inf")).where(has_negative[:, None], torch.zeros_like(logits))
+        terms = torch.logsumexp(negatives, dim=1) - logits[positive]
+        return (terms * has_negative.float()).mean()
+
+
+class NormalizedSoftmaxLoss(nn.Module):
+    """Normalized softmax (Zhai & Wu, BMVC 2019): cross-entropy over scale * cosine; scale = 1/temperature."""
+
+    def __init__(self, scale: float = 32.0):
+        super().__init__()
+        self.scale = float(scale)
+
+    def forward(self, similarities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.scale * similarities.float(), labels)
+
+
+LOSSES: dict[str, Callable[..., nn.Module]] = {
+    "balanced_proxy": balanced_proxy,
+    "normalized_softmax": NormalizedSoftmaxLoss,
+    "proxy_anchor": proxy_anchor,
+    "proxy_nca": ProxyNCALoss,
+}
+# The TrialConfig fields each loss takes: a margin exists only where the loss has one.
+LOSS_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "balanced_proxy": ("scale", "margin"),
+    "normalized_softmax": ("scale",),
+    "proxy_anchor": ("scale", "margin"),
+    "proxy_nca": ("scale",),
+}
 
 
 def build_loss(name: str, **params: float) -> nn.Module:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,16 +39,105 @@ def build_tiny(pretrained: bool) -> Backbone:
     return Backbone(nn.Sequential(*[_conv_block(a, b) for a, b in zip(channels, channels[1:])]), channels[-1])
 
 
-def build_resnet50(pretrained: bool) -> Backbone:
-    """torchvision ResNet50 without its average pool and classifier (2048-d feature map)."""
-    from torchvision.models import ResNet50_Weights, resnet50
+def _torchvision_weights(name: str, pretrained: bool) -> Any:
+    """The ImageNet weights enum of a torchvision model, or None."""
+    from torchvision import models
 
-    weights = ResNet50_Weights.IMAGENET1K_V1 if pretrained else None
+    enum = {"resnet18": models.ResNet18_Weights, "resnet50": models.ResNet50_Weights,
+            "googlenet": models.GoogLeNet_Weights}[name]
+    return enum.IMAGENET1K_V1 if pretrained else None
+
+
+def _fetch(build: Callable[[], nn.Module], url: str) -> nn.Module:
+    """Build a model whose constructor may download weights; offline clusters get a hand-placement hint."""
     try:
-        net = resnet50(weights=weights)
-    except Exception as error:  # offline clusters: say where the file goes
-        raise ConfigError(_download_help(weights.url, error)) from None
-    return Backbone(nn.Sequential(*list(net.children())[:-2]), 2048)
+        return build()
+    except Exception as error:
+        if isinstance(error, (ValueError, TypeError)):
+            raise
+        raise ConfigError(_download_help(url, error)) from None
+
+
+class ResNetFeatures(nn.Module):
+    """A torchvision ResNet up to layer4; keeps torchvision's parameter names so its weight files load."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        net.fc, net.avgpool = nn.Identity(), nn.Identity()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        for layer in (n.conv1, n.bn1, n.relu, n.maxpool, n.layer1, n.layer2, n.layer3, n.layer4):
+            x = layer(x)
+        return x
+
+
+def _resnet(name: str, pretrained: bool, dim: int) -> Backbone:
+    from torchvision import models
+
+    weights = _torchvision_weights(name, pretrained)
+    net = _fetch(lambda: getattr(models, name)(weights=weights), weights.url if weights else "")
+    return Backbone(ResNetFeatures(net), dim)
+
+
+def build_resnet18(pretrained: bool) -> Backbone:
+    """torchvision ResNet18 (512-d feature map): a quick real backbone."""
+    return _resnet("resnet18", pretrained, 512)
+
+
+def build_resnet50(pretrained: bool) -> Backbone:
+    """torchvision ResNet50 (2048-d feature map), the seed's default."""
+    return _resnet("resnet50", pretrained, 2048)
+
+
+class GoogLeNetFeatures(nn.Module):
+    """torchvision GoogLeNet up to inception5b (1024-d), with its own input transform for ImageNet weights."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        net.fc, net.avgpool, net.dropout = nn.Identity(), nn.Identity(), nn.Identity()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        x = n._transform_input(x)
+        for layer in (n.conv1, n.maxpool1, n.conv2, n.conv3, n.maxpool2, n.inception3a, n.inception3b, n.maxpool3,
+                      n.inception4a, n.inception4b, n.inception4c, n.inception4d, n.inception4e, n.maxpool4,
+                      n.inception5a, n.inception5b):
+            x = layer(x)
+        return x
+
+
+def build_googlenet(pretrained: bool) -> Backbone:
+    from torchvision.models import googlenet
+
+    weights = _torchvision_weights("googlenet", pretrained)
+    net = _fetch(lambda: googlenet(weights=weights, aux_logits=False, init_weights=not pretrained),
+                 weights.url if weights else "")
+    return Backbone(GoogLeNetFeatures(net), 1024)
+
+
+class BNInceptionFeatures(nn.Module):
+    """BN-Inception's convolutional trunk (1024-d); expects BGR input in 0-255 minus its mean (see data.py)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        net.last_linear = nn.Identity()  # the classifier is not part of the backbone
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(x)
+
+
+def build_inception(pretrained: bool) -> Backbone:
+    """BN-Inception from `pretrainedmodels` (`pretrained='imagenet'`), as the seed and Proxy-Anchor use."""
+    import pretrainedmodels
+
+    url = pretrainedmodels.pretrained_settings["bninception"]["imagenet"]["url"]
+    net = _fetch(lambda: pretrainedmodels.bninception(num_classes=1000, pretrained="imagenet" if pretrained else None),
+                 url)
+    return Backbone(BNInceptionFeatures(net), 1024)
 
 
 def _download_help(url: str, error: Exception) -> str:
@@ -59,7 +148,13 @@ def _download_help(url: str, error: Exception) -> str:
     )
 
 
-BACKBONES: dict[str, Callable[[bool], Backbone]] = {"tiny": build_tiny, "resnet50": build_resnet50}
+BACKBONES: dict[str, Callable[[bool], Backbone]] = {
+    "googlenet": build_googlenet,
+    "inception": build_inception,
+    "resnet18": build_resnet18,
+    "resnet50": build_resnet50,
+    "tiny": build_tiny,
+}
 
 
 def load_weights_file(module: nn.Module, path: str) -> None:
@@ -146,7 +241,7 @@ def build_model(cfg: TrialConfig, num_classes: int) -> MetricModel:
     """Build backbone, head and proxies from the config; seeds must be set by the caller."""
     pretrained_file = cfg.pretrained not in ("auto", "none")
     backbone = BACKBONES[cfg.backbone_type](cfg.uses_pretrained_weights and not pretrained_file)
-    if pretrained_file:
-        load_weights_file(backbone.module, cfg.pretrained)
+    if pretrained_file:  # library backbones wrap the library's model as `.net`, whose names weight files use
+        load_weights_file(getattr(backbone.module, "net", backbone.module), cfg.pretrained)
     net = EmbeddingNet(backbone, cfg.feature_dim, cfg.pooling, cfg.layer_norm)
     return MetricModel(net, ProxyHead(num_classes, cfg.feature_dim), freeze_bn=cfg.bn_frozen)
