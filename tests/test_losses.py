@@ -54,8 +54,11 @@ def test_losses_finite_at_scale_64_extremes(name):
         loss = loss_fn(sims, labels)
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(sims.grad).all()
+        low = sims.detach().bfloat16().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert loss_fn(sims.bfloat16(), labels).dtype == torch.float32
+            amp_loss = loss_fn(low, labels)
+        amp_loss.backward()
+        assert amp_loss.dtype == torch.float32 and torch.isfinite(amp_loss) and torch.isfinite(low.grad).all()
 
 
 def test_balanced_proxy_mean_lowers_the_margin_by_log_n_over_scale():
