@@ -14,8 +14,12 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synthetic_root(cache_dir):
+    """The generated dataset, prepared (manifest and pixel cache): trials read only the prepared cache."""
+    from tune_upl.config import make_config
+    from tune_upl.prepare import prepare_dataset
     from tune_upl.synthetic import ensure_synthetic
 
+    prepare_dataset(make_config(data_name="synthetic", cache_dir=cache_dir), progress=False)
     return ensure_synthetic(cache_dir, dataset_seed=0)
 
 

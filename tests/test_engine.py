@@ -81,3 +81,25 @@ def test_each_loss_lifts_validation_recall_over_the_untrained_model(tiny_values,
     best = max(train_epoch(run)["val_recall@1"] for _ in range(5))
     print(f"{loss_name}: untrained {untrained:.3f} -> best {best:.3f}")
     assert best >= untrained + 0.10
+
+
+def test_final_stage_trains_on_all_training_classes_and_tests_once_at_the_end(tiny_values):
+    search = build_run(make_config(tiny_values, num_epochs=2, feature_dim=16))
+    final = build_run(make_config(tiny_values, num_epochs=2, feature_dim=16, final=True))
+    assert final.train_loader.dataset.num_classes == search.train_loader.dataset.num_classes + len(search.splits.val_classes)
+    first, last = train_epoch(final), train_epoch(final)
+    assert not any(k.startswith(("val_", "test_")) for k in first)
+    assert {"test_recall@1", "test_map@r"} <= set(last) and not any(k.startswith("val_") for k in last)
+
+
+def test_an_unreadable_checkpoint_is_named(tmp_path):
+    from tune_upl.engine import CheckpointError
+
+    bad = tmp_path / "state.pt"
+    bad.write_bytes(b"\x00 not a checkpoint")
+    with pytest.raises(CheckpointError, match=f"unreadable checkpoint {bad}"):
+        load_state(bad)
+    code = tmp_path / "code.pt"
+    torch.save({"hook": print}, code)  # pickled code: refused by weights_only loading
+    with pytest.raises(CheckpointError, match="unreadable checkpoint"):
+        load_state(code)

@@ -1,13 +1,16 @@
 """A real Ray Tune + Optuna + ASHA search of the demo spec at reduced size, checked from Tune's raw files."""
 import json
 import re
+import statistics
 from pathlib import Path
 
 import pytest
 
-from tune_upl.search import FINAL_FILE, make_searcher, plan_studies, run_search
-from tune_upl.spec import load_spec, parse_spec
+from tune_upl.experiment import Options, run_search
+from tune_upl.final import SELECTION_FILE
 from tune_upl.report import write_report
+from tune_upl.search import make_searcher, plan_studies
+from tune_upl.spec import load_spec, parse_spec
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 SAMPLES = 3
@@ -17,6 +20,7 @@ def small_demo():
     spec = load_spec(DEMO)
     data = spec.model_dump()
     data["num_samples"] = SAMPLES
+    data["final_seeds"] = 2
     data["fixed"] = {**data["fixed"], "num_epochs": 2, "image_size": 48}
     return parse_spec(data)
 
@@ -25,15 +29,15 @@ def small_demo():
 def demo_search(ray_session, cache_dir, synthetic_root, tmp_path_factory):
     spec = small_demo()
     storage = tmp_path_factory.mktemp("runs")
-    experiment = run_search(spec, {"cache_dir": cache_dir, "num_workers": 0}, storage)
+    experiment = run_search(spec, {"cache_dir": cache_dir, "num_workers": 0}, Options(storage=storage))
     report = write_report(experiment, tmp_path_factory.mktemp("reports"))
     return spec, experiment, report
 
 
-def raw_results(experiment):
+def raw_results(experiment, folder="main"):
     """Each trial's per-epoch results, parsed straight from Tune's result.json (one JSON per line)."""
     trials = {}
-    for path in (experiment / "main").glob("*/result.json"):
+    for path in (experiment / folder).glob("*/result.json"):
         trials[path.parent.name] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return trials
 
@@ -57,11 +61,15 @@ def test_report_numbers_equal_the_raw_results(demo_search):
         row = next(line for line in text.splitlines() if f"| {tid} " in line)
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[6]) == pytest.approx(value, abs=5e-5)
-    final = json.loads((experiment / "main" / FINAL_FILE).read_text())
-    assert final["trial_id"] == max(best, key=best.get)
-    assert final["objective"]["val_recall@1"] == pytest.approx(best[final["trial_id"]])
-    r1 = f"{100 * final['test']['test_recall@1']:.1f}%"
-    assert re.search(rf"\|\s+Tiny\s+\|\s+balanced_proxy\s+\|\s+\d+\s+\|\s+{re.escape(r1)}\s+\|", text)
+    selection = json.loads((experiment / "main" / SELECTION_FILE).read_text())
+    assert selection["trial_id"] == max(best, key=best.get)
+    assert selection["objective"]["val_recall@1"] == pytest.approx(best[selection["trial_id"]])
+    finals = raw_results(experiment, "main.final")
+    r1 = [rows[-1]["test_recall@1"] for rows in finals.values()]
+    assert len(r1) == 2
+    mean, std = 100 * statistics.mean(r1), 100 * statistics.stdev(r1)
+    cell = f"{mean:.1f} ± {std:.1f}%"
+    assert re.search(rf"\|\s+Tiny\s+\|\s+balanced_proxy\s+\|\s+\d+\s+\|\s+{re.escape(cell)}\s+\|", text), cell
     assert "yes" in text  # the baseline row is marked
 
 
@@ -69,9 +77,16 @@ def test_test_classes_evaluated_only_after_selection(demo_search):
     _, experiment, _ = demo_search
     trials = raw_results(experiment)
     assert not any(k.startswith("test_") for rows in trials.values() for r in rows for k in r)
-    final = json.loads((experiment / "main" / FINAL_FILE).read_text())
-    last_result = max(r["timestamp"] for rows in trials.values() for r in rows)
-    assert final["evaluated_at"] >= last_result and set(final["test"]) == {f"test_recall@{k}" for k in (1, 2, 4, 8)}
+    selection = json.loads((experiment / "main" / SELECTION_FILE).read_text())
+    assert selection["selected_at"] >= max(r["timestamp"] for rows in trials.values() for r in rows)
+    finals = raw_results(experiment, "main.final")
+    seeds = sorted(json.loads((experiment / "main.final" / tid / "params.json").read_text())["seed"] for tid in finals)
+    assert seeds == [selection["config"]["seed"] + 1, selection["config"]["seed"] + 2]
+    for rows in finals.values():
+        assert [r["training_iteration"] for r in rows] == [1, 2]
+        assert not any(k.startswith(("test_", "val_")) for k in rows[0])  # no evaluation before the last epoch
+        assert {f"test_recall@{k}" for k in (1, 2, 4, 8)} <= set(rows[-1])
+        assert rows[0]["timestamp"] >= selection["selected_at"] - 1
 
 
 def test_same_sampler_seed_proposes_the_same_first_configurations(demo_search):
@@ -96,3 +111,19 @@ def test_command_line_override_fixes_a_field_and_removes_it_from_the_space():
     assert set(study.space) == {"scale", "feature_dim", "margin"}
     no_margin = plan_studies(small_demo(), {"loss_name": "proxy_anchor"})[0]
     assert "margin" in no_margin.space  # its when holds for proxy_anchor
+
+
+def test_impossible_gpu_request_fails_fast_or_runs_on_cpu_when_allowed(ray_session):
+    from tune_upl.search import check_resources
+    from tune_upl.spec import SpecError
+
+    data = small_demo().model_dump()
+    data["resources"] = {"cpu": 1, "gpu": 1}
+    spec = parse_spec(data)
+    with pytest.raises(SpecError, match=r"resources.gpu = 1: no node of this Ray cluster has that many \(largest: 0\)"):
+        check_resources(spec)
+    assert check_resources(spec, allow_cpu=True).resources.gpu == 0
+    data["resources"] = {"cpu": 64, "gpu": 0}
+    with pytest.raises(SpecError, match=r"resources.cpu = 64: .*largest: 2"):
+        check_resources(parse_spec(data))
+    assert check_resources(parse_spec(data), autoscaling=True).resources.cpu == 64

@@ -1,12 +1,14 @@
-"""Command line: `python run_search.py [search|train] [options]`.
+"""Command line: `python run_search.py [search|train|prepare|report] [options]`.
 
 Every `TrialConfig` field is an option under its own name (`--feature_dim`) and its dash spelling
 (`--feature-dim`). This module is the one place that reads the environment (home folder, CPU count):
-it resolves them into fields, so nothing behind a `TrialConfig` looks at global state.
+it resolves them into fields (`$TUNE_UPL_CACHE` into `cache_dir`), so nothing behind a `TrialConfig`
+looks at global state.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,9 +28,10 @@ def option_spellings(name: str) -> list[str]:
     return spellings
 
 
-def add_config_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("training options (TrialConfig fields)")
-    for name in FIELD_NAMES:
+def add_config_options(parser: argparse.ArgumentParser, names: Sequence[str] = FIELD_NAMES,
+                       title: str = "training options (TrialConfig fields)") -> None:
+    group = parser.add_argument_group(title)
+    for name in names:
         default = FIELD_DEFAULTS[name]
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         group.add_argument(
@@ -48,8 +51,9 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def resolve_paths(values: dict[str, Any]) -> dict[str, Any]:
     """Absolute data, cache and weights paths with `~` expanded: trials run in other working directories.
 
-    Returns only the path fields (from `values`, else the defaults)."""
-    resolved = {name: str(Path(values.get(name, FIELD_DEFAULTS[name])).expanduser().resolve())
+    Returns only the path fields (from `values`, else $TUNE_UPL_CACHE for cache_dir, else the defaults)."""
+    defaults = {**FIELD_DEFAULTS, "cache_dir": os.environ.get("TUNE_UPL_CACHE") or FIELD_DEFAULTS["cache_dir"]}
+    resolved = {name: str(Path(values.get(name, defaults[name])).expanduser().resolve())
                 for name in ("data_path", "cache_dir")}
     if values.get("pretrained") not in (None, "auto", "none"):
         resolved["pretrained"] = str(Path(values["pretrained"]).expanduser().resolve())
@@ -64,10 +68,14 @@ def format_metrics(metrics: dict[str, float], prefix: str) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     """One run of one configuration, printing a line per epoch (the seed's train.py)."""
     from tune_upl.engine import build_run, final_test, train_epoch
+    from tune_upl.prepare import prepare_dataset
 
     values = config_overrides(args)
     cfg = make_config({**values, **resolve_paths(values)})
     start = time.perf_counter()
+    prepared = prepare_dataset(cfg)
+    if prepared.built:
+        print(prepared.summary(cfg), flush=True)
     run = build_run(cfg)
     where = run.metric_prefix
     print(
@@ -100,28 +108,68 @@ def cmd_train(args: argparse.Namespace) -> int:
 DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-    """Validate the spec (before Ray starts), run the search, write the report."""
-    from tune_upl.spec import load_spec
+def search_spec(args: argparse.Namespace, storage: Path) -> tuple[Any, dict[str, Any]]:
+    """The spec and overrides: from the file and command line, or from the experiment's record (--resume)."""
+    from tune_upl.experiment import ExperimentError, resolve_resume
+    from tune_upl.spec import load_spec, parse_spec
 
-    spec = load_spec(args.space)
+    if args.resume:
+        if args.space is not None:
+            raise ExperimentError("--resume reads the spec from the experiment's record; drop --space")
+        if args.name is None:
+            raise ExperimentError("--resume needs --name NAME of the experiment to continue")
+        return resolve_resume(args.name, storage)
+    path = args.space or str(DEFAULT_SPEC)
+    spec = load_spec(path)
     updates = {k: v for k, v in (("name", args.name), ("num_samples", args.num_samples),
                                  ("max_concurrent", args.max_concurrent)) if v is not None}
+    resources = {k: v for k, v in (("cpu", args.cpus_per_trial), ("gpu", args.gpus_per_trial)) if v is not None}
+    if resources:
+        updates["resources"] = {**spec.resources.model_dump(), **resources}
     if updates:
-        from tune_upl.spec import parse_spec
-
-        spec = parse_spec({**spec.model_dump(), **updates}, f"{args.space} (with command-line options)")
+        spec = parse_spec({**spec.model_dump(), **updates}, f"{path} (with command-line options)")
     overrides = {k: validate_field(k, v) for k, v in config_overrides(args).items()}  # fails before Ray
     overrides.update(resolve_paths({**spec.fixed, **overrides}))
-    storage = Path(args.storage).expanduser().resolve()
-    reports = Path(args.reports_dir).expanduser().resolve()
-    from tune_upl.report import write_report
-    from tune_upl.search import run_search
+    return spec, overrides
 
+
+def _spec_name(args: argparse.Namespace) -> str:
+    from tune_upl.spec import load_spec
+
+    try:
+        return load_spec(args.space or str(DEFAULT_SPEC)).name
+    except Exception:  # only for the message; the name is in the spec file
+        return "NAME"
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Validate the spec (before Ray starts), run or resume the search, write the report."""
+    from tune_upl.experiment import Options, describe, run_search
+    from tune_upl.report import write_report
+    from tune_upl.search import plan_studies
+
+    storage = Path(args.storage).expanduser().resolve()
+    spec, overrides = search_spec(args, storage)
+    if args.dry_run:
+        print(describe(spec, plan_studies(spec, overrides)))
+        return 0
+    options = Options(storage=storage, verbose=args.verbose, address=args.address, resume=args.resume,
+                      overwrite=args.overwrite, autoscaling=args.autoscaling, allow_cpu=args.allow_cpu,
+                      loggers=tuple(args.logger))
     start = time.perf_counter()
-    experiment = run_search(spec, overrides, storage, verbose=args.verbose, address=args.address)
-    report = write_report(experiment, reports)
+    experiment = run_search(spec, overrides, options)
+    report = write_report(experiment, Path(args.reports_dir).expanduser().resolve())
     print(f"search {spec.name} done in {time.perf_counter() - start:.0f} s; report: {report}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Manifest and pixel cache of one dataset variant (the seed's data_utils.py)."""
+    from tune_upl.prepare import prepare_dataset
+
+    values = config_overrides(args)
+    cfg = make_config({**values, **resolve_paths(values)})
+    print(prepare_dataset(cfg).summary(cfg))
     return 0
 
 
@@ -142,15 +190,30 @@ def build_parser() -> argparse.ArgumentParser:
         prog="run_search.py",
         description="Hyper-parameter search for proxy-based deep metric learning (Ray Tune + Optuna + ASHA).",
     )
-    commands = parser.add_subparsers(dest="command", metavar="{search,train,report}")
+    commands = parser.add_subparsers(dest="command", metavar="{search,train,prepare,report}")
     search = commands.add_parser("search", help="run a search spec on Ray Tune (the default command)")
-    add_option(search, "space", default=str(DEFAULT_SPEC), help="search spec YAML [default: search_spaces/demo.yaml]")
+    add_option(search, "space", default=None, help="search spec YAML [default: search_spaces/demo.yaml]")
     add_option(search, "name", help="experiment name [default: the spec's name]")
     add_option(search, "num_samples", type=int, help="trials per study [default: the spec's]")
     add_option(search, "max_concurrent", type=int, help="trials running at once [default: the spec's]")
+    add_option(search, "cpus_per_trial", type=float, help="CPUs per trial, > 0 [default: the spec's resources.cpu]")
+    add_option(search, "gpus_per_trial", type=float,
+               help="GPUs per trial, >= 0; fractions pack trials onto one GPU [default: the spec's resources.gpu]")
+    search.add_argument("--resume", action="store_true",
+                        help="continue the interrupted experiment --name (its spec comes from its record)")
+    search.add_argument("--overwrite", action="store_true",
+                        help="start again although the experiment exists (the old folder is moved aside, kept)")
+    add_option(search, "dry_run", action="store_true", help="print studies, trials, epochs, resources; start nothing")
+    search.add_argument("--logger", action="append", choices=["mlflow", "wandb"], default=[],
+                        help="also log to MLflow or Weights & Biases (Ray Tune's callbacks; package not included)")
+    search.add_argument("--autoscaling", action="store_true",
+                        help="the Ray cluster grows on demand: skip the check that one node can hold a trial")
+    add_option(search, "allow_cpu", action="store_true",
+               help="a spec that asks for GPUs runs on CPUs when the cluster has none")
     add_option(search, "storage", default="runs", help="experiment folder root, made absolute [default: runs]")
     add_option(search, "reports_dir", default="reports", help="where the markdown report goes [default: reports]")
-    add_option(search, "address", default=None, help="Ray cluster address to join [default: start a local Ray]")
+    add_option(search, "address", default=None,
+               help="Ray cluster to join, e.g. auto (or set RAY_ADDRESS) [default: start a local Ray]")
     search.add_argument("--verbose", action="store_true", help="show Ray's own progress tables and logs")
     add_config_options(search)
     search.set_defaults(handler=cmd_search)
@@ -162,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train one configuration and report Recall@K")
     add_config_options(train)
     train.set_defaults(handler=cmd_train)
+    prepare = commands.add_parser("prepare", help="prepare a dataset once: manifest and pre-resized image cache")
+    from tune_upl.prepare import DATA_FIELDS
+
+    add_config_options(prepare, DATA_FIELDS, "dataset options (TrialConfig fields)")
+    prepare.set_defaults(handler=cmd_prepare)
     return parser
 
 
@@ -173,13 +241,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     from tune_upl.data import DatasetError, SplitAccessError
+    from tune_upl.engine import DivergedError, OutOfMemory
+    from tune_upl.experiment import ExperimentError
     from tune_upl.spec import SpecError
 
     try:
         return handler(args)
-    except (ConfigError, SpecError, DatasetError, SplitAccessError, FileNotFoundError) as error:
+    except (ConfigError, SpecError, DatasetError, SplitAccessError, ExperimentError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except (DivergedError, OutOfMemory) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as error:
+        where = f" ({error})" if str(error) else ""
+        resume = ""
+        if args.command == "search" and not getattr(args, "dry_run", False):
+            resume = f"; continue with: python run_search.py search --resume --name {args.name or _spec_name(args)}"
+        print(f"interrupted{where}{resume}", file=sys.stderr)
         return EXIT_INTERRUPTED

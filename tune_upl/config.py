@@ -30,7 +30,7 @@ def _registry_names(kind: str) -> list[str]:
     elif kind == "loss_name":
         from tune_upl.losses import LOSSES as reg
     else:
-        from tune_upl.data import DATASETS as reg
+        from tune_upl.archives import DATASETS as reg
     return sorted(reg)
 
 
@@ -39,8 +39,8 @@ class TrialConfig:
     """One training run. Departures from the seed's defaults are listed in the README."""
 
     # --- the seed's train.py options (same names, same defaults) ---
-    data_path: str = "/home/data"  # datasets root: <data_path>/car, <data_path>/cub
-    data_name: str = "car"  # registry: tune_upl.data.DATASETS
+    data_path: str = "/home/data"  # datasets root: <data_path>/car, <data_path>/cub; folder: the image tree
+    data_name: str = "car"  # registry: tune_upl.archives.DATASETS
     backbone_type: str = "resnet50"  # registry: tune_upl.models.BACKBONES
     loss_name: str = "balanced_proxy"  # registry: tune_upl.losses.LOSSES (the seed's default)
     feature_dim: Annotated[int, Field(ge=1, le=65536)] = 512
@@ -65,9 +65,12 @@ class TrialConfig:
     freeze_bn: Union[bool, Literal["auto"]] = "auto"  # auto: frozen exactly when pretrained
     # --- data and protocol ---
     protocol: Protocol = "val"
+    final: bool = False  # the final stage: train on train + validation classes, test once after the last epoch
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
     dataset_seed: Annotated[int, Field(ge=0)] = 0
-    cache_dir: str = "~/.cache/tune_upl"
+    cache_dir: str = "~/.cache/tune_upl"  # the command line resolves $TUNE_UPL_CACHE into it
+    crop: Literal["uncropped", "cropped"] = "uncropped"  # cropped: each image cut to its bounding box
+    cache_size: Annotated[int, Field(ge=16, le=4096)] = 256  # shorter side of the prepared images (px)
     num_workers: Union[Annotated[int, Field(ge=0)], Literal["auto"]] = "auto"
     # --- execution ---
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 (fp16 without bf16) on CUDA, off on CPU
@@ -77,6 +80,10 @@ class TrialConfig:
     seed: Annotated[int, Field(ge=0)] = 1
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: Annotated[int, Field(ge=0)] = 0  # 0: every CPU this process may use
+    # --- drills: make a run fail on purpose, to test retries and reports (never in a real search) ---
+    inject_fault: Literal["none", "raise", "exit", "nan", "oom"] = "none"
+    fault_epoch: Annotated[int, Field(ge=1)] = 1
+    fault_times: Annotated[int, Field(ge=1)] = 1  # attempts that fail; the next retry succeeds
 
     @field_validator("recalls", mode="before")
     @classmethod
@@ -124,6 +131,8 @@ class TrialConfig:
 
     @model_validator(mode="after")
     def _check_combination(self) -> "TrialConfig":
+        if self.final and self.protocol != "val":
+            raise ValueError("final=true belongs to protocol val (protocol seed has no final stage)")
         if self.warm_up > self.num_epochs:
             raise ValueError(
                 f"warm_up={self.warm_up} exceeds num_epochs={self.num_epochs}: the backbone would never train"
@@ -216,8 +225,8 @@ def validate_field(name: str, value: Any) -> Any:
 
 
 FIELD_HELP: dict[str, str] = {
-    "data_path": "datasets root holding car/ and cub/ (seed default /home/data)",
-    "data_name": "dataset: car, cub, or synthetic (embedded, generated into cache_dir; no download)",
+    "data_path": "datasets root holding car/ and cub/; for folder, the image tree itself (seed default /home/data)",
+    "data_name": "dataset: car, cub, folder (a tree <class>/<image>), or synthetic (embedded, generated into cache_dir)",
     "backbone_type": "backbone network: resnet50 (seed default) or tiny (a small CNN for CPUs)",
     "loss_name": "loss: balanced_proxy (the Unified Proxy Loss, seed default) or proxy_anchor",
     "feature_dim": "embedding dimension (seed default 512)",
@@ -239,9 +248,12 @@ FIELD_HELP: dict[str, str] = {
     "pretrained": "backbone weights: auto (ImageNet except tiny), none, or a state_dict file",
     "freeze_bn": "keep BatchNorm statistics frozen: auto (when pretrained, as the seed), true, false",
     "protocol": "val: select on validation classes, test once at the end; seed: the seed's test-selected protocol",
+    "final": "final-stage run: train on all training classes (train + validation), test once after the last epoch",
     "val_fraction": "share of the training classes held out for validation under protocol val (ours: 0.2)",
     "dataset_seed": "seed of the embedded synthetic dataset's generator (independent of seed)",
-    "cache_dir": "folder for generated and prepared data",
+    "cache_dir": "folder for generated and prepared data (default $TUNE_UPL_CACHE, else ~/.cache/tune_upl)",
+    "crop": "image variant: uncropped (seed) or cropped to the bounding boxes (cub, car, synthetic)",
+    "cache_size": "shorter side in px of the prepared images; never enlarged (default 256 = the test resize at 224)",
     "num_workers": "data-loader workers: auto (min(8, threads-1)) or a number (seed: 8)",
     "seed": "training seed: numpy, torch, loader shuffling (seed: 1)",
     "device": "auto (cuda when available), cpu, cuda or cuda:N",
@@ -250,5 +262,9 @@ FIELD_HELP: dict[str, str] = {
     "deterministic": "cudnn deterministic and no cudnn.benchmark, as the seed (slower); false: benchmark on",
     "compile": "torch.compile the embedding network (startup cost, faster steps on a GPU)",
     "num_threads": "torch CPU threads; 0 = every CPU this process may use",
+    "inject_fault": "drills and tests only: none, raise (an exception), exit (the process dies), nan (the loss "
+    "diverges), oom (an out-of-memory error), at fault_epoch",
+    "fault_epoch": "the epoch whose training step injects the fault",
+    "fault_times": "how many attempts of a trial fail before a retry succeeds (a large number: it keeps failing)",
 }
 assert set(FIELD_HELP) == set(FIELD_NAMES), "every TrialConfig field is documented"

@@ -1,32 +1,36 @@
-"""Datasets on disk, class-disjoint splits, image transforms and loaders.
+"""Loading prepared datasets: records from the manifest, class-disjoint splits, transforms and loaders.
 
-Every dataset reaches training through one reader of the CUB-200-2011 layout (`images.txt`,
-`image_class_labels.txt`, `images/`): the embedded `synthetic` set is written in that layout so that it
-takes the same path as the real CUB. `SplitManager` owns the class split and guards the test classes.
+Trials read only what `tune_upl.prepare` wrote (a manifest and a uint8 pixel cache), never the archive:
+a missing entry fails at once, naming the file and the prepare command. `SplitManager` owns the class
+split and guards the test classes. Dataset formats and their registry live in `tune_upl.archives`.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
+from torchvision.transforms import v2
 
+from tune_upl.archives import DATASETS, DatasetError, split_halves
 from tune_upl.config import ConfigError, TrialConfig
+from tune_upl.prepare import PIXELS_FILE, decode_image_file, read_manifest
+
+__all__ = [
+    "DATASETS", "DatasetError", "SplitAccessError", "Record", "load_records", "SplitManager",
+    "train_transform", "eval_transform", "ImageDataset", "make_loader",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+BNINCEPTION_MEAN = (104.0, 117.0, 128.0)  # BGR order, 0-255 scale (pretrainedmodels' bninception)
 SPLIT_SEED = 0  # the validation classes depend on this constant only, never on the training seed
 
 SplitName = Literal["train", "val", "test"]
-
-
-class DatasetError(RuntimeError):
-    """A dataset that is missing, half-prepared or unreadable: the message says which file and what to do."""
 
 
 class SplitAccessError(RuntimeError):
@@ -35,59 +39,25 @@ class SplitAccessError(RuntimeError):
 
 @dataclass(frozen=True)
 class Record:
+    """One image: its source file (for people; trials never open it) and, once prepared, its cached pixels."""
+
     path: Path
     class_id: int
-
-
-# ---------------------------------------------------------------- datasets on disk
-def locate_synthetic(cfg: TrialConfig) -> Path:
-    from tune_upl.synthetic import ensure_synthetic
-
-    return ensure_synthetic(Path(cfg.cache_dir).expanduser(), cfg.dataset_seed)
-
-
-def locate_cub(cfg: TrialConfig) -> Path:
-    base = Path(cfg.data_path).expanduser() / "cub"
-    for root in (base, base / "CUB_200_2011"):
-        if (root / "images.txt").is_file():
-            return root
-    raise DatasetError(
-        f"CUB-200-2011 not found: expected {base}/images.txt (or {base}/CUB_200_2011/images.txt); "
-        f"extract CUB_200_2011.tgz into {base} or set --data_path"
-    )
-
-
-def locate_car(cfg: TrialConfig) -> Path:
-    raise DatasetError(
-        f"CARS196 ({Path(cfg.data_path) / 'car'}) cannot be read yet: its preparation from cars_annos.mat "
-        "arrives with the datasets issue; use data_name synthetic or cub"
-    )
-
-
-DATASETS: dict[str, Callable[[TrialConfig], Path]] = {
-    "car": locate_car,
-    "cub": locate_cub,
-    "synthetic": locate_synthetic,
-}
-
-
-def _read_table(path: Path) -> list[list[str]]:
-    if not path.is_file():
-        raise DatasetError(f"missing {path}: the dataset is not prepared (or only half-extracted)")
-    return [line.split() for line in path.read_text().splitlines() if line.strip()]
-
-
-def read_cub_layout(root: Path) -> list[Record]:
-    """Image records in image-id order from a CUB-200-2011-style folder."""
-    images = {int(i): name for i, name in _read_table(root / "images.txt")}
-    labels = {int(i): int(c) for i, c in _read_table(root / "image_class_labels.txt")}
-    if images.keys() != labels.keys():
-        raise DatasetError(f"{root}: images.txt and image_class_labels.txt list different image ids")
-    return [Record(root / "images" / images[i], labels[i]) for i in sorted(images)]
+    pixels: Optional[Path] = None  # the entry's pixels.u8; None: decode `path` (raw archive, benchmarks)
+    offset: int = 0
+    height: int = 0
+    width: int = 0
 
 
 def load_records(cfg: TrialConfig) -> list[Record]:
-    return read_cub_layout(DATASETS[cfg.data_name](cfg))
+    """The prepared dataset's records in manifest order (the archive's image order)."""
+    entry, source, rows = read_manifest(cfg)
+    test_size = round(cfg.image_size * 256 / 224)
+    if test_size > cfg.cache_size:
+        warnings.warn(f"cache_size {cfg.cache_size} is below the test resize {test_size} of image_size "
+                      f"{cfg.image_size}: cached images are enlarged; prepare with --cache_size {test_size}")
+    pixels = entry / PIXELS_FILE
+    return [Record(source / r.image, r.class_id, pixels, r.offset, r.height, r.width) for r in rows]
 
 
 # ---------------------------------------------------------------- class splits
@@ -105,8 +75,7 @@ class SplitManager:
         classes = sorted({r.class_id for r in self.records})
         if len(classes) < 4:
             raise DatasetError(f"need at least 4 classes for class-disjoint splits, found {len(classes)}")
-        half = len(classes) // 2
-        train_all, self.test_classes = classes[:half], classes[half:]
+        train_all, self.test_classes = split_halves(classes)
         if protocol == "val":
             n_val = max(2, round(val_fraction * len(train_all)))
             if n_val >= len(train_all):
@@ -135,6 +104,8 @@ class SplitManager:
                     "select on the validation split"
                 )
             return list(self.test_classes)
+        if split == "trainval":  # the final stage trains on every training class
+            return sorted(self.train_classes + self.val_classes)
         if split == "val":
             if not self.val_classes:
                 raise ConfigError("protocol seed has no validation classes; evaluate on the test split")
@@ -148,31 +119,46 @@ class SplitManager:
 
 
 # ---------------------------------------------------------------- images and loaders
-def train_transform(image_size: int) -> T.Compose:
-    return T.Compose(
-        [
-            T.RandomResizedCrop(image_size),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+class ToBGR(torch.nn.Module):
+    """RGB -> BGR on a (..., C, H, W) tensor: BN-Inception was trained on Caffe's BGR input."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image.flip(-3)
 
 
-def eval_transform(image_size: int) -> T.Compose:
+def _to_network_input(backbone_type: Optional[str]) -> list[torch.nn.Module]:
+    """uint8 -> float input of the backbone: BN-Inception BGR 0-255 minus its mean; the others ImageNet RGB."""
+    if backbone_type == "inception":
+        return [v2.ToDtype(torch.float32, scale=False), ToBGR(), v2.Normalize(BNINCEPTION_MEAN, (1.0, 1.0, 1.0))]
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def train_transform(image_size: int, backbone_type: Optional[str] = None) -> v2.Compose:
+    """RandomResizedCrop + horizontal flip (the seed's), on uint8 tensors: torchvision's fast path."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.RandomResizedCrop(image_size, antialias=True),
+        v2.RandomHorizontalFlip(),
+        *_to_network_input(backbone_type),
+        v2.ToPureTensor(),
+    ])
+
+
+def eval_transform(image_size: int, backbone_type: Optional[str] = None) -> v2.Compose:
     """Resize(256) + CenterCrop(224) at 224 px, scaled in proportion for other sizes."""
-    return T.Compose(
-        [
-            T.Resize(round(image_size * 256 / 224)),
-            T.CenterCrop(image_size),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+    return v2.Compose([
+        v2.ToImage(),
+        v2.Resize(round(image_size * 256 / 224), antialias=True),
+        v2.CenterCrop(image_size),
+        *_to_network_input(backbone_type),
+        v2.ToPureTensor(),
+    ])
 
 
 class ImageDataset(Dataset):
-    """JPEG files with labels remapped to 0..C-1 in class-id order."""
+    """Images with labels remapped to 0..C-1 in class-id order, read from the pixel cache.
+
+    The cache is memory-mapped lazily in each process (loader workers included) and never pickled."""
 
     def __init__(self, records: Sequence[Record], transform: Callable):
         self.records = list(records)
@@ -180,25 +166,43 @@ class ImageDataset(Dataset):
         self.class_ids = sorted({r.class_id for r in self.records})
         index = {c: i for i, c in enumerate(self.class_ids)}
         self.labels = torch.tensor([index[r.class_id] for r in self.records], dtype=torch.long)
+        self._maps: dict[Path, np.memmap] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": {}}
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def read(self, i: int) -> torch.Tensor:
+        """Image `i` as a uint8 RGB tensor (C, H, W)."""
+        record = self.records[i]
+        if record.pixels is None:
+            try:
+                return decode_image_file(record.path)
+            except (OSError, ValueError) as error:
+                raise DatasetError(f"cannot read image {record.path}: {error}") from None
+        flat = self._maps.get(record.pixels)
+        if flat is None:
+            flat = self._maps[record.pixels] = np.memmap(record.pixels, dtype=np.uint8, mode="r")
+        size = record.height * record.width * 3
+        hwc = np.array(flat[record.offset:record.offset + size]).reshape(record.height, record.width, 3)
+        return torch.from_numpy(hwc).permute(2, 0, 1)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path = self.records[i].path
-        try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
-        except (OSError, ValueError) as error:
-            raise DatasetError(f"cannot read image {path}: {error}") from None
-        return self.transform(rgb), int(self.labels[i])
+        return self.transform(self.read(i)), int(self.labels[i])
 
     @property
     def num_classes(self) -> int:
         return len(self.class_ids)
 
 
+def on_gpu(cfg: TrialConfig) -> bool:
+    return cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+
+
 def make_loader(dataset: ImageDataset, cfg: TrialConfig, train: bool) -> DataLoader:
+    """Workers from the trial's CPUs (`num_workers: auto`), kept across epochs; pinned memory on a GPU."""
     workers = cfg.resolved_num_workers
     generator = torch.Generator().manual_seed(cfg.seed)
     return DataLoader(
@@ -208,6 +212,6 @@ def make_loader(dataset: ImageDataset, cfg: TrialConfig, train: bool) -> DataLoa
         drop_last=train and len(dataset) > cfg.batch_size,
         num_workers=workers,
         persistent_workers=workers > 0,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=on_gpu(cfg),
         generator=generator,
     )

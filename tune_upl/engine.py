@@ -2,11 +2,13 @@
 
 `build_run` turns a `TrialConfig` into a `Run` (data, model, loss, optimiser, scheduler); `train_epoch`
 trains and evaluates one epoch and returns its metrics; `final_test` touches the test classes once.
+A `final` run trains on all training classes and evaluates the test classes after its last epoch only.
 A `Run` can save and restore its full state (model, optimiser, scheduler, epoch, RNG states) so that a
 restarted trial continues at the next epoch.
 """
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from adamp import AdamP
 from torch.utils.data import DataLoader
 
 from tune_upl.config import TrialConfig
+from tune_upl.faults import fault_due, fire
 from tune_upl.data import ImageDataset, SplitManager, eval_transform, load_records, make_loader, train_transform
 from tune_upl.losses import LOSS_PARAMETERS, build_loss
 from tune_upl.metrics import retrieval_metrics
@@ -29,6 +32,18 @@ OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], float], torch.optim.Optimi
     "adamw": lambda groups, weight_decay: torch.optim.AdamW(groups, weight_decay=weight_decay),
     "sgd": lambda groups, weight_decay: torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay),
 }
+
+
+class DivergedError(RuntimeError):
+    """The training loss became non-finite: the run cannot recover, so it stops instead of wasting epochs."""
+
+    def __init__(self, epoch: int):
+        super().__init__(f"the training loss is not finite in epoch {epoch}")
+        self.epoch = epoch
+
+
+class OutOfMemory(RuntimeError):
+    """The accelerator ran out of memory: says which batch size and backbone did it."""
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -75,6 +90,8 @@ class Run:
     scaler: Optional[torch.amp.GradScaler] = None
     channels_last: bool = False
     forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # the (compiled) training forward
+    test_database: Optional[dict[str, Any]] = None  # a final run's test embeddings, labels and image paths
+    fault_dir: Optional[Path] = None  # where injected faults are counted (the trial's folder under Tune)
     epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -126,9 +143,16 @@ def save_state(run: Run, path: Path) -> None:
     torch.save(run.state_dict(), path)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read: names the file."""
+
+
 def load_state(path: Path) -> dict[str, Any]:
-    """Read a checkpoint without unpickling code (weights_only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a checkpoint without unpickling code (weights_only), or say which file is unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"unreadable checkpoint {path}: {type(error).__name__}: {error}") from None
 
 
 def build_optimizer(
@@ -150,9 +174,9 @@ def build_run(cfg: TrialConfig) -> Run:
     seed_everything(cfg.seed, cfg.deterministic)
     device = resolve_device(cfg.device)
     splits = SplitManager(load_records(cfg), cfg.protocol, cfg.val_fraction)
-    train_set = ImageDataset(splits.get("train"), train_transform(cfg.image_size))
-    eval_split = "test" if cfg.protocol == "seed" else "val"
-    eval_set = ImageDataset(splits.get(eval_split), eval_transform(cfg.image_size))
+    train_set = ImageDataset(splits.get("trainval" if cfg.final else "train"), train_transform(cfg.image_size, cfg.backbone_type))
+    eval_split = "test" if cfg.protocol == "seed" or cfg.final else "val"
+    eval_set = ImageDataset(splits.get(eval_split, final=cfg.final), eval_transform(cfg.image_size, cfg.backbone_type))
     channels_last = cfg.channels_last is True or (cfg.channels_last == "auto" and device.type == "cuda")
     model = build_model(cfg, train_set.num_classes).to(device)
     if channels_last:
@@ -206,6 +230,24 @@ def evaluate(run: Run, loader: DataLoader, prefix: str) -> dict[str, float]:
     return retrieval_metrics(embeddings, labels, run.cfg.recalls).as_metrics(prefix)
 
 
+def _step(run: Run, images: torch.Tensor, labels: torch.Tensor, poison: bool = False) -> torch.Tensor:
+    """One optimisation step; returns the (float32) loss without waiting for it on the host."""
+    with _autocast(run):
+        similarities = run.model.head(run.forward(images))
+    loss = run.loss_fn(similarities, labels)  # every loss computes in float32
+    if poison:  # inject_fault: nan
+        loss = loss * float("nan")
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        loss.backward()
+        run.optimizer.step()
+    return loss
+
+
 def train_epoch(run: Run) -> dict[str, float]:
     """Train one epoch, then evaluate; returns the epoch's metrics (also appended to `run.history`)."""
     cfg, model = run.cfg, run.model
@@ -215,25 +257,35 @@ def train_epoch(run: Run) -> dict[str, float]:
     lrs = {g["name"]: g["lr"] for g in run.optimizer.param_groups}
     loss_sum = torch.zeros((), device=run.device)  # summed on the device: no host sync per step
     seen, start = 0, time.perf_counter()
-    for images, labels in run.train_loader:
-        images, labels = _to_device(run, images), labels.to(run.device, non_blocking=True)
-        with _autocast(run):
-            similarities = model.head(run.forward(images))
-        loss = run.loss_fn(similarities, labels)  # every loss computes in float32
-        run.optimizer.zero_grad(set_to_none=True)
-        if run.scaler is not None:
-            run.scaler.scale(loss).backward()
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
-        else:
-            loss.backward()
-            run.optimizer.step()
-        loss_sum += loss.detach() * len(labels)
-        seen += len(labels)
-    total_loss = float(loss_sum)
+    fault = fault_due(cfg, epoch, run.fault_dir)
+    try:
+        for images, labels in run.train_loader:
+            images, labels = _to_device(run, images), labels.to(run.device, non_blocking=True)
+            if fault:
+                fire(cfg, epoch)
+            loss = _step(run, images, labels, poison=fault and cfg.inject_fault == "nan")
+            loss_sum += loss.detach() * len(labels)
+            seen += len(labels)
+    except torch.OutOfMemoryError as error:
+        raise OutOfMemory(
+            f"out of memory with batch_size {cfg.batch_size}, backbone {cfg.backbone_type}, image_size "
+            f"{cfg.image_size} on {run.device}: lower batch_size or image_size, or give the trial more "
+            f"GPU memory ({str(error).splitlines()[0]})"
+        ) from None
+    total_loss = float(loss_sum)  # the epoch's one host sync
+    if not math.isfinite(total_loss):
+        raise DivergedError(epoch)
     train_seconds = time.perf_counter() - start
     run.scheduler.step()
-    metrics = evaluate(run, run.eval_loader, run.metric_prefix)
+    # the final stage touches the test classes once, after its last epoch; every other run evaluates each epoch
+    last = epoch == cfg.num_epochs
+    metrics = {}
+    if not cfg.final or last:
+        embeddings, labels = embed(run, run.eval_loader)
+        metrics = retrieval_metrics(embeddings, labels, cfg.recalls).as_metrics(run.metric_prefix)
+        if cfg.final:  # kept with the final model: the retrieval tool queries this database
+            paths = [str(r.path) for r in run.eval_loader.dataset.records]
+            run.test_database = {"embeddings": embeddings.cpu(), "labels": labels.cpu(), "paths": paths}
     run.epoch = epoch
     result = {
         "epoch": epoch,
@@ -252,7 +304,7 @@ def train_epoch(run: Run) -> dict[str, float]:
 
 def final_test(run: Run) -> dict[str, float]:
     """Evaluate once on the test classes: the only place (besides protocol seed) they are read."""
-    test_set = ImageDataset(run.splits.get("test", final=True), eval_transform(run.cfg.image_size))
+    test_set = ImageDataset(run.splits.get("test", final=True), eval_transform(run.cfg.image_size, run.cfg.backbone_type))
     return evaluate(run, make_loader(test_set, run.cfg, train=False), "test")
 
 

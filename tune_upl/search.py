@@ -11,7 +11,6 @@ import itertools
 import json
 import math
 import os
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +21,10 @@ import ray
 from ray import tune
 
 from tune_upl.config import FIELD_DEFAULTS, make_config
-from tune_upl.data import DATASETS
+from tune_upl.prepare import DATA_FIELDS, prepare_dataset
+from tune_upl.final import FINAL_SUFFIX, Selection, final_param_space, final_seeds
 from tune_upl.spec import Param, SearchSpec, SpecError
 
-FINAL_FILE = "final_test.json"
-SPEC_FILE = "search_spec.json"
 GRID_STUDY = "grid"
 
 
@@ -148,7 +146,9 @@ def grid_points(spec: SearchSpec, study: Study) -> list[dict[str, Any]]:
     return points
 
 
-def make_searcher(spec: SearchSpec, study: Study) -> tune.search.Searcher:
+def make_searcher(spec: SearchSpec, study: Study, database: Optional[Path] = None) -> tune.search.Searcher:
+    """Optuna TPE or random sampling over the study's space; with `database`, the study also lives in that
+    SQLite file (browse it with `optuna-dashboard sqlite:///<file>`; trials Tune resumed show as failed)."""
     from ray.tune.search.optuna import OptunaSearch
 
     if spec.searcher.type == "tpe":
@@ -164,12 +164,15 @@ def make_searcher(spec: SearchSpec, study: Study) -> tune.search.Searcher:
         sampler = optuna.samplers.RandomSampler(seed=spec.searcher.seed)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     points = [baseline_point(study.space, study.base)] if spec.baseline else None
+    storage = optuna.storages.RDBStorage(f"sqlite:///{database}") if database is not None else None
     return OptunaSearch(
         space=functools.partial(define_space, space=study.space, base=study.base),
         metric=spec.objective.metric,
         mode=spec.objective.mode,
         sampler=sampler,
         points_to_evaluate=points or None,
+        storage=storage,
+        study_name=study.key if storage is not None else None,
     )
 
 
@@ -190,55 +193,89 @@ def make_scheduler(spec: SearchSpec, study: Study) -> tune.schedulers.TrialSched
     )
 
 
-def check_resources(spec: SearchSpec) -> None:
-    """A trial that asks for more than any one node has waits forever in Ray: refuse it up front."""
+def check_resources(spec: SearchSpec, autoscaling: bool = False, allow_cpu: bool = False) -> SearchSpec:
+    """A trial that asks for more than any one node has waits forever in Ray: refuse it up front.
+
+    With `allow_cpu`, a spec that asks for GPUs on a cluster without any runs on CPUs instead (returned);
+    with `autoscaling` (a cluster that grows on demand) the largest-node check is skipped."""
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    largest = {key: max((n.get(key, 0.0) for n in nodes), default=0.0) for key in ("CPU", "GPU")}
+    if spec.resources.gpu > 0 and largest["GPU"] == 0 and allow_cpu:
+        print("no GPU in this Ray cluster: running on CPUs (--allow-cpu)", flush=True)
+        return spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpu": 0})})
+    if autoscaling:
+        return spec
     for key, asked in (("cpu", spec.resources.cpu), ("gpu", spec.resources.gpu)):
-        largest = max((n.get(key.upper(), 0.0) for n in nodes), default=0.0)
-        if asked > largest:
+        if asked > largest[key.upper()]:
+            hint = "; or --allow-cpu to run on CPUs" if key == "gpu" and largest["GPU"] == 0 else ""
             raise SpecError(
-                f"resources.{key} = {asked}: no node of this Ray cluster has that many "
-                f"(largest: {largest:g} {key.upper()}s); allowed: at most {largest:g}"
+                f"resources.{key} = {asked:g}: no node of this Ray cluster has that many "
+                f"(largest: {largest[key.upper()]:g}); allowed: at most {largest[key.upper()]:g}, "
+                f"or --autoscaling for a cluster that grows{hint}"
             )
+    return spec
 
 
 def prepare_data(studies: list[Study]) -> None:
     """Prepare every dataset a study reads, in the driver, before any trial starts (under a file lock)."""
     seen = set()
     for study in studies:
-        cfg = make_config(study.base) if "data_name" in study.base else None
-        if cfg is None:
-            raise SpecError("space.data_name: the dataset is not searchable; list it under studies")
-        key = (cfg.data_name, cfg.data_path, cfg.cache_dir, cfg.dataset_seed)
+        searched = [name for name in DATA_FIELDS if name in study.space]
+        if searched:
+            raise SpecError(f"space.{searched[0]}: the dataset is prepared before the trials start, so it "
+                            "is not searchable; list it under studies")
+        cfg = make_config(study.base)
+        key = tuple(getattr(cfg, name) for name in DATA_FIELDS)
         if key not in seen:
             seen.add(key)
-            DATASETS[cfg.data_name](cfg)
+            prepared = prepare_dataset(cfg)
+            if prepared.built:
+                print(prepared.summary(cfg), flush=True)
+
+
+STATE_NAMES = {"TERMINATED": "completed", "ERROR": "errored", "RUNNING": "running", "PENDING": "pending",
+               "PAUSED": "paused"}
+
+
+def trial_state(status: str, last_result: dict[str, Any], planned_epochs: Any) -> str:
+    """A trial's state as users read it: completed, stopped early (ASHA), diverged, out of memory, errored..."""
+    if last_result.get("diverged"):
+        return "diverged"
+    if last_result.get("oom"):
+        return "out of memory"
+    state = STATE_NAMES.get(status, status.lower())
+    epochs = last_result.get("training_iteration", 0)
+    if state == "completed" and isinstance(planned_epochs, int) and epochs < planned_epochs:
+        return "stopped early"
+    return state
 
 
 class TrialLines(tune.Callback):
     """One readable line per finished trial and the best so far (Ray's own tables stay quiet)."""
 
-    def __init__(self, spec: SearchSpec, study: Study, total: int):
-        self.metric, self.mode, self.total = spec.objective.metric, spec.objective.mode, total
-        self.names = list(study.space)
+    def __init__(self, spec: SearchSpec, study: Study, total: int, metric: Optional[str] = None,
+                 names: Optional[list[str]] = None):
+        self.metric, self.mode, self.total = metric or spec.objective.metric, spec.objective.mode, total
+        self.names = list(study.space) if names is None else names
         self.done = 0
         self.best: Optional[tuple[float, str]] = None
 
-    def _line(self, trial: Any, state: str) -> None:
+    def _line(self, trial: Any, status: str) -> None:
         self.done += 1
         result = trial.last_result or {}
         epochs = result.get("training_iteration", 0)
         planned = trial.config.get("num_epochs", "?")
+        state = trial_state(status, result, planned)
         score = result.get(self.metric)
-        if score is not None and state != "errored":
+        if score is not None and state in ("completed", "stopped early"):
             better = self.best is None or (score > self.best[0] if self.mode == "max" else score < self.best[0])
             if better:
                 self.best = (score, trial.trial_id)
-        if state == "finished" and isinstance(planned, int) and epochs < planned:
-            state = "stopped early"
         params = " ".join(f"{n}={_short(trial.config.get(n))}" for n in self.names if n in trial.config)
         if state == "errored":
             params += f" | {_error_summary(trial)}"
+        elif "error" in result:
+            params += f" | {result['error']}"
         shown = f"{score:.4f}" if score is not None else "-"
         best = f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best -"
         print(
@@ -248,10 +285,10 @@ class TrialLines(tune.Callback):
         )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._line(trial, "finished")
+        self._line(trial, "TERMINATED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._line(trial, "errored")
+        self._line(trial, "ERROR")
 
 
 def _error_summary(trial: Any) -> str:
@@ -267,91 +304,135 @@ def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def run_study(spec: SearchSpec, study: Study, storage: Path, verbose: bool) -> tune.ResultGrid:
+def _run_config(spec: SearchSpec, name: str, storage: Path, verbose: bool, callbacks: list[tune.Callback],
+                checkpoints: tune.CheckpointConfig) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=name,
+        storage_path=str(storage),
+        verbose=2 if verbose else 0,
+        callbacks=callbacks,
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        checkpoint_config=checkpoints,
+    )
+
+
+def _trainable(spec: SearchSpec) -> Any:
     from tune_upl.trainable import train_trial
 
+    return tune.with_resources(train_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+
+
+class Interrupted(KeyboardInterrupt):
+    """Tune stopped before every trial ended (SIGINT, SIGUSR1): its state is saved, so resume it."""
+
+
+def _fit(spec: SearchSpec, folder: Path, new_tuner: Any, expected: int) -> tune.ResultGrid:
+    """Continue the Tune experiment in `folder` when there is one (its searcher state included, errored
+    trials resumed from their last checkpoint), else start `new_tuner()`. A restored ASHA starts with
+    empty rungs (Ray pickles the scheduler as it was when the search began).
+
+    Raises `Interrupted` when Tune returns early, so nothing is selected from a partial search."""
+    if tune.Tuner.can_restore(str(folder)):
+        results = tune.Tuner.restore(str(folder), _trainable(spec), resume_errored=True).fit()
+    else:
+        results = new_tuner().fit()
+    ended = results.num_terminated + results.num_errors
+    if len(results) < expected or ended < len(results):
+        raise Interrupted(f"{folder.name}: {ended} of {expected} trials ended before Tune stopped")
+    return results
+
+
+def logger_callbacks(names: tuple[str, ...], experiment_name: str) -> list[tune.Callback]:
+    """Ray Tune's own MLflow / Weights & Biases loggers, when those optional packages are installed."""
+    callbacks: list[tune.Callback] = []
+    for name in names:
+        try:
+            if name == "mlflow":
+                from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+                import mlflow  # noqa: F401  (the callback imports it lazily; fail here, clearly)
+                callbacks.append(MLflowLoggerCallback(experiment_name=experiment_name))
+            else:
+                from ray.air.integrations.wandb import WandbLoggerCallback
+
+                import wandb  # noqa: F401
+                callbacks.append(WandbLoggerCallback(project=experiment_name))
+        except ImportError:
+            raise SpecError(f"--logger {name}: the {name} package is not installed; pip install {name}") from None
+    return callbacks
+
+
+def run_study(spec: SearchSpec, study: Study, storage: Path, verbose: bool,
+              callbacks: tuple[tune.Callback, ...] = ()) -> tune.ResultGrid:
+    """The search of one study (or the whole grid), resumed where its folder already holds one."""
     grid = spec.searcher.type == "grid"
-    trainable = tune.with_resources(train_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     if grid:
-        points = grid_points(spec, study)
-        param_space = dict(study.base)
-        for name in spec.studies:
-            param_space.pop(name, None)
-        searcher = tune.search.BasicVariantGenerator(points_to_evaluate=points * spec.num_samples)
+        # every point names every grid field (a parameter whose `when` fails takes its default), so Tune's
+        # generator only fills in the points and never samples the domains declared here for it
+        points = [{**{n: FIELD_DEFAULTS[n] for n in study.space}, **p} for p in grid_points(spec, study)]
+        param_space = {k: v for k, v in study.base.items() if k not in spec.studies}
+        param_space.update({n: tune.choice(v) for n, v in spec.studies.items()})
+        param_space.update({n: tune.choice(p.choice) for n, p in study.space.items()})
+        searcher: Any = tune.search.BasicVariantGenerator(
+            points_to_evaluate=points * spec.num_samples, max_concurrent=spec.max_concurrent
+        )
         num_samples = len(points) * spec.num_samples
     else:
-        param_space, searcher, num_samples = {}, make_searcher(spec, study), spec.num_samples
+        param_space, num_samples = {}, spec.num_samples
+        searcher = make_searcher(spec, study, storage / "optuna.db")
     metric = spec.objective.metric
-    tuner = tune.Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(
-            search_alg=searcher,
-            scheduler=make_scheduler(spec, study),
-            num_samples=num_samples,
-            max_concurrent_trials=spec.max_concurrent,
-            trial_dirname_creator=lambda trial: trial.trial_id,
-        ),
-        run_config=tune.RunConfig(
-            name=study.key,
-            storage_path=str(storage),
-            verbose=2 if verbose else 0,
-            callbacks=[TrialLines(spec, study, num_samples)],
-            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1,  # the best by the objective; Ray also keeps the latest, for restarts
-                checkpoint_score_attribute=metric,
-                checkpoint_score_order=spec.objective.mode,
+
+    def new_tuner() -> tune.Tuner:
+        return tune.Tuner(
+            _trainable(spec),
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                scheduler=make_scheduler(spec, study),
+                num_samples=num_samples,
+                # a Searcher takes Tune's limit; the grid's generator holds its own (max_concurrent above)
+                max_concurrent_trials=None if grid else spec.max_concurrent,
+                trial_dirname_creator=_trial_dirname,
             ),
-        ),
-    )
-    return tuner.fit()
+            run_config=_run_config(
+                spec, study.key, storage, verbose, [TrialLines(spec, study, num_samples), *callbacks],
+                tune.CheckpointConfig(
+                    num_to_keep=spec.checkpoints_to_keep,  # the best by the objective; Ray keeps the latest too
+                    checkpoint_score_attribute=metric,
+                    checkpoint_score_order=spec.objective.mode,
+                ),
+            ),
+        )
+
+    return _fit(spec, storage / study.key, new_tuner, num_samples)
 
 
-def select_and_test(spec: SearchSpec, results: tune.ResultGrid, folder: Path, group: dict[str, Any]) -> dict:
-    """Pick the trial with the best objective over its epochs (validation classes unless protocol seed),
-    restore its best checkpoint and evaluate it once on the test classes. Written to `folder/FINAL_FILE`."""
-    from tune_upl.engine import build_run, final_test, load_state
-    from tune_upl.trainable import CHECKPOINT_FILE
+def run_final(spec: SearchSpec, selection: Selection, storage: Path, verbose: bool,
+              callbacks: tuple[tune.Callback, ...] = ()) -> tune.ResultGrid:
+    """Retrain the selection from scratch with `final_seeds` seeds on all training classes; each run is
+    tested once after its last epoch. Its own Tune experiment, `<key>.final`, resumable like the search."""
+    seeds = final_seeds(spec, selection)
+    name = selection.key + FINAL_SUFFIX
+    lines = TrialLines(spec, Study(name, {}, {}, {}), len(seeds), metric="test_recall@1", names=["seed"])
 
-    metric, mode = spec.objective.metric, spec.objective.mode
-    candidates = [
-        r for r in results if r.metrics_dataframe is not None and metric in r.metrics_dataframe
-        and all(r.config.get(k) == v for k, v in group.items())
-    ]
-    if not candidates:
-        raise RuntimeError(f"no trial of {folder.name} reported {metric}; see the trial errors in {folder}")
-    pick = max if mode == "max" else min
-    best = pick(candidates, key=lambda r: pick(r.metrics_dataframe[metric]))
-    checkpoint = best.get_best_checkpoint(metric, mode)
-    frame = best.metrics_dataframe
-    best_row = frame.loc[frame[metric].idxmax() if mode == "max" else frame[metric].idxmin()]
-    if spec.protocol == "seed":  # the seed's protocol: the test metrics of the test-selected epoch
-        test = {k: float(best_row[k]) for k in frame.columns if k.startswith("test_")}
-    else:
-        run = build_run(make_config(best.config))
-        with checkpoint.as_directory() as ckpt:
-            run.load_state_dict(load_state(Path(ckpt) / CHECKPOINT_FILE))
-        test = final_test(run)
-    record = {
-        "group": group,
-        "trial_id": best.metrics["trial_id"],
-        "epoch": int(best_row["training_iteration"]),
-        "objective": {metric: float(best_row[metric])},
-        "test": test,
-        "test_selected": spec.protocol == "seed",
-        "config": best.config,
-        "evaluated_at": time.time(),
-    }
-    name = FINAL_FILE if not group else f"final_test-{study_key(group)}.json"
-    _write_json(folder / name, record)
-    return record
+    def new_tuner() -> tune.Tuner:
+        return tune.Tuner(
+            _trainable(spec),
+            param_space={**final_param_space(selection), "seed": tune.grid_search(seeds)},
+            tune_config=tune.TuneConfig(
+                search_alg=tune.search.BasicVariantGenerator(max_concurrent=spec.max_concurrent),
+                num_samples=1,  # the grid over seeds is the whole stage
+                trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=_run_config(spec, name, storage, verbose, [lines, *callbacks],
+                                   tune.CheckpointConfig(num_to_keep=1)),  # the final model
+        )
+
+    return _fit(spec, storage / name, new_tuner, len(seeds))
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+def _trial_dirname(trial: Any) -> str:
+    return trial.trial_id
 
 
 def quiet_ray(verbose: bool) -> None:
@@ -373,43 +454,3 @@ def init_ray(address: Optional[str], verbose: bool) -> None:
         logging_level="INFO" if verbose else "WARNING",
         configure_logging=True,
     )
-
-
-def run_search(
-    spec: SearchSpec,
-    overrides: dict[str, Any],
-    storage: Path,
-    verbose: bool = False,
-    address: Optional[str] = None,
-) -> Path:
-    """Run every study of the spec and test each selection; returns the experiment folder."""
-    studies = plan_studies(spec, overrides)
-    prepare_data(studies)
-    init_ray(address, verbose)
-    check_resources(spec)
-    experiment = storage / spec.name
-    if experiment.exists() and any(experiment.iterdir()):
-        kept = experiment.with_name(f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(experiment.stat().st_mtime))}")
-        experiment.rename(kept)
-        print(f"an earlier experiment {spec.name} was moved to {kept} (nothing is deleted)", flush=True)
-    experiment.mkdir(parents=True, exist_ok=True)
-    baselines = {s.key: baseline_point(s.space, s.base) for s in studies} if spec.baseline else {}
-    _write_json(experiment / SPEC_FILE,
-                {"spec": spec.model_dump(mode="json"), "overrides": overrides, "baselines": baselines})
-    if spec.searcher.type == "grid":
-        grid_study = Study(GRID_STUDY, {}, studies[0].base, studies[0].space)
-        print(f"grid: {len(grid_points(spec, grid_study)) * spec.num_samples} trials", flush=True)
-        results = run_study(spec, grid_study, experiment, verbose)
-        for point in spec.study_points():
-            select_and_test(spec, results, experiment / GRID_STUDY, point)
-        return experiment
-    for index, study in enumerate(studies, 1):
-        print(f"study {index}/{len(studies)} {study.key}: {spec.num_samples} trials, "
-              f"{spec.searcher.type} + {spec.scheduler.type}, objective {spec.objective.metric} ({spec.objective.mode})",
-              flush=True)
-        results = run_study(spec, study, experiment, verbose)
-        record = select_and_test(spec, results, experiment / study.key, {})
-        shown = " ".join(f"R@{k.split('@')[1]} {v:.3f}" for k, v in record["test"].items() if "recall@" in k)
-        print(f"selected trial {record['trial_id']} (epoch {record['epoch']}, "
-              f"{spec.objective.metric} {record['objective'][spec.objective.metric]:.4f}); test: {shown}", flush=True)
-    return experiment

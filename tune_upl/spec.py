@@ -111,8 +111,9 @@ class SearchSpec(_Strict):
     max_concurrent: Annotated[int, Field(ge=1)] = 2
     resources: Resources = Resources()
     protocol: Literal["val", "seed"] = "val"
-    final_seeds: Annotated[int, Field(ge=1)] = 1
+    final_seeds: Annotated[int, Field(ge=1)] = 3  # protocol val: retraining seeds of the selection
     max_failures: Annotated[int, Field(ge=0)] = 1
+    checkpoints_to_keep: Annotated[int, Field(ge=1)] = 1  # best by the objective, per trial (plus the latest)
     baseline: bool = True
     studies: dict[str, list[Any]] = {}
     fixed: dict[str, Any] = {}

@@ -39,15 +39,13 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from filelock import FileLock
 from PIL import Image, ImageDraw
+
+from tune_upl.atomic import build_once
 
 __all__ = [
     "SYNTHETIC_VERSION",
@@ -455,27 +453,11 @@ def ensure_synthetic(cache_dir: str | Path, dataset_seed: int = 0) -> Path:
     renamed into place; the ``.complete`` marker (written last) tells a finished dataset from a
     half-written one, which is removed and regenerated.
     """
-    cache_dir = Path(cache_dir)
     name = f"synthetic-v{SYNTHETIC_VERSION}-seed{int(dataset_seed)}"
-    root = cache_dir / name
-    if (root / _MARKER).is_file():
-        return root
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache_dir / f"{name}.lock")):
-        if (root / _MARKER).is_file():  # another process finished while we waited
-            return root
-        # Under the lock nobody else is generating: leftovers of crashed runs are stale.
-        for stale in cache_dir.glob(f".{name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = cache_dir / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            generate(tmp, dataset_seed)
-            n = len(class_table()) * IMAGES_PER_CLASS
-            (tmp / _MARKER).write_text(f"version {SYNTHETIC_VERSION}\nseed {int(dataset_seed)}\nimages {n}\n")
-            if root.exists():  # half-written (no marker): replace it
-                shutil.rmtree(root)
-            os.replace(tmp, root)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return root
+
+    def build(tmp: Path) -> str:
+        generate(tmp, dataset_seed)
+        n = len(class_table()) * IMAGES_PER_CLASS
+        return f"version {SYNTHETIC_VERSION}\nseed {int(dataset_seed)}\nimages {n}\n"
+
+    return build_once(Path(cache_dir), name, build, _MARKER)[0]

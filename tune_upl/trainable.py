@@ -11,12 +11,22 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
+import torch
 from ray import tune
 
 from tune_upl.config import make_config
-from tune_upl.engine import build_run, load_state, save_state, train_epoch
+from tune_upl.engine import DivergedError, OutOfMemory, Run, build_run, load_state, save_state, train_epoch
 
 CHECKPOINT_FILE = "state.pt"
+EMBEDDINGS_FILE = "test_embeddings.pt"  # the final model's test database, for the retrieval tool
+
+
+def worst_metrics(run: Run) -> dict[str, float]:
+    """Every retrieval metric at 0, its worst value: a stopped trial can never be selected."""
+    prefix = run.metric_prefix
+    names = [f"{prefix}_recall@{k}" for k in run.cfg.recalls] + [f"{prefix}_map@r", f"{prefix}_r_precision"]
+    return {"epoch": run.epoch + 1, **{name: 0.0 for name in names}}
 
 
 def train_trial(config: dict[str, Any]) -> None:
@@ -27,8 +37,18 @@ def train_trial(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             run.load_state_dict(load_state(Path(folder) / CHECKPOINT_FILE))
+    run.fault_dir = Path(tune.get_context().get_trial_dir())  # drills count their faults here
+    node = ray.get_runtime_context().get_node_id()
     while run.epoch < cfg.num_epochs:
-        metrics = train_epoch(run)
+        try:
+            metrics = train_epoch(run)
+        except (DivergedError, OutOfMemory) as error:
+            # hopeless for this configuration, harmless for the search: the worst score, a flag, stop
+            flag = "diverged" if isinstance(error, DivergedError) else "oom"
+            tune.report({**worst_metrics(run), flag: True, "error": str(error), "node_id": node})
+            return
         with tempfile.TemporaryDirectory() as folder:
             save_state(run, Path(folder) / CHECKPOINT_FILE)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            if run.test_database is not None:
+                torch.save(run.test_database, Path(folder) / EMBEDDINGS_FILE)
+            tune.report({**metrics, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(folder))

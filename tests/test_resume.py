@@ -1,0 +1,149 @@
+"""Experiments survive their driver: refusal of a second driver, unfinished and finished folders, and a
+search killed with SIGKILL (during the search, then during the final stage) that resumes and completes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from filelock import FileLock
+
+from tune_upl.spec import parse_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+MINI = {
+    "name": "mini",
+    "objective": {"metric": "val_recall@1", "mode": "max"},
+    "searcher": {"type": "tpe", "seed": 0, "n_startup_trials": 2},
+    "scheduler": {"type": "fifo"},
+    "num_samples": 3,
+    "max_concurrent": 1,
+    "final_seeds": 2,
+    "fixed": {"data_name": "synthetic", "backbone_type": "tiny", "image_size": 32, "num_epochs": 3, "warm_up": 0,
+              "feature_dim": 16, "num_workers": 0},
+    "space": {"lr": {"loguniform": [1.0e-4, 1.0e-2]}},
+}
+
+
+def write_spec(tmp_path, **changes):
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump({**MINI, **changes}))
+    return path
+
+
+def cli(*args, **kwargs):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    return subprocess.run([sys.executable, "run_search.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=kwargs.get("timeout", 600))
+
+
+def test_a_second_driver_on_the_same_experiment_is_refused(tmp_path):
+    spec, runs = write_spec(tmp_path), tmp_path / "runs"
+    runs.mkdir()
+    with FileLock(str(runs / ".mini.driver.lock")):  # a driver holds the experiment
+        out = cli("--space", str(spec), "--storage", str(runs))
+    assert out.returncode == 2
+    assert "another driver is running experiment mini" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_existing_experiments_are_refused_or_reported(tmp_path):
+    spec, runs = write_spec(tmp_path), tmp_path / "runs"
+    (runs / "mini").mkdir(parents=True)
+    (runs / "mini" / "search_spec.json").write_text(json.dumps({"spec": parse_spec(MINI).model_dump(mode="json"), "overrides": {}}))
+    out = cli("--space", str(spec), "--storage", str(runs))
+    assert out.returncode == 2
+    assert out.stderr.strip() == (f"error: experiment mini in {runs} is unfinished: add --resume to continue it, "
+                                  "or --overwrite to start again (the old folder is kept)")
+    (runs / "mini" / "COMPLETE").write_text("done\n")
+    out = cli("--space", str(spec), "--storage", str(runs), "--reports-dir", str(tmp_path))
+    assert out.returncode == 0 and "experiment mini is complete already" in out.stdout
+    assert (tmp_path / "mini.md").is_file()
+    out = cli("--resume", "--name", "mini", "--space", str(spec), "--storage", str(runs))
+    assert out.returncode == 2 and "drop --space" in out.stderr
+
+
+def test_dry_run_of_every_committed_spec_starts_nothing(tmp_path):
+    for spec in sorted((ROOT / "search_spaces").glob("*.yaml")):
+        out = cli("--space", str(spec), "--dry-run", "--storage", str(tmp_path / "runs"))
+        assert out.returncode == 0, (spec, out.stderr)
+        assert out.stdout.startswith("experiment ") and "study " in out.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def _results(folder):
+    return {p.parent.name: [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+            for p in folder.glob("*/result.json")}
+
+
+def _kill_when(command, ready, limit=300):
+    """Start the driver in its own session, wait until `ready()`, then SIGKILL the whole session."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    start = time.time()
+    while not ready():
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() - start < limit, "the interruption point was never reached"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_to_exactly_num_samples_trials(tmp_path, cache_dir):
+    spec, runs = write_spec(tmp_path), tmp_path / "runs"
+    base = [sys.executable, "run_search.py", "--storage", str(runs), "--reports-dir", str(tmp_path),
+            "--cache-dir", cache_dir]
+    # 1. killed after the first trial result
+    _kill_when(base + ["--space", str(spec)],
+               lambda: any(rows for rows in _results(runs / "mini" / "main").values()))
+    before = _results(runs / "mini" / "main")
+    assert 1 <= sum(map(len, before.values())) and len(before) <= 3
+    # 2. resumed, then killed again during the final stage
+    _kill_when(base + ["--resume", "--name", "mini"],
+               lambda: any(rows for rows in _results(runs / "mini" / "main.final").values()))
+    # 3. resumed to the end
+    out = subprocess.run(base + ["--resume", "--name", "mini"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    after = _results(runs / "mini" / "main")
+    assert len(after) == 3  # exactly num_samples trials, none added by the restarts
+    for trial_id, rows in after.items():
+        epochs = [r["training_iteration"] for r in rows]
+        assert sorted(set(epochs)) == [1, 2, 3], (trial_id, epochs)  # every trial reached its last epoch
+        assert len(epochs) - len(set(epochs)) <= 1  # at most the epoch in flight at the kill ran twice
+    for trial_id, rows in before.items():  # the interrupted trial continued from its checkpoint
+        assert after[trial_id][: len(rows)] == rows
+    finals = _results(runs / "mini" / "main.final")
+    assert len(finals) == 2 and all("test_recall@1" in rows[-1] for rows in finals.values())
+    assert (runs / "mini" / "COMPLETE").is_file()
+    report = (tmp_path / "mini.md").read_text()
+    assert "± " in report and report.count("| main ") == 3
+
+
+@pytest.mark.slow
+def test_sigint_before_the_first_result_saves_state_and_resume_completes(tmp_path, cache_dir):
+    spec, runs = write_spec(tmp_path, num_samples=2, final_seeds=1), tmp_path / "runs"
+    base = [sys.executable, "run_search.py", "--storage", str(runs), "--reports-dir", str(tmp_path),
+            "--cache-dir", cache_dir]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(base + ["--space", str(spec)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    start = time.time()
+    while not list((runs / "mini" / "main").glob("*/params.json")):  # a trial started, no result yet
+        assert proc.poll() is None and time.time() - start < 300
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # as Ctrl-C or SLURM's --signal would, to the driver
+    _, err = proc.communicate(timeout=300)
+    os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert proc.returncode == 130, err[-2000:]
+    assert "continue with: python run_search.py search --resume --name mini" in err
+    assert not (runs / "mini" / "main" / "selection.json").exists()  # nothing selected from a partial search
+    out = subprocess.run(base + ["--resume", "--name", "mini"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert len(_results(runs / "mini" / "main")) == 2 and (runs / "mini" / "COMPLETE").is_file()

@@ -1,0 +1,230 @@
+"""An experiment folder's life: start, refuse or resume; one driver at a time; a record of what ran; and
+the order of work (search each study, select on the objective, final stage, mark complete).
+
+Layout under `<storage>/<name>/`: `search_spec.json` (the resolved spec and overrides: a resume reads
+it), `record.json` (code version, packages, hardware, class lists), one Tune experiment per study
+(`<study>/`, or `grid/`), each with `selection.json` beside it, one Tune experiment per final stage
+(`<study>.final/`), and `COMPLETE` once everything has run.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+from filelock import FileLock, Timeout
+
+from tune_upl.final import FINAL_SUFFIX, Selection, save_selection, select
+from tune_upl.search import (
+    GRID_STUDY,
+    Study,
+    baseline_point,
+    check_resources,
+    grid_points,
+    init_ray,
+    logger_callbacks,
+    plan_studies,
+    prepare_data,
+    run_final,
+    run_study,
+    study_key,
+)
+from tune_upl.spec import SearchSpec, parse_spec
+
+SPEC_FILE = "search_spec.json"
+RECORD_FILE = "record.json"
+COMPLETE_FILE = "COMPLETE"
+PACKAGES = ("torch", "torchvision", "ray", "optuna", "numpy", "pydantic", "adamp", "pillow")
+
+
+class ExperimentError(ValueError):
+    """An experiment that cannot be started or resumed as asked; the message says what to do instead."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to run: where, how loud, and what to do with an existing experiment or a small cluster."""
+
+    storage: Path
+    verbose: bool = False
+    address: Optional[str] = None
+    resume: bool = False
+    overwrite: bool = False
+    autoscaling: bool = False  # the cluster grows on demand: skip the largest-node check
+    allow_cpu: bool = False  # a spec that asks for GPUs runs on CPUs when the cluster has none
+    loggers: tuple[str, ...] = ()  # mlflow, wandb: Ray Tune's logger callbacks
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def load_saved_spec(experiment: Path) -> tuple[SearchSpec, dict[str, Any]]:
+    saved = json.loads((experiment / SPEC_FILE).read_text())
+    return parse_spec(saved["spec"], str(experiment / SPEC_FILE)), saved["overrides"]
+
+
+def describe(spec: SearchSpec, studies: list[Study]) -> str:
+    """What a search would run (`--dry-run`): studies, trials, epochs, resources."""
+    lines = [f"experiment {spec.name}: {spec.searcher.type} + {spec.scheduler.type}, objective "
+             f"{spec.objective.metric} ({spec.objective.mode}), protocol {spec.protocol}, "
+             f"{spec.max_concurrent} trials at once, each {spec.resources.cpu:g} CPU + {spec.resources.gpu:g} GPU"]
+    if spec.searcher.type == "grid":
+        grid = Study(GRID_STUDY, {}, studies[0].base, studies[0].space)
+        lines.append(f"  grid: {len(grid_points(spec, grid)) * spec.num_samples} trials")
+    for study in studies:
+        epochs = study.base.get("num_epochs", "searched")
+        trials = "" if spec.searcher.type == "grid" else f"{spec.num_samples} trials, "
+        lines.append(f"  study {study.key}: {trials}up to {epochs} epochs each, "
+                     f"{study.base.get('data_name')}/{study.base.get('backbone_type')}/{study.base.get('loss_name')}, "
+                     f"searching {', '.join(study.space) or 'nothing'}")
+    if spec.protocol == "val":
+        lines.append(f"  final stage: {spec.final_seeds} seeds per study, on train + validation classes, tested once")
+    return "\n".join(lines)
+
+
+def open_experiment(spec: SearchSpec, overrides: dict[str, Any], options: Options) -> tuple[Path, bool]:
+    """Create the experiment folder, or accept the existing one; returns (folder, already complete)."""
+    experiment = options.storage / spec.name
+    exists = experiment.exists() and any(experiment.iterdir())
+    if exists and options.overwrite:
+        kept = experiment.with_name(f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        experiment.rename(kept)
+        print(f"the earlier experiment {spec.name} was moved to {kept} (nothing is deleted)", flush=True)
+        exists = False
+    if exists and not options.resume:
+        if (experiment / COMPLETE_FILE).is_file():
+            return experiment, True
+        raise ExperimentError(
+            f"experiment {spec.name} in {options.storage} is unfinished: add --resume to continue it, "
+            "or --overwrite to start again (the old folder is kept)"
+        )
+    experiment.mkdir(parents=True, exist_ok=True)
+    if not (experiment / SPEC_FILE).is_file():
+        _write_json(experiment / SPEC_FILE, {"spec": spec.model_dump(mode="json"), "overrides": overrides})
+    return experiment, False
+
+
+def resolve_resume(name: str, storage: Path) -> tuple[SearchSpec, dict[str, Any]]:
+    experiment = storage / name
+    if not (experiment / SPEC_FILE).is_file():
+        known = sorted(p.parent.name for p in storage.glob(f"*/{SPEC_FILE}")) if storage.is_dir() else []
+        raise ExperimentError(f"no experiment {name!r} to resume in {storage}; allowed: {', '.join(known) or 'none yet'}")
+    return load_saved_spec(experiment)
+
+
+def driver_lock(storage: Path, name: str) -> FileLock:
+    """One driver per experiment on this machine. The OS drops the lock when its holder dies, so a killed
+    driver's experiment can be resumed at once; it does not guard drivers on different machines."""
+    storage.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(storage / f".{name}.driver.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ExperimentError(f"another driver is running experiment {name} ({lock.lock_file}); wait for it") from None
+    return lock
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def _class_lists(studies: list[Study]) -> dict[str, dict[str, list[int]]]:
+    from tune_upl.config import make_config
+    from tune_upl.data import SplitManager, load_records
+
+    lists = {}
+    for study in studies:
+        cfg = make_config(study.base)
+        splits = SplitManager(load_records(cfg), cfg.protocol, cfg.val_fraction)
+        lists[study.key] = {"train": splits.train_classes, "val": splits.val_classes, "test": splits.test_classes}
+    return lists
+
+
+def write_record(experiment: Path, studies: list[Study], spec: SearchSpec) -> None:
+    """What ran, on what: enough to tell two experiments apart a year later."""
+    import ray
+    import torch
+
+    baselines = {s.key: baseline_point(s.space, s.base) for s in studies} if spec.baseline else {}
+    _write_json(experiment / RECORD_FILE, {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "git_commit": _git_commit(),
+        "packages": _versions(),
+        "python": platform.python_version(),
+        "hardware": {
+            "driver": platform.node(),
+            "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            "cluster_resources": ray.cluster_resources(),
+        },
+        "baselines": baselines,
+        "classes": _class_lists(studies),
+    })
+
+
+def _select_all(spec: SearchSpec, studies: list[Study], experiment: Path, options: Options,
+                callbacks: tuple[Any, ...]) -> list[Selection]:
+    """Run every study's search (resuming where a folder holds one) and select on the objective."""
+    if spec.searcher.type == "grid":
+        grid = Study(GRID_STUDY, {}, studies[0].base, studies[0].space)
+        results = run_study(spec, grid, experiment, options.verbose, callbacks)
+        return [select(spec, results, study_key(point), point) for point in spec.study_points()]
+    selections = []
+    for index, study in enumerate(studies, 1):
+        print(f"study {index}/{len(studies)} {study.key}: {spec.num_samples} trials, {spec.searcher.type} + "
+              f"{spec.scheduler.type}, objective {spec.objective.metric} ({spec.objective.mode})", flush=True)
+        results = run_study(spec, study, experiment, options.verbose, callbacks)
+        selections.append(select(spec, results, study.key, {}))
+    return selections
+
+
+def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options) -> Path:
+    """Run (or resume) every study, then the final stage; returns the experiment folder."""
+    studies = plan_studies(spec, overrides)  # validates every study before anything starts
+    callbacks = tuple(logger_callbacks(options.loggers, spec.name))
+    lock = driver_lock(options.storage, spec.name)
+    try:
+        experiment, complete = open_experiment(spec, overrides, options)
+        if complete:
+            print(f"experiment {spec.name} is complete already (in {experiment}); "
+                  "use --overwrite to run it again", flush=True)
+            return experiment
+        prepare_data(studies)
+        init_ray(options.address, options.verbose)
+        spec = check_resources(spec, autoscaling=options.autoscaling, allow_cpu=options.allow_cpu)
+        studies = plan_studies(spec, overrides)
+        write_record(experiment, studies, spec)
+        for selection in _select_all(spec, studies, experiment, options, callbacks):
+            save_selection(selection, experiment / selection.key)
+            print(f"selected trial {selection.trial_id} of {selection.key} (epoch {selection.epoch}, "
+                  f"{spec.objective.metric} {selection.objective[spec.objective.metric]:.4f})", flush=True)
+            if spec.protocol == "val":
+                print(f"final stage {selection.key}{FINAL_SUFFIX}: {spec.final_seeds} seeds on all training "
+                      "classes, each tested once after its last epoch", flush=True)
+                run_final(spec, selection, experiment, options.verbose, callbacks)
+        (experiment / COMPLETE_FILE).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        return experiment
+    finally:
+        lock.release()

@@ -1,0 +1,86 @@
+"""Selection and the final stage: the only code that lets a run see the test classes.
+
+Selection reads Tune's results only (never the Optuna study, which marks resumed trials as failed) and
+picks, per study, the trial whose best epoch is best on the objective. Under protocol `val` the selected
+configuration is then retrained from scratch on all training classes with `final_seeds` seeds, each
+tested once after its last epoch: a Tune experiment of its own (`<study>.final`), resumable like the
+search. Under protocol `seed` there is no final stage: the test metrics of the test-selected epoch are
+the result, as in the seed.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ray import tune
+
+from tune_upl.spec import SearchSpec
+
+SELECTION_FILE = "selection.json"
+FINAL_SUFFIX = ".final"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The chosen trial of one study (or one grid group) and why."""
+
+    key: str  # the study's folder name; the final stage runs in `<key>.final`
+    group: dict[str, Any]
+    trial_id: str
+    epoch: int
+    objective: dict[str, float]
+    config: dict[str, Any]
+    test_selected: dict[str, float]  # protocol seed only: test metrics of the test-selected epoch
+    selected_at: float
+
+
+def select(spec: SearchSpec, results: tune.ResultGrid, key: str, group: dict[str, Any]) -> Selection:
+    """The trial with the best objective over its epochs among those matching `group`."""
+    metric, mode = spec.objective.metric, spec.objective.mode
+    candidates = [
+        r for r in results
+        if r.metrics_dataframe is not None and metric in r.metrics_dataframe
+        and all(r.config.get(k) == v for k, v in group.items())
+    ]
+    if not candidates:
+        raise RuntimeError(f"no trial of study {key} reported {metric}; see the trial errors under {results.experiment_path}")
+    pick = max if mode == "max" else min
+    best = pick(candidates, key=lambda r: pick(r.metrics_dataframe[metric]))
+    frame = best.metrics_dataframe
+    row = frame.loc[frame[metric].idxmax() if mode == "max" else frame[metric].idxmin()]
+    test = {k: float(row[k]) for k in frame.columns if k.startswith("test_")} if spec.protocol == "seed" else {}
+    return Selection(
+        key=key,
+        group=group,
+        trial_id=str(row["trial_id"]),
+        epoch=int(row["training_iteration"]),
+        objective={metric: float(row[metric])},
+        config=dict(best.config),
+        test_selected=test,
+        selected_at=time.time(),
+    )
+
+
+def save_selection(selection: Selection, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (SELECTION_FILE + ".tmp")
+    tmp.write_text(json.dumps(asdict(selection), indent=2, default=str))
+    tmp.replace(folder / SELECTION_FILE)
+
+
+def load_selection(folder: Path) -> Optional[Selection]:
+    path = folder / SELECTION_FILE
+    return Selection(**json.loads(path.read_text())) if path.is_file() else None
+
+
+def final_seeds(spec: SearchSpec, selection: Selection) -> list[int]:
+    """seed+1 ... seed+k: fresh seeds, none equal to the one the search used."""
+    base = int(selection.config["seed"])
+    return [base + i for i in range(1, spec.final_seeds + 1)]
+
+
+def final_param_space(selection: Selection) -> dict[str, Any]:
+    return {**selection.config, "final": True}
