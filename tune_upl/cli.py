@@ -181,6 +181,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    """The query and its top-k test images, framed green (same class) or red, and one grid (the seed's test.py)."""
+    from tune_upl.retrieve import retrieve
+
+    experiment = Path(args.storage).expanduser().resolve() / args.name
+    output = Path(args.output or Path(args.reports_dir) / args.name / "retrieval").expanduser().resolve()
+    found = retrieve(experiment, args.query_img_name, args.retrieval_num, output, args.study)
+    correct = sum(bool(hit.correct) for hit in found.hits)
+    known = "" if found.query.label is not None else " (the query's class is unknown: grey frames)"
+    print(f"{correct} of {len(found.hits)} retrieved images share the query's class{known}; pictures in "
+          f"{found.folder}, grid: {found.grid}")
+    return 0
+
+
 def add_option(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
     parser.add_argument(*option_spellings(name), dest=name, **kwargs)
 
@@ -190,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="run_search.py",
         description="Hyper-parameter search for proxy-based deep metric learning (Ray Tune + Optuna + ASHA).",
     )
-    commands = parser.add_subparsers(dest="command", metavar="{search,train,prepare,report}")
+    commands = parser.add_subparsers(dest="command", metavar="{search,train,prepare,report,retrieve}")
     search = commands.add_parser("search", help="run a search spec on Ray Tune (the default command)")
     add_option(search, "space", default=None, help="search spec YAML [default: search_spaces/demo.yaml]")
     add_option(search, "name", help="experiment name [default: the spec's name]")
@@ -222,6 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(report, "storage", default="runs", help="experiment folder root [default: runs]")
     add_option(report, "reports_dir", default="reports", help="where the report goes [default: reports]")
     report.set_defaults(handler=cmd_report)
+    retrieve = commands.add_parser("retrieve", help="a query image and its top-k test images (the seed's test.py)")
+    add_option(retrieve, "name", default="demo", help="experiment name [default: demo]")
+    add_option(retrieve, "query_img_name", required=True,
+               help="a test image (its path, or a unique end of it) or any image file, embedded by the model")
+    add_option(retrieve, "retrieval_num", type=int, default=8, help="how many images to retrieve [default: 8]")
+    add_option(retrieve, "study", default=None, help="the study whose selected model to use [default: the first]")
+    add_option(retrieve, "storage", default="runs", help="experiment folder root [default: runs]")
+    add_option(retrieve, "reports_dir", default="reports", help="reports folder [default: reports]")
+    add_option(retrieve, "output", default=None,
+               help="where the pictures go, in a folder named after the query [default: REPORTS_DIR/NAME/retrieval]")
+    retrieve.set_defaults(handler=cmd_retrieve)
     train = commands.add_parser("train", help="train one configuration and report Recall@K")
     add_config_options(train)
     train.set_defaults(handler=cmd_train)

@@ -58,6 +58,7 @@ class Options:
     autoscaling: bool = False  # the cluster grows on demand: skip the largest-node check
     allow_cpu: bool = False  # a spec that asks for GPUs runs on CPUs when the cluster has none
     loggers: tuple[str, ...] = ()  # mlflow, wandb: Ray Tune's logger callbacks
+    callbacks: tuple[Any, ...] = ()  # more Ray Tune callbacks, for programs that embed the search
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -203,7 +204,7 @@ def _select_all(spec: SearchSpec, studies: list[Study], experiment: Path, option
 def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options) -> Path:
     """Run (or resume) every study, then the final stage; returns the experiment folder."""
     studies = plan_studies(spec, overrides)  # validates every study before anything starts
-    callbacks = tuple(logger_callbacks(options.loggers, spec.name))
+    callbacks = (*logger_callbacks(options.loggers, spec.name), *options.callbacks)
     lock = driver_lock(options.storage, spec.name)
     try:
         experiment, complete = open_experiment(spec, overrides, options)
