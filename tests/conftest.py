@@ -45,3 +45,18 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_search(ray_session, cache_dir, synthetic_root, tmp_path_factory):
+    """The small real search of `searches.small_demo` (about a minute), run once, with its report."""
+    from searches import small_demo
+
+    from tune_upl.experiment import Options, run_search
+    from tune_upl.report import write_report
+
+    spec = small_demo()
+    storage = tmp_path_factory.mktemp("runs")
+    experiment = run_search(spec, {"cache_dir": cache_dir, "num_workers": 0}, Options(storage=storage))
+    report = write_report(experiment, tmp_path_factory.mktemp("reports"))
+    return spec, experiment, report

@@ -2,36 +2,13 @@
 import json
 import re
 import statistics
-from pathlib import Path
 
 import pytest
+from searches import SAMPLES, small_demo
 
-from tune_upl.experiment import Options, run_search
 from tune_upl.final import SELECTION_FILE
-from tune_upl.report import write_report
 from tune_upl.search import make_searcher, plan_studies
-from tune_upl.spec import load_spec, parse_spec
-
-DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
-SAMPLES = 3
-
-
-def small_demo():
-    spec = load_spec(DEMO)
-    data = spec.model_dump()
-    data["num_samples"] = SAMPLES
-    data["final_seeds"] = 2
-    data["fixed"] = {**data["fixed"], "num_epochs": 2, "image_size": 48}
-    return parse_spec(data)
-
-
-@pytest.fixture(scope="session")
-def demo_search(ray_session, cache_dir, synthetic_root, tmp_path_factory):
-    spec = small_demo()
-    storage = tmp_path_factory.mktemp("runs")
-    experiment = run_search(spec, {"cache_dir": cache_dir, "num_workers": 0}, Options(storage=storage))
-    report = write_report(experiment, tmp_path_factory.mktemp("reports"))
-    return spec, experiment, report
+from tune_upl.spec import parse_spec
 
 
 def raw_results(experiment, folder="main"):

@@ -177,8 +177,16 @@ def build_run(cfg: TrialConfig) -> Run:
     train_set = ImageDataset(splits.get("trainval" if cfg.final else "train"), train_transform(cfg.image_size, cfg.backbone_type))
     eval_split = "test" if cfg.protocol == "seed" or cfg.final else "val"
     eval_set = ImageDataset(splits.get(eval_split, final=cfg.final), eval_transform(cfg.image_size, cfg.backbone_type))
+    return build_training(cfg, device, splits, train_set.num_classes, make_loader(train_set, cfg, train=True),
+                          make_loader(eval_set, cfg, train=False), eval_split)
+
+
+def build_training(cfg: TrialConfig, device: torch.device, splits: Optional[SplitManager], num_classes: int,
+                   train_loader: Any, eval_loader: Any, eval_split: str) -> Run:
+    """The model, loss, optimiser and precision settings of a run around the given loaders (the benchmark
+    passes fixed in-memory batches)."""
     channels_last = cfg.channels_last is True or (cfg.channels_last == "auto" and device.type == "cuda")
-    model = build_model(cfg, train_set.num_classes).to(device)
+    model = build_model(cfg, num_classes).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(model, cfg)
@@ -193,8 +201,8 @@ def build_run(cfg: TrialConfig) -> Run:
         loss_fn=loss_fn,
         optimizer=optimizer,
         scheduler=scheduler,
-        train_loader=make_loader(train_set, cfg, train=True),
-        eval_loader=make_loader(eval_set, cfg, train=False),
+        train_loader=train_loader,
+        eval_loader=eval_loader,
         eval_split=eval_split,
         amp_dtype=amp_dtype,
         scaler=scaler,

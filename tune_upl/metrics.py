@@ -1,9 +1,9 @@
 """Retrieval metrics on embeddings: exact cosine k-NN, computed in row chunks.
 
 Memory is N x chunk_size, never N x N, so 20,000 test images at d = 512 evaluate on a small GPU.
-The query itself is never its own neighbour; ties are broken by ascending reference index (stable sort),
-so results do not depend on the device or the chunk size. A query whose class has no other image has
-nothing to retrieve: it is excluded from every mean and counted.
+The query itself is never its own neighbour; ties are broken by ascending reference index (a top-k whose
+ties are resolved exactly, see `top_depth`), so results do not depend on the device or the chunk size.
+A query whose class has no other image has nothing to retrieve: it is excluded from every mean and counted.
 
 Recall@K is the fraction of queries with a same-class image among their k nearest; MAP@R and
 R-precision follow Musgrave et al., "A Metric Learning Reality Check" (ECCV 2020): with R the number
@@ -13,7 +13,7 @@ MAP@R = (1/R) sum_{i<=R} P(i) rel(i), P(i) the precision at rank i.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +35,44 @@ class RetrievalResult:
         return {**named, f"{prefix}_map@r": self.map_at_r, f"{prefix}_r_precision": self.r_precision}
 
 
+def top_depth(sims: torch.Tensor, depth: int) -> torch.Tensor:
+    """Indices of the `depth` largest entries of each row, ordered by (-value, index): a stable sort's first
+    `depth` columns, exactly, without sorting whole rows.
+
+    `topk` picks `depth + 1` values; the first `depth` are reordered by ascending index, then stably by
+    value, so ties inside the top keep index order. A row whose `depth`-th and `depth + 1`-th values are
+    equal (a tie across the boundary) is sorted in full, since topk may have picked the wrong ones of the
+    tie. Extra memory is a few `depth`-wide columns, instead of a full sort's values and int64 indices
+    (3x the similarities)."""
+    if depth >= sims.shape[1]:
+        return torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :depth]
+    values, indices = torch.topk(sims, depth + 1, dim=1)  # sorted; one more, to see a tie at the boundary
+    tied = values[:, depth] == values[:, depth - 1]
+    indices, by_index = indices[:, :depth].sort(dim=1)
+    values = values[:, :depth].gather(1, by_index)
+    indices = indices.gather(1, values.sort(dim=1, descending=True, stable=True).indices)
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        indices[rows] = torch.sort(sims[rows], dim=1, descending=True, stable=True).indices[:, :depth]
+    return indices
+
+
 def retrieval_metrics(
     embeddings: torch.Tensor, labels: torch.Tensor, ks: Iterable[int], chunk_size: int = 1024
 ) -> RetrievalResult:
     """Recall@K, MAP@R and R-precision by exact cosine k-NN over all other images."""
+    return _retrieval_metrics(embeddings, labels, ks, chunk_size, lambda sims, rows, depth: top_depth(sims, depth))
+
+
+NeighbourOrder = Callable[[Optional[torch.Tensor], torch.Tensor, int], torch.Tensor]
+
+
+def _retrieval_metrics(
+    embeddings: torch.Tensor, labels: torch.Tensor, ks: Iterable[int], chunk_size: int,
+    order_of: NeighbourOrder, compute_sims: bool = True,
+) -> RetrievalResult:
+    """The metrics, given `order_of(similarities of the chunk's rows, rows, depth)`: each row's first `depth`
+    neighbours (self excluded) by (-similarity, index). Benchmarks pass other orderings of the same rows."""
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
@@ -53,9 +87,11 @@ def retrieval_metrics(
     ranks = torch.arange(1, depth + 1, device=emb.device)
     for start in range(0, n, chunk_size):
         rows = torch.arange(start, min(start + chunk_size, n), device=emb.device)
-        sims = emb[rows] @ emb.t()
-        sims[torch.arange(len(rows), device=emb.device), rows] = float("-inf")  # never match yourself
-        order = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :depth]
+        sims = None
+        if compute_sims:
+            sims = emb[rows] @ emb.t()
+            sims[torch.arange(len(rows), device=emb.device), rows] = float("-inf")  # never match yourself
+        order = order_of(sims, rows, depth)
         del sims
         relevant = dense[order] == dense[rows, None]
         r = others[rows]

@@ -1,182 +1,60 @@
-"""Markdown report of an experiment, read offline from Tune's experiment folders.
+"""The markdown report of an experiment, read offline from its folder (`results.load_experiment`).
 
-Built from Tune's results (`ray.tune.ExperimentAnalysis`, which needs no running Ray), never from the
-Optuna study: Optuna marks trials that Tune resumed as failed. Works on finished, interrupted and
-running experiments; written atomically so a reader never sees half a file.
+`<reports_dir>/<name>.md` with its figures under `<reports_dir>/<name>/`: benchmark tables in the seed
+README's format beside the published numbers (`references.yaml`), the loss comparison, the search
+summary (states, trial-hours, baseline against selection), figures, hyper-parameter importance,
+retrieval pictures, the leaderboard and the references. Works on finished, interrupted and running
+experiments. The figures are written first, the markdown last and atomically (a temporary file, then
+a rename), so a reader never sees half a report. A figure that cannot be drawn is named in the report
+instead of failing it.
 """
 from __future__ import annotations
 
-import json
+import math
+import statistics
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import pandas as pd
 
-from tune_upl.experiment import RECORD_FILE, SPEC_FILE
-from tune_upl.final import FINAL_SUFFIX, SELECTION_FILE
-from tune_upl.search import trial_state
+from tune_upl.experiment import ExperimentError
+from tune_upl.importance import MEANINGFUL_TRIALS, MIN_TOP_TRIALS, TARGET_QUANTILE, Importance, importances
+from tune_upl.references import References, load_references
+from tune_upl.results import STATES, ExperimentData, FinalResult, load_experiment
 
 BACKBONE_NAMES = {"resnet50": "ResNet50", "inception": "Inception", "googlenet": "GoogLeNet", "tiny": "Tiny",
                   "resnet18": "ResNet18"}
-
-
-def study_folders(experiment: Path) -> list[Path]:
-    """The search's Tune experiments (one per study, or the grid); final stages are read separately."""
-    folders = {p.parent for p in experiment.glob("*/experiment_state-*.json")}
-    return sorted(f for f in folders if not f.name.endswith(FINAL_SUFFIX))
-
-
-def load_trials(
-    experiment: Path, metric: str, mode: str, searched: list[str], baselines: dict[str, dict[str, Any]]
-) -> pd.DataFrame:
-    """One row per trial: study, id, state, epochs run, best objective over its epochs, searched values."""
-    from ray.tune import ExperimentAnalysis
-
-    rows = []
-    for folder in study_folders(experiment):
-        analysis = ExperimentAnalysis(str(folder))
-        frames = analysis.trial_dataframes
-        for trial in analysis.trials:
-            frame = frames.get(trial.trial_id, frames.get(trial.path, pd.DataFrame()))
-            epochs = int(frame["training_iteration"].max()) if "training_iteration" in frame else 0
-            scores = frame[metric] if metric in frame else pd.Series(dtype=float)
-            state = trial_state(trial.status, trial.last_result or {}, trial.config.get("num_epochs"))
-            baseline = baselines.get(folder.name)
-            rows.append({
-                "study": folder.name,
-                "baseline": "yes" if baseline and all(trial.config.get(k) == v for k, v in baseline.items()) else "",
-                "trial": trial.trial_id,
-                "state": state,
-                "epochs": epochs,
-                "objective": (scores.max() if mode == "max" else scores.min()) if len(scores) else float("nan"),
-                "note": _trial_note(trial),
-                **{name: trial.config.get(name) for name in searched},
-                "_config": trial.config,
-            })
-    table = pd.DataFrame(rows)
-    if table.empty:
-        return table
-    return table.sort_values("objective", ascending=(mode == "min"), na_position="last").reset_index(drop=True)
-
-
-def _trial_note(trial: Any) -> str:
-    """Why a trial ended early: its error's last line, or the diverged / out-of-memory message."""
-    error = (trial.last_result or {}).get("error")
-    path = Path(trial.error_file) if getattr(trial, "error_file", None) else None
-    if path is not None and path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        error = lines[-1] if lines else "error"
-    return str(error).replace("|", "/")[:160] if error else ""
-
-
-def load_finals(experiment: Path) -> list[dict[str, Any]]:
-    """Each selection with its test metrics: per final seed (protocol val) or the test-selected epoch."""
-    from ray.tune import ExperimentAnalysis
-
-    finals = []
-    for path in sorted(experiment.glob(f"*/{SELECTION_FILE}")):
-        record = json.loads(path.read_text())
-        runs = []
-        final_folder = experiment / (record["key"] + FINAL_SUFFIX)
-        if list(final_folder.glob("experiment_state-*.json")):
-            analysis = ExperimentAnalysis(str(final_folder))
-            for trial in analysis.trials:
-                last = trial.last_result or {}
-                if any(k.startswith("test_") for k in last):
-                    runs.append({"seed": trial.config.get("seed"), **{k: v for k, v in last.items() if k.startswith("test_")}})
-        record["runs"] = runs if not record["test_selected"] else [record["test_selected"]]
-        finals.append(record)
-    return finals
-
-
-def _mean_std(values: list[float]) -> str:
-    series = pd.Series(values, dtype=float) * 100
-    if len(series) == 1:
-        return f"{series.iloc[0]:.1f}%"
-    return f"{series.mean():.1f} ± {series.std(ddof=1):.1f}%"
+DATA_NAMES = {"car": "CARS196", "cub": "CUB200-2011", "synthetic": "synthetic", "folder": "image folder"}
+LEADERBOARD_TOP = 50  # trials per study in the markdown; every trial is in <name>/trials.csv
+RETRIEVAL_QUERIES, RETRIEVAL_NUM = 3, 8
+SEARCH_STATES = ("completed", "stopped early", "diverged", "errored")  # always shown, even at 0
 
 
 def _percent(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
-def benchmark_tables(finals: list[dict[str, Any]], ks: tuple[int, ...]) -> list[str]:
-    """The seed README's format: a table per dataset, rows backbone and loss, columns R@K on test classes
-    (mean ± std over the final seeds under protocol val)."""
-    lines: list[str] = []
-    by_data: dict[str, list[dict[str, Any]]] = {}
-    for record in finals:
-        if record["runs"]:
-            by_data.setdefault(record["config"]["data_name"], []).append(record)
-    for data_name, records in sorted(by_data.items()):
-        selected = any(r["test_selected"] for r in records)
-        lines += [f"### {data_name}", ""]
-        rows = []
-        for r in records:
-            cfg = r["config"]
-            row = {"Backbone": BACKBONE_NAMES.get(cfg["backbone_type"], cfg["backbone_type"]),
-                   "Loss": cfg["loss_name"], "Dim": cfg["feature_dim"]}
-            for k in ks:
-                values = [run[f"test_recall@{k}"] for run in r["runs"] if f"test_recall@{k}" in run]
-                row[f"R@{k}"] = _mean_std(values) if values else "-"
-            row["Runs"] = len(r["runs"])
-            rows.append(row)
-        lines.append(pd.DataFrame(rows).to_markdown(index=False, colalign=["center"] * len(rows[0])))
-        note = ("test-selected: the epoch and trial were chosen on the test classes, as the seed did"
-                if selected else "selected on the validation classes, then retrained on all training classes "
-                "with each seed and tested once after its last epoch (mean ± std over the seeds)")
-        lines += ["", f"*{note}.*", ""]
-    return lines
+def _mean_std(values: list[float]) -> str:
+    """Percent with one decimal, as the seed's tables: `mean ± std%` (sample std) over the seeds."""
+    if len(values) == 1:
+        return _percent(values[0])
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}%"
 
 
-def render(experiment: Path) -> str:
-    saved = json.loads((experiment / SPEC_FILE).read_text())
-    spec, overrides = saved["spec"], saved["overrides"]
-    paths = ("data_path", "cache_dir", "pretrained")  # resolved on the driver; shown when the spec set them
-    fixed = {**spec["fixed"], **{k: v for k, v in overrides.items() if k not in paths or k in spec["fixed"]}}
-    record_file = experiment / RECORD_FILE
-    baselines = json.loads(record_file.read_text()).get("baselines", {}) if record_file.is_file() else {}
-    metric, mode = spec["objective"]["metric"], spec["objective"]["mode"]
-    searched = [n for n in spec["space"] if n not in overrides]
-    trials = load_trials(experiment, metric, mode, searched, baselines)
-    finals = load_finals(experiment)
-    ks = tuple(finals[0]["config"]["recalls"]) if finals else (1, 2, 4, 8)
-    counts = trials["state"].value_counts().to_dict() if not trials.empty else {}
-    lines = [
-        f"# Search `{spec['name']}`",
-        "",
-        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{_shown_path(experiment)}`; regenerate with "
-        f"`python run_search.py report --name {spec['name']}`.",
-        "",
-        f"- searcher: {spec['searcher']['type']} (seed {spec['searcher']['seed']}), scheduler: "
-        f"{spec['scheduler']['type']}, objective: `{metric}` ({mode}), protocol: {spec['protocol']}",
-        f"- trials: {len(trials)} ({', '.join(f'{v} {k}' for k, v in counts.items()) or 'none yet'})",
-        f"- fixed: {', '.join(f'{k}={v}' for k, v in fixed.items()) or 'nothing'}",
-        "",
-        "## Benchmark (test classes)",
-        "",
-    ]
-    lines += benchmark_tables(finals, ks) if finals else ["No selection tested yet (the search is still running).", ""]
-    lines += ["## Selected hyper-parameters", ""]
-    for record in finals:
-        title = record["key"]
-        values = {name: record["config"].get(name) for name in searched}
-        lines.append(f"- **{title}**: trial `{record['trial_id']}`, epoch {record['epoch']}, "
-                     f"`{metric}` {record['objective'][metric]:.4f}; "
-                     + ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
-    lines += ["", "## Leaderboard (all trials, best epoch on the objective)", "",
-              "The baseline trial runs the seed's recipe for every searched field whose range contains it.", ""]
-    if trials.empty:
-        lines.append("No trial has started yet.")
-    else:
-        shown = trials.drop(columns=["_config"]).copy()
-        shown["objective"] = shown["objective"].map(lambda v: "-" if pd.isna(v) else f"{v:.4f}")
-        for name in searched:
-            shown[name] = shown[name].map(_fmt)
-        shown.insert(0, "rank", range(1, len(shown) + 1))
-        lines.append(shown.rename(columns={"objective": metric}).to_markdown(index=False))
-    return "\n".join(lines) + "\n"
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _hours(hours: float) -> str:
+    return f"{hours:.2f} h ({60 * hours:.1f} min)" if hours < 1 else f"{hours:.2f} h"
+
+
+def _table(rows: list[dict[str, Any]], align: str = "center") -> str:
+    return pd.DataFrame(rows).to_markdown(index=False, colalign=[align] * len(rows[0]), disable_numparse=True)
 
 
 def _shown_path(path: Path) -> str:
@@ -187,19 +65,461 @@ def _shown_path(path: Path) -> str:
         return str(path)
 
 
-def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
+def _group(config: dict[str, Any]) -> tuple[str, str, str, int]:
+    return config["data_name"], config["backbone_type"], config["loss_name"], int(config["feature_dim"])
+
+
+def _values(final: FinalResult, name: str) -> list[float]:
+    return [float(run[name]) for run in final.runs if name in run and not pd.isna(run[name])]
+
+
+# ---------------------------------------------------------------- benchmark
+def _tested(data: ExperimentData) -> dict[str, list[FinalResult]]:
+    by_data: dict[str, list[FinalResult]] = {}
+    for final in data.finals:
+        if final.runs:
+            by_data.setdefault(final.config["data_name"], []).append(final)
+    return by_data
+
+
+def benchmark_tables(data: ExperimentData, refs: References) -> list[str]:
+    """The seed README's format: per dataset, rows backbone × loss (with the dimension), Recall@K on the
+    test classes, the published number and our difference beside each; then MAP@R and R-precision."""
+    lines: list[str] = []
+    tested = _tested(data)
+    if not tested:
+        return ["No selection has been tested yet (the search or its final stage is still running, or was "
+                "interrupted: `python run_search.py search --resume --name " + data.name + "`).", ""]
+    ks = tuple(data.finals[0].config["recalls"])
+    for data_name, finals in sorted(tested.items()):
+        selected = any(f.test_selected for f in finals)
+        shown = DATA_NAMES.get(data_name, data_name)
+        lines += [f"### {shown}" + (f" (`{data_name}`)" if shown != data_name else ""), ""]
+        recall_rows, other_rows, cited = [], [], False
+        for final in finals:
+            name, backbone, loss, dim = _group(final.config)
+            ref = refs.find(name, backbone, loss, dim)
+            head = {"Backbone": BACKBONE_NAMES.get(backbone, backbone), "Loss": loss, "Dim": dim}
+            row = dict(head)
+            for k in ks:
+                values = _values(final, f"test_recall@{k}")
+                row[f"R@{k}"] = _with_reference(values, ref.recall.get(k) if ref else None)
+            row["Runs"] = len(final.runs)
+            if ref is not None:
+                row["Published"] = f"[{refs.sources[ref.source].label}](#references)"
+                cited = True
+            recall_rows.append(row)
+            other = dict(head)
+            for label, metric in (("MAP@R", "test_map@r"), ("R-precision", "test_r_precision")):
+                values = _values(final, metric)
+                other[label] = _mean_std(values) if values else "-"
+            other["Runs"] = len(final.runs)
+            other_rows.append(other)
+        if cited:
+            for row in recall_rows:
+                row.setdefault("Published", "-")
+        lines += [_table(recall_rows), ""]
+        how = ("test-selected: the epoch and trial were chosen on the test classes, as the seed did (the "
+               "published numbers were selected the same way)." if selected else
+               "Selected on the validation classes, then retrained on all training classes with each final "
+               "seed and tested once after its last epoch: mean ± std over the seeds (Runs). The published "
+               "numbers selected their best epoch on the test classes, which flatters them.")
+        ref_note = (" In brackets: the published number for the same dataset, backbone, loss and dimension, and "
+                    "our difference in points." if cited else
+                    f" No published numbers exist for `{data_name}` with these backbones, losses and dimensions "
+                    "(the references cover CARS196 and CUB200-2011).")
+        lines += [f"*{how}{ref_note}*", "", _table(other_rows), "",
+                  "*MAP@R and R-precision (Musgrave et al., 2020) on the same test runs; the seed and the "
+                  "papers published none.*", ""]
+    return lines
+
+
+def _with_reference(values: list[float], published: Optional[float]) -> str:
+    if not values:
         return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    cell = _mean_std(values)
+    if published is None:
+        return cell
+    return f"{cell} ({published:.1f}%, {100 * statistics.mean(values) - published:+.1f})"
+
+
+# ---------------------------------------------------------------- loss comparison
+def _study_budget(data: ExperimentData, key: str) -> dict[str, Any]:
+    mine = data.trials[data.trials["study"] == key] if not data.trials.empty else data.trials
+    return {"Trials": len(mine), "Epochs run": int(mine["epochs"].sum()) if len(mine) else 0,
+            "Trial-hours": f"{mine['hours'].sum():.3f}" if len(mine) else "0.000",
+            f"Best {data.metric}": f"{mine['objective'].max() if data.mode == 'max' else mine['objective'].min():.4f}"
+            if len(mine) and mine["objective"].notna().any() else "-"}
+
+
+def loss_groups(data: ExperimentData) -> dict[tuple[str, str], dict[str, FinalResult]]:
+    groups: dict[tuple[str, str], dict[str, FinalResult]] = {}
+    for final in data.finals:
+        if final.runs:
+            name, backbone, loss, _ = _group(final.config)
+            groups.setdefault((name, backbone), {})[loss] = final
+    return groups
+
+
+def loss_comparison(data: ExperimentData, figure: Optional[str]) -> list[str]:
+    """Each loss against the others per dataset and backbone: test numbers with their spread over the
+    final seeds, and the search budget that found each configuration."""
+    groups = loss_groups(data)
+    if not groups:
+        return ["Nothing tested yet.", ""]
+    lines = []
+    for (name, backbone), losses in sorted(groups.items()):
+        lines += [f"### {DATA_NAMES.get(name, name)} / {BACKBONE_NAMES.get(backbone, backbone)}", ""]
+        rows = []
+        for loss, final in sorted(losses.items()):
+            r1 = _values(final, "test_recall@1")
+            spread = f"{100 * min(r1):.1f}–{100 * max(r1):.1f}%" if len(r1) > 1 else "-"
+            maps = _values(final, "test_map@r")
+            rows.append({"Loss": loss, "Dim": final.config["feature_dim"], "R@1": _mean_std(r1) if r1 else "-",
+                         "R@1 range over seeds": spread, "MAP@R": _mean_std(maps) if maps else "-",
+                         "Seeds": len(final.runs), **_study_budget(data, final.key)})
+        lines += [_table(rows), ""]
+        budgets = {(row["Trials"], data.spec["num_samples"]) for row in rows}
+        if len(losses) == 1:
+            lines += [f"*Only `{next(iter(losses))}` was searched for this dataset and backbone. To compare "
+                      "losses on the same budget, list them under `studies` (e.g. `loss_name: [balanced_proxy, "
+                      "proxy_anchor]`, as `search_spaces/upl_optuna.yaml` does): each loss then gets its own "
+                      "study with the same trials, epochs and search space.*", ""]
+        elif len(budgets) == 1:
+            lines += [f"*Same budget: each loss had its own study of {rows[0]['Trials']} trials of up to "
+                      f"{data.finals[0].config['num_epochs']} epochs over the same space.*", ""]
+        else:
+            lines += ["*The studies ran different numbers of trials (an unfinished search?): compare with care.*", ""]
+    if figure:
+        lines += [f"![test Recall@1 of each final seed per loss]({figure})", ""]
+    return lines
+
+
+# ---------------------------------------------------------------- search summary
+def _state_counts(trials: pd.DataFrame) -> dict[str, int]:
+    counts = trials["state"].value_counts().to_dict() if not trials.empty else {}
+    return {state: int(counts.get(state, 0)) for state in [*STATES, *sorted(set(counts) - set(STATES))]
+            if state in SEARCH_STATES or counts.get(state)}
+
+
+def search_summary(data: ExperimentData) -> list[str]:
+    trials, gpu = data.trials, float(data.spec["resources"]["gpu"])
+    if trials.empty:
+        return ["No trial has started yet.", ""]
+    rows = []
+    for study in data.studies:
+        mine = trials[trials["study"] == study]
+        if mine.empty:
+            continue
+        rows.append({"study": f"`{study}`", "trials": len(mine), **_state_counts(mine),
+                     "epochs run": int(mine["epochs"].sum()), "trial-hours": f"{mine['hours'].sum():.3f}"})
+    lines = ["Trials by state (*stopped early*: by ASHA, on a rung; *diverged*: a non-finite loss, stopped with "
+             "the worst score):", "", _table(rows), ""]
+    finals = data.final_trials
+    search_hours = float(trials["hours"].sum())
+    final_hours = float(finals["hours"].sum()) if not finals.empty else 0.0
+    starts = pd.concat([trials["start"], finals["start"] if not finals.empty else pd.Series(dtype=float)])
+    ends = pd.concat([trials["end"], finals["end"] if not finals.empty else pd.Series(dtype=float)])
+    wall = (ends.max() - starts.min()) / 3600 if starts.notna().any() else math.nan
+    accel = (f"{gpu * (search_hours + final_hours):.2f} ({gpu:g} GPU per trial)" if gpu > 0
+             else "0 (the trials ran on CPUs)")
+    lines += [
+        f"- search: {len(trials)} trials, {int(trials['epochs'].sum())} epochs, {_hours(search_hours)} of "
+        "trial time (each trial's training and evaluation time, added up)",
+        f"- final stage: {len(finals)} run{'' if len(finals) == 1 else 's'}, {_hours(final_hours)} of trial time",
+        f"- accelerator-hours: {accel}",
+        f"- wall time: {_hours(wall) if not math.isnan(wall) else '-'}, from the first trial's start to the last "
+        "result (including any time the experiment was stopped)",
+        f"- hardware: {_hardware(data.record)}",
+        "",
+    ]
+    return lines
+
+
+def _hardware(record: dict[str, Any]) -> str:
+    if not record:
+        return "not recorded"
+    hw = record.get("hardware", {})
+    cluster = hw.get("cluster_resources", {})
+    gpus = ", ".join(hw.get("cuda_devices", [])) or "none"
+    packages = record.get("packages", {})
+    return (f"cluster {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs; "
+            f"driver `{hw.get('driver', '?')}` with GPUs: {gpus}; torch {packages.get('torch', '?')}, "
+            f"ray {packages.get('ray', '?')}")
+
+
+def baseline_against_selected(data: ExperimentData) -> list[str]:
+    """Per study: the baseline trial (the seed's recipe for every searched field whose range holds it)
+    against the selected one, on the objective; the selection's test numbers are in the benchmark."""
+    lines = []
+    for final in data.finals:
+        mine = data.trials[data.trials["study"] == final.key] if not data.trials.empty else data.trials
+        chosen = mine[mine["trial"] == final.selection["trial_id"]]
+        base = mine[mine["baseline"] == "yes"]
+        rows = []
+        for label, frame in (("baseline (seed's recipe)", base), ("selected", chosen)):
+            if frame.empty:
+                continue
+            row = frame.iloc[0]
+            rows.append({"": label, "trial": f"`{row['trial']}`", "state": row["state"],
+                         "epochs": row["epochs"], "best epoch": row["best_epoch"],
+                         data.metric: f"{row['objective']:.4f}" if not pd.isna(row["objective"]) else "-",
+                         **{n: _fmt(row[n]) for n in data.searched}})
+        if len(data.finals) > 1:
+            lines += [f"#### `{final.key}`", ""]
+        if len(rows) == 2 and rows[0]["trial"] == rows[1]["trial"]:
+            rows = [{**rows[1], "": "selected = baseline"}]
+        if rows:
+            lines += [_table(rows, "left"), ""]
+        if base.empty:
+            lines += ["*No baseline trial in this study (`baseline: false`, or no searched range holds the "
+                      "seed's values).*", ""]
+        tested = _values(final, "test_recall@1")
+        if tested:
+            runs = "test-selected run" if final.test_selected else "final seed" + ("s" if len(tested) > 1 else "")
+            lines += [f"*The selection's test R@1: {_mean_std(tested)} over {len(tested)} {runs}; the baseline "
+                      "was not retrained or tested (its test numbers stay unseen).*", ""]
+    return lines or ["No study has been selected yet.", ""]
+
+
+# ---------------------------------------------------------------- leaderboard
+def leaderboard(data: ExperimentData, csv_name: str) -> list[str]:
+    if data.trials.empty:
+        return ["No trial has started yet.", ""]
+    lines = [f"Best epoch of each trial on the objective, best first; the top {LEADERBOARD_TOP} of each study "
+             f"(all trials, with their configurations' full columns: [{csv_name}]({csv_name})). *baseline*: "
+             "the trial that runs the seed's recipe for every searched field whose range contains it.", ""]
+    for study in data.studies:
+        mine = data.trials[data.trials["study"] == study]
+        if mine.empty:
+            continue
+        shown = mine.head(LEADERBOARD_TOP)[["study", "baseline", "trial", "state", "epochs", "objective",
+                                            *data.searched, "note"]].copy()
+        shown["objective"] = shown["objective"].map(lambda v: "-" if pd.isna(v) else f"{v:.4f}")
+        for name in data.searched:
+            shown[name] = shown[name].map(_fmt)
+        shown.insert(0, "rank", range(1, len(shown) + 1))
+        if not shown["note"].astype(bool).any():
+            shown = shown.drop(columns=["note"])
+        if len(data.studies) > 1:
+            lines += [f"#### `{study}`", ""]
+        align = ["right" if c in ("rank", "epochs", "objective", *data.searched) else "left" for c in shown.columns]
+        shown = shown.astype(str).rename(columns={"objective": data.metric})
+        lines += [shown.to_markdown(index=False, colalign=align, disable_numparse=True), ""]
+        if len(mine) > LEADERBOARD_TOP:
+            lines += [f"*{len(mine) - LEADERBOARD_TOP} more trials in {csv_name}.*", ""]
+    return lines
+
+
+# ---------------------------------------------------------------- figures, importance, retrieval
+class Figures:
+    """Draws each figure into the report's folder; one that fails is named in the report, not fatal."""
+
+    def __init__(self, folder: Path, link: str):
+        self.folder, self.link = folder, link
+        self.failures: list[str] = []
+        self.drawn: set[str] = set()
+
+    def draw(self, file: str, draw: Callable[[Path], Any]) -> Optional[str]:
+        """Run `draw(path)`; the markdown link when it drew something, else None."""
+        try:
+            drawn = draw(self.folder / file)
+        except Exception as error:  # a report must not fail on one figure: say which one and why
+            self.fail(f"{file}: {type(error).__name__}: {error}")
+            return None
+        if drawn is False:
+            return None
+        self.drawn.add(file)
+        return f"{self.link}/{file}"
+
+    def fail(self, message: str) -> None:
+        print(f"warning: report: not drawn: {message}", file=sys.stderr)
+        self.failures.append(message)
+
+    def remove_stale(self) -> None:
+        """PNGs of an earlier report that this one did not draw (subfolders, e.g. `retrieval/`, stay)."""
+        for path in self.folder.glob("*.png"):
+            if path.name not in self.drawn:
+                path.unlink()
+
+
+def figure_sections(data: ExperimentData, figures: Figures) -> list[str]:
+    from tune_upl import figures as draw
+
+    lines = []
+    link = figures.draw("best_so_far.png", lambda p: draw.best_so_far(data, p))
+    if link:
+        lines += ["### Best objective so far", "", f"![best objective so far]({link})", "",
+                  "*Left: the best objective after each trial, in the order the trials started (dots: each "
+                  "trial's own best epoch; star: the baseline). Right: the same over wall time, every epoch's "
+                  "result counted when it arrived.*", ""]
+    metric = data.metric.split("_")[0] + "_recall@1"
+    link = figures.draw("epoch_curves.png", lambda p: draw.epoch_curves(data, p, metric))
+    if link:
+        lines += [f"### `{metric}` per epoch of the top trials", "", f"![{metric} per epoch]({link})", "",
+                  "*The five best trials of each study; a line that ends early is a trial ASHA stopped.*", ""]
+    link = figures.draw("objective_vs_params.png", lambda p: draw.objective_vs_params(data, p))
+    if link:
+        lines += ["### Objective against each hyper-parameter", "", f"![objective against each searched "
+                  f"hyper-parameter]({link})", "", "*Each trial's best objective; an ASHA-stopped trial's "
+                  "best came from fewer epochs, so it sits lower for its budget as much as for its values.*", ""]
+    return lines or ["No trial has reported a result yet.", ""]
+
+
+def importance_section(data: ExperimentData, figures: Figures) -> list[str]:
+    from tune_upl import figures as draw
+
+    if not data.searched or data.trials.empty:
+        return ["Nothing was searched." if not data.searched else "No trial has finished yet.", ""]
+    space = {n: data.spec["space"][n] for n in data.searched}
+    found: list[Importance] = []
+    skipped = []
+    for study in data.studies:
+        mine = data.trials[data.trials["study"] == study]
+        if mine.empty:
+            continue
+        try:
+            result = importances(study, mine, data.epochs, space, data.metric, data.mode)
+        except Exception as error:  # an analysis beside the results must not fail the report: name it
+            figures.fail(f"importance of {study}: {type(error).__name__}: {error}")
+            continue
+        (found.append(result) if result else skipped.append(f"`{study}`"))
+    lines = ["Optuna's PED-ANOVA importance evaluator on an Optuna study rebuilt from Tune's results: the "
+             "trials that ran all their epochs enter as complete (an ASHA-stopped trial's value came from a "
+             "smaller budget, so it enters as pruned and counts for nothing), errored and diverged ones as "
+             "failed. Importance is how much each field's values differ between the best "
+             f"{TARGET_QUANTILE:.0%} of the complete trials and all of them.", ""]
+    if found:
+        rows = [{"study": f"`{i.study}`", "complete trials": i.completed,
+                 **{n: f"{i.values[n]:.2f}" if n in i.values else "-" for n in data.searched}} for i in found]
+        lines += [_table(rows), ""]
+        link = figures.draw("importance.png", lambda p: draw.importance_chart(found, p))
+        if link:
+            lines += [f"![hyper-parameter importance]({link})", ""]
+        few = [i for i in found if not i.meaningful]
+        if few:
+            lines += [f"**Too few trials for these importances to mean anything**: "
+                      f"{', '.join(f'`{i.study}` has {i.completed}' for i in few)} complete trials, while "
+                      f"PED-ANOVA needs at least {MIN_TOP_TRIALS} in its top {TARGET_QUANTILE:.0%}, that is "
+                      f"{MEANINGFUL_TRIALS} or more. Read them as a description of these few trials, not "
+                      "of the search space.", ""]
+    if skipped:
+        lines += [f"No importance for {', '.join(skipped)}: fewer than two trials ran all their epochs, or "
+                  "no searched field varied among them.", ""]
+    return lines
+
+
+def retrieval_section(data: ExperimentData, figures: Figures) -> list[str]:
+    """A grid of fixed queries for the best-tested study of each dataset (the seed's test.py pictures)."""
+    from tune_upl.retrieve import report_grid, tail
+
+    tested = _tested(data)
+    if not tested:
+        return ["No tested model yet.", ""]
+    lines = []
+    for data_name, finals in sorted(tested.items()):
+        best = max(finals, key=lambda f: statistics.mean(_values(f, "test_recall@1") or [0.0]))
+        info: dict[str, Any] = {}
+
+        def draw(path: Path, key: str = best.key) -> bool:
+            try:
+                info["db"] = report_grid(data.folder, path, key, RETRIEVAL_QUERIES, RETRIEVAL_NUM)
+            except ExperimentError as error:  # no test database yet: the section says how to make one
+                info["why"] = str(error)
+                return False
+            return True
+
+        link = figures.draw(f"retrieval_{data_name}.png", draw)
+        lines += [f"### {DATA_NAMES.get(data_name, data_name)}: `{best.key}`", ""]
+        if not link:
+            if "why" in info:
+                lines += [f"*No picture: {info['why']} (`python run_search.py retrieve --name {data.name} --study "
+                          f"{best.key} --query_img_name IMAGE` embeds the test images once).*", ""]
+            continue
+        db = info["db"]
+        example = tail(db.paths[0])
+        lines += [f"![retrieval: query and its top {RETRIEVAL_NUM}]({link})", "",
+                  f"*Each row: a query from the test classes (the first image of {RETRIEVAL_QUERIES} evenly "
+                  f"spaced test classes) and its {RETRIEVAL_NUM} nearest test images by cosine similarity (under "
+                  "each), framed green when of the query's class, red otherwise. Model: the "
+                  f"{db.source}. Any image: `python run_search.py retrieve --name {data.name} "
+                  f"--query_img_name {example} --retrieval_num {RETRIEVAL_NUM}`.*", ""]
+    return lines
+
+
+def references_section(refs: References) -> list[str]:
+    lines = ["Published Recall@K (%) used above, from `tune_upl/references.yaml`; every one selected its best "
+             "epoch on the test classes.", ""]
+    for source in refs.sources.values():
+        lines.append(f"- **{source.label}**: {source.title}. {source.where}. {source.note}")
+    rows = [{"source": refs.sources[r.source].label, "data": r.data, "backbone": r.backbone, "loss": r.loss,
+             "dim": r.dim, **{f"R@{k}": f"{v:.1f}" for k, v in r.recall.items()}} for r in refs.results]
+    return lines + ["", _table(rows, "left"), ""]
+
+
+# ---------------------------------------------------------------- the whole report
+def _header(data: ExperimentData) -> list[str]:
+    spec, overrides = data.spec, data.overrides
+    paths = ("data_path", "cache_dir", "pretrained")  # resolved on the driver; shown when the spec set them
+    fixed = {**spec["fixed"], **{k: v for k, v in overrides.items() if k not in paths or k in spec["fixed"]}}
+    counts = {k: v for k, v in _state_counts(data.trials).items() if v}
+    open_trials = sum(counts.get(s, 0) for s in ("unfinished", "running", "pending", "paused"))
+    status = ("complete" if data.complete else
+              f"unfinished: interrupted or still running ({open_trials} unfinished or pending "
+              f"trial{'' if open_trials == 1 else 's'} in Tune's last saved state; continue with "
+              f"`python run_search.py search --resume --name {data.name}`)")
+    return [
+        f"# Search `{data.name}`",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{_shown_path(data.folder)}`; regenerate with "
+        f"`python run_search.py report --name {data.name}`.",
+        "",
+        f"- status: {status}",
+        f"- searcher: {spec['searcher']['type']} (seed {spec['searcher']['seed']}), scheduler: "
+        f"{spec['scheduler']['type']}, objective: `{data.metric}` ({data.mode}), protocol: {spec['protocol']}",
+        f"- studies: {', '.join(f'`{s}`' for s in data.studies) or 'none yet'}; searched: "
+        f"{', '.join(data.searched) or 'nothing'}",
+        f"- trials: {len(data.trials)} ({', '.join(f'{v} {k}' for k, v in counts.items()) or 'none yet'})",
+        f"- fixed: {', '.join(f'{k}={v}' for k, v in fixed.items()) or 'nothing'}",
+        "",
+    ]
+
+
+def render(data: ExperimentData, folder: Path) -> str:
+    """The markdown; figures go into `folder` (linked by its name, beside the markdown file)."""
+    refs = load_references()
+    figures = Figures(folder, folder.name)
+    if not data.trials.empty:
+        data.trials.drop(columns=["_config"]).to_csv(folder / "trials.csv", index=False)
+    from tune_upl import figures as draw
+
+    groups = {k: {loss: _values(f, "test_recall@1") for loss, f in v.items()} for k, v in loss_groups(data).items()}
+    loss_figure = figures.draw("loss_comparison.png", lambda p: draw.loss_comparison(groups, p, "test R@1"))
+    lines = _header(data)
+    lines += ["## Benchmark (test classes)", "", *benchmark_tables(data, refs)]
+    lines += ["## Loss comparison", "", *loss_comparison(data, loss_figure)]
+    lines += ["## Search summary", "", *search_summary(data)]
+    lines += ["### Baseline (the seed's recipe) against the selected configuration", "",
+              *baseline_against_selected(data)]
+    lines += ["## Figures", "", *figure_sections(data, figures)]
+    lines += ["## Hyper-parameter importance", "", *importance_section(data, figures)]
+    lines += ["## Retrieval", "", *retrieval_section(data, figures)]
+    lines += ["## Leaderboard", "", *leaderboard(data, f"{folder.name}/trials.csv")]
+    lines += ["## References", "", *references_section(refs)]
+    figures.remove_stale()
+    if figures.failures:
+        lines += ["## Not drawn", "", *[f"- {failure}" for failure in figures.failures], ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def write_report(experiment: Path, reports_dir: Path) -> Path:
-    """Write `<reports_dir>/<name>.md` atomically (temporary file, then rename)."""
-    if not (experiment / SPEC_FILE).is_file():
-        raise FileNotFoundError(f"no experiment at {experiment} (missing {SPEC_FILE}); check --name and --storage")
-    reports_dir.mkdir(parents=True, exist_ok=True)
+    """Write `<reports_dir>/<name>.md` and its figures in `<reports_dir>/<name>/` (figures first, then the
+    markdown through a temporary file and a rename)."""
+    data = load_experiment(experiment)
+    folder = reports_dir / experiment.name
+    folder.mkdir(parents=True, exist_ok=True)
     target = reports_dir / f"{experiment.name}.md"
     tmp = target.with_suffix(".md.tmp")
-    tmp.write_text(render(experiment))
+    tmp.write_text(render(data, folder))
     tmp.replace(target)
     return target

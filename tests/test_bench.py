@@ -1,0 +1,70 @@
+"""The benchmark suite (`python -m tune_upl.bench`): every CPU suite runs quickly and writes its report;
+the eval suite's three implementations agree; the exact top-k equals a stable sort."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tune_upl import bench
+from tune_upl.metrics import top_depth
+
+HEAVY = ("ray", "optuna", "pydantic", "adamp")
+
+
+@pytest.mark.parametrize("depth", [1, 3, 7, 20, 39])
+def test_top_depth_equals_stable_sort_with_ties(depth):
+    gen = torch.Generator().manual_seed(depth)
+    sims = torch.randint(0, 5, (30, 40), generator=gen).float()  # many exact ties, at every depth
+    sims[:3] = 1.0  # rows tied everywhere
+    sims[3, 5] = float("-inf")
+    expected = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :depth]
+    assert torch.equal(top_depth(sims, depth), expected)
+    noise = torch.rand(30, 40, generator=gen)  # no ties: topk's own picks
+    assert torch.equal(top_depth(noise, depth), torch.sort(noise, dim=1, descending=True, stable=True).indices[:, :depth])
+
+
+def test_cpu_suites_quick(tmp_path):
+    out = tmp_path / "perf.md"
+    results = {s.name: s for s in bench.run(["--suite", ",".join(bench.CPU_SUITES), "--quick", "--out", str(out),
+                                             "--device", "cpu", "--images", "16"])}
+    assert set(results) == set(bench.CPU_SUITES)
+    evaluation = results["eval"]
+    assert evaluation.details["equal"] and all(evaluation.details["equal"])
+    for n, found in evaluation.details.items():
+        if n != "equal":
+            assert found["current"] == found["naive"] == found["previous"]
+    assert any("needs a GPU" in note for note in results["packing"].notes)
+    data = {row.measure: row.value for row in results["data"].rows}
+    assert all(value > 0 for value in data.values())
+    train = results["train"].rows[0]
+    assert train.value > 0 and train.baseline_value > 0
+    text = out.read_text()
+    for needle in ("# Performance", "command: python -m tune_upl.bench", "cpu:", "gpu:", "torch ", "| eval |",
+                   "| train |", "| data |", "needs a GPU"):
+        assert needle in text
+
+
+def test_light_suites_import_no_search_libraries(tmp_path):
+    """The eval and packing suites (and the module itself) run where Ray, Optuna, pydantic, adamp are absent."""
+    code = (
+        "import sys\n"
+        "from tune_upl import bench\n"
+        f"bench.run(['--suite', 'eval,packing', '--quick', '--device', 'cpu', '--out', {str(tmp_path / 'p.md')!r}])\n"
+        f"loaded = [m for m in {HEAVY!r} if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
+
+
+def test_unknown_suite_is_refused():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--suite", "nope"])
+
+
+@pytest.mark.slow
+def test_overhead_suite(tmp_path, cache_dir, synthetic_root):
+    (result,) = bench.run(["--suite", "overhead", "--quick", "--out", str(tmp_path / "o.md"), "--cache_dir", cache_dir])
+    tuned, fixed = result.rows
+    assert tuned.value > 0 and tuned.baseline_value > 0
+    assert "errors: 0" in fixed.note

@@ -1,0 +1,249 @@
+"""An experiment folder read offline, as tables: the report's one loader.
+
+Built from Tune's results (`ray.tune.ExperimentAnalysis`, which needs no running Ray), never from the
+Optuna study (Optuna marks trials that Tune resumed as failed). Works on finished, interrupted and
+running experiments: a study folder Tune has not saved yet is skipped, a result line still being
+written is ignored, and a study without `selection.json` simply has no final result yet.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from tune_upl.experiment import COMPLETE_FILE, RECORD_FILE, SPEC_FILE
+from tune_upl.final import FINAL_SUFFIX, SELECTION_FILE
+from tune_upl.search import GRID_STUDY, study_key, trial_state
+
+# the order states are listed in; "stopped early" is ASHA's doing; "unfinished": started and not ended, running
+# now or interrupted (Tune saves a running trial as pending, so its folder cannot tell the two apart)
+STATES = ("completed", "stopped early", "diverged", "out of memory", "errored", "unfinished", "running", "pending",
+          "paused")
+
+
+@dataclass
+class FinalResult:
+    """One study's selection and its test numbers: a run per final seed, or the test-selected epoch."""
+
+    key: str
+    selection: dict[str, Any]
+    runs: list[dict[str, Any]]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.selection["config"]
+
+    @property
+    def test_selected(self) -> bool:
+        return bool(self.selection.get("test_selected"))
+
+
+@dataclass
+class ExperimentData:
+    """Everything the report shows, read once from the experiment folder."""
+
+    folder: Path
+    spec: dict[str, Any]
+    overrides: dict[str, Any]
+    record: dict[str, Any]
+    complete: bool
+    trials: pd.DataFrame  # one row per search trial (see `trial_rows`)
+    epochs: pd.DataFrame  # one row per reported epoch of a search trial: study, trial and Tune's result
+    final_trials: pd.DataFrame  # one row per final-stage run: study, trial, seed, state, hours, test_*
+    finals: list[FinalResult] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.spec["name"]
+
+    @property
+    def metric(self) -> str:
+        return self.spec["objective"]["metric"]
+
+    @property
+    def mode(self) -> str:
+        return self.spec["objective"]["mode"]
+
+    @property
+    def searched(self) -> list[str]:
+        """The searched fields (a command-line override fixes a field and takes it out of the space)."""
+        return [name for name in self.spec["space"] if name not in self.overrides]
+
+    @property
+    def studies(self) -> list[str]:
+        keys = list(self.trials.sort_values("_order")["study"].unique()) if not self.trials.empty else []
+        return keys + [f.key for f in self.finals if f.key not in keys]
+
+
+def study_folders(experiment: Path) -> list[Path]:
+    """The search's Tune experiments (one per study, or the grid); final stages are read separately."""
+    folders = {p.parent for p in experiment.glob("*/experiment_state-*.json")}
+    return sorted(f for f in folders if not f.name.endswith(FINAL_SUFFIX))
+
+
+def param_exists(spec: dict[str, Any], name: str, config: dict[str, Any]) -> bool:
+    """Whether a searched field exists for a trial: its `when` holds for the trial's configuration."""
+    when = spec["space"][name].get("when") or {}
+    return all(config.get(other) in allowed for other, allowed in when.items())
+
+
+def read_results(path: Path) -> pd.DataFrame:
+    """Tune's `result.json` (one JSON object per line); a line still being written is skipped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return pd.json_normalize(rows, sep="/") if rows else pd.DataFrame()
+
+
+def _clean(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+def _trials_of(folder: Path) -> list[tuple[Any, pd.DataFrame]]:
+    """Each trial Tune knows in this experiment folder, with its per-epoch results."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(folder))
+    frames = analysis.trial_dataframes
+    found = []
+    for trial in analysis.trials:
+        frame = frames.get(trial.trial_id, pd.DataFrame())
+        if frame.empty:  # no result yet, or Ray could not parse a file being written: read it leniently
+            frame = read_results(Path(trial.path) / "result.json")
+        if "training_iteration" in frame:
+            frame = frame.sort_values("training_iteration", kind="stable").reset_index(drop=True)
+        found.append((trial, frame))
+    return found
+
+
+def _last_result(trial: Any, frame: pd.DataFrame) -> dict[str, Any]:
+    return dict(trial.last_result or {}) or (_clean(frame.iloc[-1].to_dict()) if not frame.empty else {})
+
+
+def _state(trial: Any, frame: pd.DataFrame, epochs: int) -> str:
+    state = trial_state(trial.status, _last_result(trial, frame), trial.config.get("num_epochs"))
+    return "unfinished" if state in ("pending", "running") and epochs else state
+
+
+def _hours(frame: pd.DataFrame) -> float:
+    return float(frame["time_total_s"].max()) / 3600 if "time_total_s" in frame and len(frame) else 0.0
+
+
+def _start_end(frame: pd.DataFrame) -> tuple[float, float]:
+    """When the trial started (its first result's time less that epoch's duration) and last reported."""
+    if frame.empty or "timestamp" not in frame:
+        return math.nan, math.nan
+    first = frame.iloc[0]
+    return float(first["timestamp"] - first.get("time_this_iter_s", 0.0)), float(frame["timestamp"].max())
+
+
+def trial_rows(experiment: Path, spec: dict[str, Any], searched: list[str],
+               baselines: dict[str, dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Search trials, best first: study, baseline, trial, state, epochs, objective (best over its epochs),
+    best_epoch, hours, start, end, note, one column per searched field, _config, _order (creation order);
+    and every reported epoch (study, trial and Tune's result columns)."""
+    metric, mode = spec["objective"]["metric"], spec["objective"]["mode"]
+    rows, epochs = [], []
+    order = 0
+    for folder in study_folders(experiment):
+        for trial, frame in _trials_of(folder):
+            config = trial.config
+            key = (study_key({k: config.get(k) for k in spec["studies"]}) if folder.name == GRID_STUDY
+                   else folder.name)
+            scores = frame[metric].dropna() if metric in frame else pd.Series(dtype=float)
+            best = (scores.idxmax() if mode == "max" else scores.idxmin()) if len(scores) else None
+            baseline = baselines.get(key)
+            start, end = _start_end(frame)
+            epochs_run = int(frame["training_iteration"].max()) if "training_iteration" in frame else 0
+            rows.append({
+                "study": key,
+                "baseline": "yes" if baseline and all(config.get(k) == v for k, v in baseline.items()) else "",
+                "trial": trial.trial_id,
+                "state": _state(trial, frame, epochs_run),
+                "epochs": epochs_run,
+                "objective": float(scores[best]) if best is not None else math.nan,
+                "best_epoch": int(frame.loc[best, "training_iteration"]) if best is not None else 0,
+                "hours": _hours(frame),
+                "start": start,
+                "end": end,
+                "note": _trial_note(trial),
+                **{n: config.get(n) if param_exists(spec, n, config) else None for n in searched},
+                "_config": config,
+                "_order": order,
+            })
+            order += 1
+            if not frame.empty:
+                epochs.append(frame.assign(study=key, trial=trial.trial_id))
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table = table.sort_values("objective", ascending=(mode == "min"), na_position="last", kind="stable")
+        table = table.reset_index(drop=True)
+    return table, (pd.concat(epochs, ignore_index=True) if epochs else pd.DataFrame())
+
+
+def _trial_note(trial: Any) -> str:
+    """Why a trial ended early: its error's last line, or the diverged / out-of-memory message."""
+    error = (trial.last_result or {}).get("error")
+    name = trial.run_metadata.error_filename  # not `trial.error_file`: that one needs a running Ray
+    path = Path(trial.path) / name if name else None
+    if path is not None and path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        error = lines[-1] if lines else "error"
+    return str(error).replace("|", "/")[:160] if error else ""
+
+
+def final_rows(experiment: Path, keys: list[str]) -> pd.DataFrame:
+    """Every final-stage run: study, trial, seed, state, epochs, hours, start, end and its test metrics."""
+    rows = []
+    for key in keys:
+        folder = experiment / (key + FINAL_SUFFIX)
+        if not list(folder.glob("experiment_state-*.json")):
+            continue
+        for trial, frame in _trials_of(folder):
+            last = _clean(frame.iloc[-1].to_dict()) if not frame.empty else {}
+            start, end = _start_end(frame)
+            rows.append({
+                "study": key,
+                "trial": trial.trial_id,
+                "seed": trial.config.get("seed"),
+                "state": _state(trial, frame, int(last.get("training_iteration", 0))),
+                "epochs": int(last.get("training_iteration", 0)),
+                "hours": _hours(frame),
+                "start": start,
+                "end": end,
+                **{k: v for k, v in last.items() if k.startswith("test_")},
+            })
+    return pd.DataFrame(rows)
+
+
+def load_experiment(experiment: Path) -> ExperimentData:
+    """Read an experiment folder (finished, interrupted or running); FileNotFoundError when there is none."""
+    if not (experiment / SPEC_FILE).is_file():
+        raise FileNotFoundError(f"no experiment at {experiment} (missing {SPEC_FILE}); check --name and --storage")
+    saved = json.loads((experiment / SPEC_FILE).read_text())
+    spec, overrides = saved["spec"], saved["overrides"]
+    record_file = experiment / RECORD_FILE
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    searched = [n for n in spec["space"] if n not in overrides]
+    trials, epochs = trial_rows(experiment, spec, searched, record.get("baselines", {}))
+    selections = [json.loads(p.read_text()) for p in sorted(experiment.glob(f"*/{SELECTION_FILE}"))]
+    final_trials = final_rows(experiment, [s["key"] for s in selections])
+    finals = []
+    for selection in selections:
+        if selection.get("test_selected"):
+            runs = [dict(selection["test_selected"])]
+        else:
+            mine = final_trials[final_trials["study"] == selection["key"]] if not final_trials.empty else final_trials
+            runs = [r for r in map(_clean, mine.sort_values("seed").to_dict("records") if len(mine) else [])
+                    if any(k.startswith("test_") for k in r)]  # a run tested after its last epoch
+        finals.append(FinalResult(selection["key"], selection, runs))
+    return ExperimentData(experiment, spec, overrides, record, (experiment / COMPLETE_FILE).is_file(),
+                          trials, epochs, final_trials, finals)
+
