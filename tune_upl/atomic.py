@@ -8,6 +8,7 @@ written last, so a half-written folder is never taken for a complete one.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import uuid
@@ -15,6 +16,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from filelock import FileLock
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write JSON through a temporary sibling and a rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
 
 
 def build_once(

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from filelock import FileLock, Timeout
 
+from tune_upl.atomic import write_json
 from tune_upl.final import FINAL_SUFFIX, Selection, save_selection, select
 from tune_upl.search import (
     GRID_STUDY,
@@ -59,12 +60,6 @@ class Options:
     allow_cpu: bool = False  # a spec that asks for GPUs runs on CPUs when the cluster has none
     loggers: tuple[str, ...] = ()  # mlflow, wandb: Ray Tune's logger callbacks
     callbacks: tuple[Any, ...] = ()  # more Ray Tune callbacks, for programs that embed the search
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
 
 
 def load_saved_spec(experiment: Path) -> tuple[SearchSpec, dict[str, Any]]:
@@ -109,7 +104,7 @@ def open_experiment(spec: SearchSpec, overrides: dict[str, Any], options: Option
         )
     experiment.mkdir(parents=True, exist_ok=True)
     if not (experiment / SPEC_FILE).is_file():
-        _write_json(experiment / SPEC_FILE, {"spec": spec.model_dump(mode="json"), "overrides": overrides})
+        write_json(experiment / SPEC_FILE, {"spec": spec.model_dump(mode="json"), "overrides": overrides})
     return experiment, False
 
 
@@ -170,7 +165,7 @@ def write_record(experiment: Path, studies: list[Study], spec: SearchSpec) -> No
     import torch
 
     baselines = {s.key: baseline_point(s.space, s.base) for s in studies} if spec.baseline else {}
-    _write_json(experiment / RECORD_FILE, {
+    write_json(experiment / RECORD_FILE, {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "git_commit": _git_commit(),
         "packages": _versions(),

@@ -13,10 +13,11 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ray import tune
 
+from tune_upl.atomic import write_json
 from tune_upl.spec import SearchSpec
 
 SELECTION_FILE = "selection.json"
@@ -66,14 +67,12 @@ def select(spec: SearchSpec, results: tune.ResultGrid, key: str, group: dict[str
 
 def save_selection(selection: Selection, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (SELECTION_FILE + ".tmp")
-    tmp.write_text(json.dumps(asdict(selection), indent=2, default=str))
-    tmp.replace(folder / SELECTION_FILE)
+    write_json(folder / SELECTION_FILE, asdict(selection))
 
 
-def load_selection(folder: Path) -> Optional[Selection]:
-    path = folder / SELECTION_FILE
-    return Selection(**json.loads(path.read_text())) if path.is_file() else None
+def load_selections(experiment: Path) -> list[dict[str, Any]]:
+    """Every study's selection record in an experiment folder (studies not yet selected have none)."""
+    return [json.loads(p.read_text()) for p in sorted(experiment.glob(f"*/{SELECTION_FILE}"))]
 
 
 def final_seeds(spec: SearchSpec, selection: Selection) -> list[int]:

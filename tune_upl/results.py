@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from tune_upl.experiment import COMPLETE_FILE, RECORD_FILE, SPEC_FILE
-from tune_upl.final import FINAL_SUFFIX, SELECTION_FILE
+from tune_upl.final import FINAL_SUFFIX, load_selections
 from tune_upl.search import GRID_STUDY, study_key, trial_state
 
 # the order states are listed in; "stopped early" is ASHA's doing; "unfinished": started and not ended, running
@@ -233,7 +233,7 @@ def load_experiment(experiment: Path) -> ExperimentData:
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     searched = [n for n in spec["space"] if n not in overrides]
     trials, epochs = trial_rows(experiment, spec, searched, record.get("baselines", {}))
-    selections = [json.loads(p.read_text()) for p in sorted(experiment.glob(f"*/{SELECTION_FILE}"))]
+    selections = load_selections(experiment)
     final_trials = final_rows(experiment, [s["key"] for s in selections])
     finals = []
     for selection in selections:

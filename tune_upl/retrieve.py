@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from tune_upl.experiment import ExperimentError
-from tune_upl.final import FINAL_SUFFIX, SELECTION_FILE
+from tune_upl.final import FINAL_SUFFIX, load_selections
 from tune_upl.trainable import CHECKPOINT_FILE, EMBEDDINGS_FILE
 
 GREEN, RED, GREY = (0, 255, 0), (255, 0, 0), (128, 128, 128)
@@ -61,7 +61,7 @@ def selections(experiment: Path) -> list[dict[str, Any]]:
         known = sorted(p.parent.name for p in experiment.parent.glob("*/search_spec.json"))
         raise FileNotFoundError(f"no experiment {experiment.name!r} in {experiment.parent}; "
                                 f"allowed: {', '.join(known) or 'none yet'}")
-    return [json.loads(p.read_text()) for p in sorted(experiment.glob(f"*/{SELECTION_FILE}"))]
+    return load_selections(experiment)
 
 
 def pick_selection(experiment: Path, study: Optional[str] = None) -> dict[str, Any]:
