@@ -65,6 +65,28 @@ def test_unknown_suite_is_refused():
 @pytest.mark.slow
 def test_overhead_suite(tmp_path, cache_dir, synthetic_root):
     (result,) = bench.run(["--suite", "overhead", "--quick", "--out", str(tmp_path / "o.md"), "--cache_dir", cache_dir])
-    tuned, fixed = result.rows
-    assert tuned.value > 0 and tuned.baseline_value > 0
-    assert "errors: 0" in fixed.note
+    tuned, fixed, tuned_reused, fixed_reused = result.rows
+    assert tuned.value > 0 and tuned.baseline_value > 0 and tuned_reused.value > 0
+    assert "errors: 0" in fixed_reused.note
+    assert fixed_reused.value < fixed.value  # a reused worker process skips the start-up (~4 s a trial here)
+
+
+def test_search_suite_replays_the_committed_grid(tmp_path):
+    """Real Tune + Optuna TPE + ASHA searches against the committed grid: every trial replays a recorded
+    curve, ASHA stops some, and the epochs spent are counted until the grid's best is (nearly) reached."""
+    curves = bench.load_grid(bench.Path(bench.SEARCH_CSV))
+    assert len(curves) == 24 and all(len(c) == bench.SEARCH_EPOCHS for c in curves.values())
+    (result,) = bench.run(["--suite", "search", "--quick", "--out", str(tmp_path / "s.md")])
+    spent, best = result.details["spent"], result.details["best"]
+    assert best == max(max(c) for c in curves.values())
+    assert len(spent) == 2 and all(s is None or 1 <= s <= 24 * bench.SEARCH_EPOCHS for s in spent)
+    assert all(r <= best for r in result.details["reached"])
+    epochs_per_search = result.details["epochs"]
+    assert all(e < 24 * bench.SEARCH_EPOCHS for e in epochs_per_search)  # ASHA stopped trials early
+    searched, shuffled, gap = result.rows
+    assert searched.baseline_value == 144 and 0 < shuffled.value <= 144 and gap.value > 0.05
+
+
+def test_epochs_to_reach_counts_in_trial_order():
+    assert bench.epochs_to_reach([[0.1, 0.2], [0.5], [0.9, 0.95]], 0.9) == 4
+    assert bench.epochs_to_reach([[0.1, 0.2], [0.5]], 0.9) is None

@@ -255,3 +255,20 @@ def test_recall_helper_detects_a_leak():
     ys = np.repeat(np.arange(5), 4)
     feats = np.eye(5)[ys] + 0.01 * np.random.default_rng(0).random((20, 5))
     assert _recall_at_1(feats, ys) == 1.0
+
+
+def test_the_large_table_adds_a_tail_colour_and_keeps_the_48_class_images():
+    """The search benchmark's 144 classes (a fourth field mark) leave the 48-class `synthetic` set as it was:
+    a change of its pixels must bump SYNTHETIC_VERSION (the cache folder name carries it)."""
+    import hashlib
+
+    large = sy.class_table(sy.LARGE_ATTRIBUTES)
+    train = [c for c in large if c.is_train]
+    assert len(large) == 144 and len(train) == 72 and [c.class_id for c in large] == list(range(1, 145))
+    assert large[0].dirname.count("_") == 3 and set(large[0].attrs) == {"h", "w", "p", "t"}
+    assert {c.values[3] for c in train} == {c.values[3] for c in large if not c.is_train} == {0, 1, 2}
+    image, _ = sy.render_image((1, 2, 3), sy._image_rng(0, 5, 1))
+    assert sy.SYNTHETIC_VERSION == 2
+    assert hashlib.sha256(np.asarray(image).tobytes()).hexdigest()[:16] == "ebfd4ba56164c334"
+    tails = [np.asarray(sy.render_image((1, 2, 3, t), sy._image_rng(0, 5, 1))[0]) for t in range(3)]
+    assert not np.array_equal(tails[0], tails[1]) and not np.array_equal(tails[1], tails[2])

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from tune_upl.config import FIELD_DEFAULTS, FIELD_HELP, FIELD_NAMES, ConfigError, make_config, validate_field
 
@@ -108,7 +108,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 
 
-def search_spec(args: argparse.Namespace, storage: Path) -> tuple[Any, dict[str, Any]]:
+def storage_location(args: argparse.Namespace) -> tuple[Path, Optional[str]]:
+    """`--storage`: a local (or shared) folder, made absolute; or a URI (s3://, gs://, ...), returned beside the
+    local mirror folder of the driver's files (under cache_dir)."""
+    from tune_upl.storage import is_uri, mirror_root
+
+    if is_uri(args.storage):
+        return mirror_root(args.storage, resolve_paths(config_overrides(args))["cache_dir"]), args.storage
+    return Path(args.storage).expanduser().resolve(), None
+
+
+def pulled_experiment(args: argparse.Namespace) -> Path:
+    """The experiment folder a report reads: the local one, or a copy pulled from the URI (without the
+    search's checkpoints) into the mirror's `pulled/` folder, apart from a running driver's files."""
+    from tune_upl.experiment import ExperimentError
+    from tune_upl.storage import Remote, report_file
+
+    local, remote = storage_location(args)
+    if remote is None:
+        return local / args.name
+    experiment = local / "pulled" / args.name
+    if not Remote(remote).pull(args.name, experiment, report_file):
+        raise ExperimentError(f"no experiment {args.name!r} in {remote}")
+    return experiment
+
+
+def search_spec(args: argparse.Namespace, storage: Path, remote: Optional[str] = None) -> tuple[Any, dict[str, Any]]:
     """The spec and overrides: from the file and command line, or from the experiment's record (--resume)."""
     from tune_upl.experiment import ExperimentError, resolve_resume
     from tune_upl.spec import load_spec, parse_spec
@@ -118,7 +143,7 @@ def search_spec(args: argparse.Namespace, storage: Path) -> tuple[Any, dict[str,
             raise ExperimentError("--resume reads the spec from the experiment's record; drop --space")
         if args.name is None:
             raise ExperimentError("--resume needs --name NAME of the experiment to continue")
-        return resolve_resume(args.name, storage)
+        return resolve_resume(args.name, storage, remote)
     path = args.space or str(DEFAULT_SPEC)
     spec = load_spec(path)
     updates = {k: v for k, v in (("name", args.name), ("num_samples", args.num_samples),
@@ -148,17 +173,20 @@ def cmd_search(args: argparse.Namespace) -> int:
     from tune_upl.report import write_report
     from tune_upl.search import plan_studies
 
-    storage = Path(args.storage).expanduser().resolve()
-    spec, overrides = search_spec(args, storage)
+    storage, remote = storage_location(args)
+    spec, overrides = search_spec(args, storage, remote)
     if args.dry_run:
         print(describe(spec, plan_studies(spec, overrides)))
         return 0
-    options = Options(storage=storage, verbose=args.verbose, address=args.address, resume=args.resume,
-                      overwrite=args.overwrite, autoscaling=args.autoscaling, allow_cpu=args.allow_cpu,
-                      loggers=tuple(args.logger))
+    options = Options(storage=storage, remote=remote, verbose=args.verbose, address=args.address,
+                      resume=args.resume, overwrite=args.overwrite, autoscaling=args.autoscaling,
+                      allow_cpu=args.allow_cpu, loggers=tuple(args.logger))
     start = time.perf_counter()
     experiment = run_search(spec, overrides, options)
-    report = write_report(experiment, Path(args.reports_dir).expanduser().resolve())
+    if remote:
+        args.name = spec.name
+        experiment = pulled_experiment(args)
+    report = write_report(experiment, Path(args.reports_dir).expanduser().resolve(), remote)
     print(f"search {spec.name} done in {time.perf_counter() - start:.0f} s; report: {report}")
     return 0
 
@@ -176,8 +204,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from tune_upl.report import write_report
 
-    experiment = Path(args.storage).expanduser().resolve() / args.name
-    print(write_report(experiment, Path(args.reports_dir).expanduser().resolve()))
+    remote = storage_location(args)[1]
+    print(write_report(pulled_experiment(args), Path(args.reports_dir).expanduser().resolve(), remote))
     return 0
 
 
@@ -185,7 +213,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     """The query and its top-k test images, framed green (same class) or red, and one grid (the seed's test.py)."""
     from tune_upl.retrieve import retrieve
 
-    experiment = Path(args.storage).expanduser().resolve() / args.name
+    experiment = pulled_experiment(args)
     output = Path(args.output or Path(args.reports_dir) / args.name / "retrieval").expanduser().resolve()
     found = retrieve(experiment, args.query_img_name, args.retrieval_num, output, args.study)
     correct = sum(bool(hit.correct) for hit in found.hits)
@@ -224,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the Ray cluster grows on demand: skip the check that one node can hold a trial")
     add_option(search, "allow_cpu", action="store_true",
                help="a spec that asks for GPUs runs on CPUs when the cluster has none")
-    add_option(search, "storage", default="runs", help="experiment folder root, made absolute [default: runs]")
+    add_option(search, "storage", default="runs",
+               help="experiment folder root, made absolute, shared by every node of a cluster; or a URI "
+                    "(s3://bucket/runs, gs://bucket/runs) [default: runs]")
     add_option(search, "reports_dir", default="reports", help="where the markdown report goes [default: reports]")
     add_option(search, "address", default=None,
                help="Ray cluster to join, e.g. auto (or set RAY_ADDRESS) [default: start a local Ray]")
@@ -233,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.set_defaults(handler=cmd_search)
     report = commands.add_parser("report", help="(re)write the markdown report of an experiment")
     add_option(report, "name", default="demo", help="experiment name [default: demo]")
-    add_option(report, "storage", default="runs", help="experiment folder root [default: runs]")
+    add_option(report, "storage", default="runs", help="experiment folder root or URI [default: runs]")
     add_option(report, "reports_dir", default="reports", help="where the report goes [default: reports]")
+    add_config_options(report, ("cache_dir",), "where a URI's experiment is copied to (its mirror)")
     report.set_defaults(handler=cmd_report)
     retrieve = commands.add_parser("retrieve", help="a query image and its top-k test images (the seed's test.py)")
     add_option(retrieve, "name", default="demo", help="experiment name [default: demo]")
@@ -242,10 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
                help="a test image (its path, or a unique end of it) or any image file, embedded by the model")
     add_option(retrieve, "retrieval_num", type=int, default=8, help="how many images to retrieve [default: 8]")
     add_option(retrieve, "study", default=None, help="the study whose selected model to use [default: the first]")
-    add_option(retrieve, "storage", default="runs", help="experiment folder root [default: runs]")
+    add_option(retrieve, "storage", default="runs", help="experiment folder root or URI [default: runs]")
     add_option(retrieve, "reports_dir", default="reports", help="reports folder [default: reports]")
     add_option(retrieve, "output", default=None,
                help="where the pictures go, in a folder named after the query [default: REPORTS_DIR/NAME/retrieval]")
+    add_config_options(retrieve, ("cache_dir",), "where a URI's experiment is copied to (its mirror)")
     retrieve.set_defaults(handler=cmd_retrieve)
     train = commands.add_parser("train", help="train one configuration and report Recall@K")
     add_config_options(train)
@@ -266,13 +298,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     from tune_upl.data import DatasetError, SplitAccessError
+    from tune_upl.storage import StorageError
     from tune_upl.engine import DivergedError, OutOfMemory
     from tune_upl.experiment import ExperimentError
     from tune_upl.spec import SpecError
 
     try:
         return handler(args)
-    except (ConfigError, SpecError, DatasetError, SplitAccessError, ExperimentError, FileNotFoundError) as error:
+    except (ConfigError, SpecError, DatasetError, SplitAccessError, ExperimentError, StorageError,
+            FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (DivergedError, OutOfMemory) as error:

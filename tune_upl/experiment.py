@@ -4,12 +4,15 @@ the order of work (search each study, select on the objective, final stage, mark
 Layout under `<storage>/<name>/`: `search_spec.json` (the resolved spec and overrides: a resume reads
 it), `record.json` (code version, packages, hardware, class lists), one Tune experiment per study
 (`<study>/`, or `grid/`), each with `selection.json` beside it, one Tune experiment per final stage
-(`<study>.final/`), and `COMPLETE` once everything has run.
+(`<study>.final/`), and `COMPLETE` once everything has run. With `--storage` a URI (s3://, gs://), Tune's
+folders are written there and the driver's files to a local mirror, each pushed to the URI when written
+(`tune_upl.storage`).
 """
 from __future__ import annotations
 
 import json
 import platform
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -20,9 +23,10 @@ from typing import Any, Optional
 from filelock import FileLock, Timeout
 
 from tune_upl.atomic import write_json
-from tune_upl.final import FINAL_SUFFIX, Selection, save_selection, select
+from tune_upl.final import FINAL_SUFFIX, SELECTION_FILE, Selection, save_selection, select
 from tune_upl.search import (
     GRID_STUDY,
+    OPTUNA_FILE,
     Study,
     baseline_point,
     check_resources,
@@ -36,6 +40,7 @@ from tune_upl.search import (
     study_key,
 )
 from tune_upl.spec import SearchSpec, parse_spec
+from tune_upl.storage import Remote, driver_file
 
 SPEC_FILE = "search_spec.json"
 RECORD_FILE = "record.json"
@@ -51,7 +56,8 @@ class ExperimentError(ValueError):
 class Options:
     """How to run: where, how loud, and what to do with an existing experiment or a small cluster."""
 
-    storage: Path
+    storage: Path  # the local root: the experiments themselves, or (with `remote`) the driver's mirror of them
+    remote: Optional[str] = None  # a URI (s3://bucket/runs, gs://...) where Tune writes the experiments
     verbose: bool = False
     address: Optional[str] = None
     resume: bool = False
@@ -86,11 +92,24 @@ def describe(spec: SearchSpec, studies: list[Study]) -> str:
     return "\n".join(lines)
 
 
+def _publish(options: Options, experiment: Path, *relative: str) -> None:
+    """Push driver files of the local folder to the remote storage (nothing to do for a local one)."""
+    if options.remote:
+        for name in relative:
+            if (experiment / name).is_file():
+                Remote(options.remote).push(experiment, name)
+
+
 def open_experiment(spec: SearchSpec, overrides: dict[str, Any], options: Options) -> tuple[Path, bool]:
     """Create the experiment folder, or accept the existing one; returns (folder, already complete)."""
     experiment = options.storage / spec.name
     exists = experiment.exists() and any(experiment.iterdir())
     if exists and options.overwrite:
+        if options.remote:
+            raise ExperimentError(
+                f"--overwrite: experiment {spec.name} is in {options.remote}, where moving a folder aside means "
+                "copying every object; choose another --name, or delete it with your storage's own tools"
+            )
         kept = experiment.with_name(f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         experiment.rename(kept)
         print(f"the earlier experiment {spec.name} was moved to {kept} (nothing is deleted)", flush=True)
@@ -99,20 +118,34 @@ def open_experiment(spec: SearchSpec, overrides: dict[str, Any], options: Option
         if (experiment / COMPLETE_FILE).is_file():
             return experiment, True
         raise ExperimentError(
-            f"experiment {spec.name} in {options.storage} is unfinished: add --resume to continue it, "
-            "or --overwrite to start again (the old folder is kept)"
+            f"experiment {spec.name} in {options.remote or options.storage} is unfinished: add --resume to "
+            "continue it, or --overwrite to start again (the old folder is kept)"
         )
     experiment.mkdir(parents=True, exist_ok=True)
     if not (experiment / SPEC_FILE).is_file():
         write_json(experiment / SPEC_FILE, {"spec": spec.model_dump(mode="json"), "overrides": overrides})
+        _publish(options, experiment, SPEC_FILE)
     return experiment, False
 
 
-def resolve_resume(name: str, storage: Path) -> tuple[SearchSpec, dict[str, Any]]:
+def sync_down(remote: Remote, experiment: Path) -> None:
+    """Start the local mirror from the remote copy on a machine that has none. On the machine that ran the
+    driver the mirror is the newest copy (the Optuna database is pushed after each study only), so it is
+    kept; a mirror of an experiment no longer at the URI is removed."""
+    if not remote.exists(experiment.name):
+        shutil.rmtree(experiment, ignore_errors=True)
+    elif not (experiment / SPEC_FILE).is_file():
+        remote.pull(experiment.name, experiment, driver_file)
+
+
+def resolve_resume(name: str, storage: Path, remote: Optional[str] = None) -> tuple[SearchSpec, dict[str, Any]]:
     experiment = storage / name
+    if remote:
+        sync_down(Remote(remote), experiment)
     if not (experiment / SPEC_FILE).is_file():
         known = sorted(p.parent.name for p in storage.glob(f"*/{SPEC_FILE}")) if storage.is_dir() else []
-        raise ExperimentError(f"no experiment {name!r} to resume in {storage}; allowed: {', '.join(known) or 'none yet'}")
+        where = remote or storage
+        raise ExperimentError(f"no experiment {name!r} to resume in {where}; allowed: {', '.join(known) or 'none found'}")
     return load_saved_spec(experiment)
 
 
@@ -180,18 +213,26 @@ def write_record(experiment: Path, studies: list[Study], spec: SearchSpec) -> No
     })
 
 
+def _tune_root(options: Options, experiment: Path) -> Optional[str]:
+    return Remote(options.remote).experiment_uri(experiment.name) if options.remote else None
+
+
 def _select_all(spec: SearchSpec, studies: list[Study], experiment: Path, options: Options,
                 callbacks: tuple[Any, ...]) -> list[Selection]:
     """Run every study's search (resuming where a folder holds one) and select on the objective."""
+    root = _tune_root(options, experiment)
     if spec.searcher.type == "grid":
         grid = Study(GRID_STUDY, {}, studies[0].base, studies[0].space)
-        results = run_study(spec, grid, experiment, options.verbose, callbacks)
+        results = run_study(spec, grid, experiment, options.verbose, callbacks, tune_root=root)
         return [select(spec, results, study_key(point), point) for point in spec.study_points()]
     selections = []
     for index, study in enumerate(studies, 1):
         print(f"study {index}/{len(studies)} {study.key}: {spec.num_samples} trials, {spec.searcher.type} + "
               f"{spec.scheduler.type}, objective {spec.objective.metric} ({spec.objective.mode})", flush=True)
-        results = run_study(spec, study, experiment, options.verbose, callbacks)
+        try:
+            results = run_study(spec, study, experiment, options.verbose, callbacks, tune_root=root)
+        finally:
+            _publish(options, experiment, OPTUNA_FILE)
         selections.append(select(spec, results, study.key, {}))
     return selections
 
@@ -202,6 +243,9 @@ def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options) ->
     callbacks = (*logger_callbacks(options.loggers, spec.name), *options.callbacks)
     lock = driver_lock(options.storage, spec.name)
     try:
+        if options.remote:
+            Remote(options.remote).check()
+            sync_down(Remote(options.remote), options.storage / spec.name)
         experiment, complete = open_experiment(spec, overrides, options)
         if complete:
             print(f"experiment {spec.name} is complete already (in {experiment}); "
@@ -212,15 +256,19 @@ def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options) ->
         spec = check_resources(spec, autoscaling=options.autoscaling, allow_cpu=options.allow_cpu)
         studies = plan_studies(spec, overrides)
         write_record(experiment, studies, spec)
+        _publish(options, experiment, RECORD_FILE)
         for selection in _select_all(spec, studies, experiment, options, callbacks):
             save_selection(selection, experiment / selection.key)
+            _publish(options, experiment, f"{selection.key}/{SELECTION_FILE}")
             print(f"selected trial {selection.trial_id} of {selection.key} (epoch {selection.epoch}, "
                   f"{spec.objective.metric} {selection.objective[spec.objective.metric]:.4f})", flush=True)
             if spec.protocol == "val":
                 print(f"final stage {selection.key}{FINAL_SUFFIX}: {spec.final_seeds} seeds on all training "
                       "classes, each tested once after its last epoch", flush=True)
-                run_final(spec, selection, experiment, options.verbose, callbacks)
+                run_final(spec, selection, experiment, options.verbose, callbacks,
+                          tune_root=_tune_root(options, experiment))
         (experiment / COMPLETE_FILE).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        _publish(options, experiment, COMPLETE_FILE)
         return experiment
     finally:
         lock.release()

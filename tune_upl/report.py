@@ -23,6 +23,7 @@ from tune_upl.experiment import ExperimentError
 from tune_upl.importance import MEANINGFUL_TRIALS, MIN_TOP_TRIALS, TARGET_QUANTILE, Importance, importances
 from tune_upl.references import References, load_references
 from tune_upl.results import STATES, ExperimentData, FinalResult, load_experiment
+from tune_upl.storage import is_uri
 
 BACKBONE_NAMES = {"resnet50": "ResNet50", "inception": "Inception", "googlenet": "GoogLeNet", "tiny": "Tiny",
                   "resnet18": "ResNet18"}
@@ -458,21 +459,24 @@ def references_section(refs: References) -> list[str]:
 
 
 # ---------------------------------------------------------------- the whole report
-def _header(data: ExperimentData) -> list[str]:
+def _header(data: ExperimentData, storage: Optional[str] = None) -> list[str]:
     spec, overrides = data.spec, data.overrides
     paths = ("data_path", "cache_dir", "pretrained")  # resolved on the driver; shown when the spec set them
     fixed = {**spec["fixed"], **{k: v for k, v in overrides.items() if k not in paths or k in spec["fixed"]}}
     counts = {k: v for k, v in _state_counts(data.trials).items() if v}
     open_trials = sum(counts.get(s, 0) for s in ("unfinished", "running", "pending", "paused"))
+    storage = storage or _shown_path(data.folder.parent)
+    where = f"{storage}/{data.name}" if is_uri(storage) else _shown_path(data.folder)
+    option = "" if storage == "runs" else f" --storage {storage}"
     status = ("complete" if data.complete else
               f"unfinished: interrupted or still running ({open_trials} unfinished or pending "
               f"trial{'' if open_trials == 1 else 's'} in Tune's last saved state; continue with "
-              f"`python run_search.py search --resume --name {data.name}`)")
+              f"`python run_search.py search --resume --name {data.name}{option}`)")
     return [
         f"# Search `{data.name}`",
         "",
-        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{_shown_path(data.folder)}`; regenerate with "
-        f"`python run_search.py report --name {data.name}`.",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{where}`; regenerate with "
+        f"`python run_search.py report --name {data.name}{option}`.",
         "",
         f"- status: {status}",
         f"- searcher: {spec['searcher']['type']} (seed {spec['searcher']['seed']}), scheduler: "
@@ -485,8 +489,9 @@ def _header(data: ExperimentData) -> list[str]:
     ]
 
 
-def render(data: ExperimentData, folder: Path) -> str:
-    """The markdown; figures go into `folder` (linked by its name, beside the markdown file)."""
+def render(data: ExperimentData, folder: Path, storage: Optional[str] = None) -> str:
+    """The markdown; figures go into `folder` (linked by its name, beside the markdown file). `storage`: the
+    URI the experiment was pulled from, if it was."""
     refs = load_references()
     figures = Figures(folder, folder.name)
     if not data.trials.empty:
@@ -495,7 +500,7 @@ def render(data: ExperimentData, folder: Path) -> str:
 
     groups = {k: {loss: _values(f, "test_recall@1") for loss, f in v.items()} for k, v in loss_groups(data).items()}
     loss_figure = figures.draw("loss_comparison.png", lambda p: draw.loss_comparison(groups, p, "test R@1"))
-    lines = _header(data)
+    lines = _header(data, storage)
     lines += ["## Benchmark (test classes)", "", *benchmark_tables(data, refs)]
     lines += ["## Loss comparison", "", *loss_comparison(data, loss_figure)]
     lines += ["## Search summary", "", *search_summary(data)]
@@ -512,14 +517,14 @@ def render(data: ExperimentData, folder: Path) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def write_report(experiment: Path, reports_dir: Path) -> Path:
+def write_report(experiment: Path, reports_dir: Path, storage: Optional[str] = None) -> Path:
     """Write `<reports_dir>/<name>.md` and its figures in `<reports_dir>/<name>/` (figures first, then the
-    markdown through a temporary file and a rename)."""
+    markdown through a temporary file and a rename). `storage`: the URI `experiment` was pulled from."""
     data = load_experiment(experiment)
     folder = reports_dir / experiment.name
     folder.mkdir(parents=True, exist_ok=True)
     target = reports_dir / f"{experiment.name}.md"
     tmp = target.with_suffix(".md.tmp")
-    tmp.write_text(render(data, folder))
+    tmp.write_text(render(data, folder, storage))
     tmp.replace(target)
     return target

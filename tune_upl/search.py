@@ -26,6 +26,7 @@ from tune_upl.final import FINAL_SUFFIX, Selection, final_param_space, final_see
 from tune_upl.spec import Param, SearchSpec, SpecError
 
 GRID_STUDY = "grid"
+OPTUNA_FILE = "optuna.db"  # each TPE study's Optuna storage, in the experiment's local folder
 
 
 @dataclass(frozen=True)
@@ -304,11 +305,11 @@ def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def _run_config(spec: SearchSpec, name: str, storage: Path, verbose: bool, callbacks: list[tune.Callback],
+def _run_config(spec: SearchSpec, name: str, storage: str, verbose: bool, callbacks: list[tune.Callback],
                 checkpoints: tune.CheckpointConfig) -> tune.RunConfig:
     return tune.RunConfig(
         name=name,
-        storage_path=str(storage),
+        storage_path=storage,
         verbose=2 if verbose else 0,
         callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
@@ -326,19 +327,19 @@ class Interrupted(KeyboardInterrupt):
     """Tune stopped before every trial ended (SIGINT, SIGUSR1): its state is saved, so resume it."""
 
 
-def _fit(spec: SearchSpec, folder: Path, new_tuner: Any, expected: int) -> tune.ResultGrid:
+def _fit(spec: SearchSpec, folder: str, new_tuner: Any, expected: int) -> tune.ResultGrid:
     """Continue the Tune experiment in `folder` when there is one (its searcher state included, errored
     trials resumed from their last checkpoint), else start `new_tuner()`. A restored ASHA starts with
     empty rungs (Ray pickles the scheduler as it was when the search began).
 
     Raises `Interrupted` when Tune returns early, so nothing is selected from a partial search."""
-    if tune.Tuner.can_restore(str(folder)):
-        results = tune.Tuner.restore(str(folder), _trainable(spec), resume_errored=True).fit()
+    if tune.Tuner.can_restore(folder):
+        results = tune.Tuner.restore(folder, _trainable(spec), resume_errored=True).fit()
     else:
         results = new_tuner().fit()
     ended = results.num_terminated + results.num_errors
     if len(results) < expected or ended < len(results):
-        raise Interrupted(f"{folder.name}: {ended} of {expected} trials ended before Tune stopped")
+        raise Interrupted(f"{folder.rsplit('/', 1)[-1]}: {ended} of {expected} trials ended before Tune stopped")
     return results
 
 
@@ -363,8 +364,12 @@ def logger_callbacks(names: tuple[str, ...], experiment_name: str) -> list[tune.
 
 
 def run_study(spec: SearchSpec, study: Study, storage: Path, verbose: bool,
-              callbacks: tuple[tune.Callback, ...] = ()) -> tune.ResultGrid:
-    """The search of one study (or the whole grid), resumed where its folder already holds one."""
+              callbacks: tuple[tune.Callback, ...] = (), tune_root: Optional[str] = None) -> tune.ResultGrid:
+    """The search of one study (or the whole grid), resumed where its folder already holds one.
+
+    `storage` is the experiment's local folder (the Optuna database lives there); Tune's folders go under
+    `tune_root` (a URI) when given, else under `storage`."""
+    root = tune_root or str(storage)
     grid = spec.searcher.type == "grid"
     if grid:
         # every point names every grid field (a parameter whose `when` fails takes its default), so Tune's
@@ -379,7 +384,7 @@ def run_study(spec: SearchSpec, study: Study, storage: Path, verbose: bool,
         num_samples = len(points) * spec.num_samples
     else:
         param_space, num_samples = {}, spec.num_samples
-        searcher = make_searcher(spec, study, storage / "optuna.db")
+        searcher = make_searcher(spec, study, storage / OPTUNA_FILE)
     metric = spec.objective.metric
 
     def new_tuner() -> tune.Tuner:
@@ -392,10 +397,11 @@ def run_study(spec: SearchSpec, study: Study, storage: Path, verbose: bool,
                 num_samples=num_samples,
                 # a Searcher takes Tune's limit; the grid's generator holds its own (max_concurrent above)
                 max_concurrent_trials=None if grid else spec.max_concurrent,
+                reuse_actors=spec.reuse_actors,
                 trial_dirname_creator=_trial_dirname,
             ),
             run_config=_run_config(
-                spec, study.key, storage, verbose, [TrialLines(spec, study, num_samples), *callbacks],
+                spec, study.key, root, verbose, [TrialLines(spec, study, num_samples), *callbacks],
                 tune.CheckpointConfig(
                     num_to_keep=spec.checkpoints_to_keep,  # the best by the objective; Ray keeps the latest too
                     checkpoint_score_attribute=metric,
@@ -404,16 +410,17 @@ def run_study(spec: SearchSpec, study: Study, storage: Path, verbose: bool,
             ),
         )
 
-    return _fit(spec, storage / study.key, new_tuner, num_samples)
+    return _fit(spec, f"{root}/{study.key}", new_tuner, num_samples)
 
 
 def run_final(spec: SearchSpec, selection: Selection, storage: Path, verbose: bool,
-              callbacks: tuple[tune.Callback, ...] = ()) -> tune.ResultGrid:
+              callbacks: tuple[tune.Callback, ...] = (), tune_root: Optional[str] = None) -> tune.ResultGrid:
     """Retrain the selection from scratch with `final_seeds` seeds on all training classes; each run is
     tested once after its last epoch. Its own Tune experiment, `<key>.final`, resumable like the search."""
     seeds = final_seeds(spec, selection)
     name = selection.key + FINAL_SUFFIX
     lines = TrialLines(spec, Study(name, {}, {}, {}), len(seeds), metric="test_recall@1", names=["seed"])
+    root = tune_root or str(storage)
 
     def new_tuner() -> tune.Tuner:
         return tune.Tuner(
@@ -422,13 +429,14 @@ def run_final(spec: SearchSpec, selection: Selection, storage: Path, verbose: bo
             tune_config=tune.TuneConfig(
                 search_alg=tune.search.BasicVariantGenerator(max_concurrent=spec.max_concurrent),
                 num_samples=1,  # the grid over seeds is the whole stage
+                reuse_actors=spec.reuse_actors,
                 trial_dirname_creator=_trial_dirname,
             ),
-            run_config=_run_config(spec, name, storage, verbose, [lines, *callbacks],
+            run_config=_run_config(spec, name, root, verbose, [lines, *callbacks],
                                    tune.CheckpointConfig(num_to_keep=1)),  # the final model
         )
 
-    return _fit(spec, storage / name, new_tuner, len(seeds))
+    return _fit(spec, f"{root}/{name}", new_tuner, len(seeds))
 
 
 def _trial_dirname(trial: Any) -> str:

@@ -115,6 +115,7 @@ class SearchSpec(_Strict):
     max_failures: Annotated[int, Field(ge=0)] = 1
     checkpoints_to_keep: Annotated[int, Field(ge=1)] = 1  # best by the objective, per trial (plus the latest)
     baseline: bool = True
+    reuse_actors: bool = True  # a trial reuses the finished one's worker process (saves ~4 s a trial)
     studies: dict[str, list[Any]] = {}
     fixed: dict[str, Any] = {}
     space: dict[str, Param] = {}

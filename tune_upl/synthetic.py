@@ -54,6 +54,8 @@ __all__ = [
     "HEAD_COLOURS",
     "PATTERNS",
     "ATTRIBUTES",
+    "LARGE_ATTRIBUTES",
+    "TAIL_COLOURS",
     "Attribute",
     "Nuisance",
     "NUISANCE",
@@ -97,6 +99,15 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("w", "wing pattern", PATTERNS),
     Attribute("p", "breast pattern", PATTERNS),
 )
+# A fourth field mark for larger sets (the search benchmark's 144 classes); the 48-class `synthetic`
+# dataset does not use it, and its images are unchanged by it.
+TAIL_COLOURS: dict[str, tuple[int, int, int]] = {
+    "black": (25, 25, 30),
+    "white": (235, 235, 225),
+    "rufous": (185, 85, 30),
+}
+TAIL = Attribute("t", "tail colour", tuple(TAIL_COLOURS))
+LARGE_ATTRIBUTES: tuple[Attribute, ...] = ATTRIBUTES + (TAIL,)
 
 
 @dataclass(frozen=True)
@@ -130,17 +141,17 @@ NUISANCE = Nuisance()
 @dataclass(frozen=True)
 class SynthClass:
     class_id: int  # 1-based, CUB style
-    values: tuple[int, ...]  # one value index per entry of ``ATTRIBUTES``
+    values: tuple[int, ...]  # one value index per entry of ``ATTRIBUTES`` (or ``LARGE_ATTRIBUTES``)
     is_train: bool
 
     @property
     def attrs(self) -> dict[str, str]:
         """``{'h': 'red', 'w': 'bars', 'p': 'plain'}``."""
-        return {a.key: a.values[v] for a, v in zip(ATTRIBUTES, self.values)}
+        return {a.key: a.values[v] for a, v in zip(LARGE_ATTRIBUTES, self.values)}
 
     @property
     def dirname(self) -> str:
-        return f"{self.class_id:03d}." + "_".join(f"{a.key}{v}" for a, v in zip(ATTRIBUTES, self.values))
+        return f"{self.class_id:03d}." + "_".join(f"{a.key}{v}" for a, v in zip(LARGE_ATTRIBUTES, self.values))
 
 
 def parse_class_dir(dirname: str) -> dict[str, int]:
@@ -148,18 +159,19 @@ def parse_class_dir(dirname: str) -> dict[str, int]:
     return {t[0]: int(t[1:]) for t in dirname.split(".", 1)[1].split("_")}
 
 
-def class_table() -> list[SynthClass]:
+def class_table(attributes: tuple[Attribute, ...] = ATTRIBUTES) -> list[SynthClass]:
     """All classes, training combinations first (ids 1..n/2), test combinations second.
 
     Test classes are the combinations whose value indices sum to an odd number: each is a new
-    combination, and every attribute value occurs in both halves.
+    combination, and every attribute value occurs in both halves. `LARGE_ATTRIBUTES` gives 144 classes.
     """
-    combos = list(itertools.product(*(range(len(a.values)) for a in ATTRIBUTES)))
+    assert attributes in (ATTRIBUTES, LARGE_ATTRIBUTES), "render_image draws these field marks only"
+    combos = list(itertools.product(*(range(len(a.values)) for a in attributes)))
     train = [c for c in combos if sum(c) % 2 == 0]
     test = [c for c in combos if sum(c) % 2 == 1]
     assert len(train) == len(test), "the platform splits the class ids in two halves"
     assert not set(train) & set(test)
-    for k, a in enumerate(ATTRIBUTES):
+    for k, a in enumerate(attributes):
         seen = {c[k] for c in train}
         assert all(c[k] in seen for c in test), f"a value of {a.name!r} is unseen in training"
     return [SynthClass(i + 1, c, i < len(train)) for i, c in enumerate(train + test)]
@@ -309,11 +321,11 @@ def _pattern_mask(kind: str, S: int, tf: _Pose, rng: np.random.Generator,
 def render_image(
     values: tuple[int, ...], rng: np.random.Generator, nz: Nuisance | None = None
 ) -> tuple[Image.Image, tuple[float, float, float, float]]:
-    """Render one image of the class with attribute value indices ``values`` (h, w, p).
+    """Render one image of the class with attribute value indices ``values`` (h, w, p, and optionally t).
 
     Returns the image and the bird's box ``(x, y, width, height)`` in output pixels."""
     nz = NUISANCE if nz is None else nz
-    head_name, wing_pat, breast_pat = (a.values[v] for a, v in zip(ATTRIBUTES, values))
+    head_name, wing_pat, breast_pat = (a.values[v] for a, v in zip(ATTRIBUTES, values[:3]))
     S = IMAGE_SIZE * _SS
 
     # ---- background: smooth two-colour gradient + clutter ------------------------------------
@@ -361,7 +373,9 @@ def render_image(
     leg_w = max(1, int(round(0.045 * L)))
     draw.line(tf(legs[:2]), fill=leg_col, width=leg_w)
     draw.line(tf(legs[2:]), fill=leg_col, width=leg_w)
-    draw.polygon(tf(tail), fill=wing_col)
+    # the tail takes the wing colour, or the class's tail colour (an extra draw only for 4-value classes)
+    tail_col = wing_col if len(values) == 3 else _jitter_colour(rng, TAIL_COLOURS[TAIL.values[values[3]]], 20)
+    draw.polygon(tf(tail), fill=tail_col)
     draw.polygon(tf(body), fill=body_col)
     m = _pattern_mask(breast_pat, S, tf, rng, (0.0, 0.0, 1.0, b_))
     if m is not None:
@@ -413,12 +427,13 @@ def _image_rng(dataset_seed: int, class_index: int, image_index: int) -> np.rand
     return np.random.default_rng(np.random.SeedSequence([int(dataset_seed), class_index, image_index, 0x5EED]))
 
 
-def generate(root: str | Path, dataset_seed: int = 0, images_per_class: int = IMAGES_PER_CLASS) -> Path:
+def generate(root: str | Path, dataset_seed: int = 0, images_per_class: int = IMAGES_PER_CLASS,
+             attributes: tuple[Attribute, ...] = ATTRIBUTES) -> Path:
     """Write the whole dataset (CUB_200_2011 layout) under ``root``; no locking, no marker
-    (use ``ensure_synthetic`` for the cached, process-safe version)."""
+    (use ``ensure_synthetic`` for the cached, process-safe version). `LARGE_ATTRIBUTES`: 144 classes."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
-    classes = class_table()
+    classes = class_table(attributes)
     images, labels, boxes, split = [], [], [], []
     image_id = 0
     for ci, cls in enumerate(classes):

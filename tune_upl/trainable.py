@@ -7,6 +7,7 @@ epoch from `ray.tune.get_checkpoint()`. Only the Tune API from `ray.tune` is use
 """
 from __future__ import annotations
 
+import gc
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,15 +30,42 @@ def worst_metrics(run: Run) -> dict[str, float]:
     return {"epoch": run.epoch + 1, **{name: 0.0 for name in names}}
 
 
+def fault_folder() -> Path:
+    """Where drills count the faults they fired: the trial's folder in storage when that is a local or shared
+    path, the same for every attempt on any worker (Ray gives a reused worker process another working
+    folder for the same trial); on a URI storage, the attempt's working folder."""
+    import pyarrow.fs
+
+    context = tune.get_context()
+    storage = context.get_storage()
+    if isinstance(getattr(storage, "storage_filesystem", None), pyarrow.fs.LocalFileSystem):
+        return Path(storage.trial_fs_path)
+    return Path(context.get_trial_dir())
+
+
 def train_trial(config: dict[str, Any]) -> None:
-    """Ray Tune entry point; `config` holds every TrialConfig field (fixed values and sampled ones)."""
+    """Ray Tune entry point; `config` holds every TrialConfig field (fixed values and sampled ones).
+
+    With `reuse_actors` the next trial runs in this same process: everything a trial holds is released
+    when it returns (loader workers, the model, cached GPU memory)."""
     cfg = make_config(config)
     run = build_run(cfg)
+    try:
+        _train(run)
+    finally:
+        del run
+        gc.collect()  # loader workers and CUDA tensors held in reference cycles go now, not at some later gc
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+
+def _train(run: Run) -> None:
+    cfg = run.cfg
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             run.load_state_dict(load_state(Path(folder) / CHECKPOINT_FILE))
-    run.fault_dir = Path(tune.get_context().get_trial_dir())  # drills count their faults here
+    run.fault_dir = fault_folder()
     node = ray.get_runtime_context().get_node_id()
     while run.epoch < cfg.num_epochs:
         try:

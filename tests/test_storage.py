@@ -1,0 +1,114 @@
+"""Experiments on an S3 URI (`--storage s3://...`), against a real S3 server (moto's, on localhost): the
+driver's files are pushed as they are written, Tune writes its folders there, and another machine (another
+cache_dir, so another mirror) reports on it or is refused where moving folders would mean copying them."""
+import json
+import os
+
+import pytest
+import yaml
+
+from test_resume import MINI, cli
+from tune_upl.storage import Remote, driver_file, is_uri, mirror_root, report_file
+
+BUCKET = "tune-upl-test"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A local S3 endpoint and the environment that points pyarrow (and so Ray Tune) at it."""
+    pafs = pytest.importorskip("pyarrow.fs")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key="test", secret_key="test",
+                      region="us-east-1", allow_bucket_creation=True).create_dir(BUCKET)
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+def test_locations_and_filters():
+    assert is_uri("s3://b/runs") and is_uri("gs://b/x") and not is_uri("/tmp/runs") and not is_uri("runs")
+    assert mirror_root("s3://b/runs", "/c") == mirror_root("s3://b/runs", "/c") != mirror_root("s3://b/other", "/c")
+    assert str(mirror_root("s3://b/runs", "/c")).startswith("/c/mirrors/s3_b_runs-")
+    assert driver_file("search_spec.json") and driver_file("study/selection.json") and driver_file("optuna.db")
+    assert not driver_file("study/abc/result.json") and not driver_file("study/experiment_state-x.json")
+    assert report_file("study/abc/result.json") and not report_file("study/abc/checkpoint_000002/state.pt")
+    assert report_file("study.final/abc/checkpoint_000002/test_embeddings.pt")
+
+
+def test_push_then_pull_round_trips_and_replaces_the_mirror(s3, tmp_path):
+    remote = Remote(f"s3://{BUCKET}/unit/")
+    local = tmp_path / "one" / "exp"
+    (local / "study").mkdir(parents=True)
+    (local / "search_spec.json").write_text('{"a": 1}')
+    (local / "study" / "selection.json").write_bytes(b"\x00\x01 selection")
+    assert not remote.exists("exp")
+    remote.push(local, "search_spec.json")
+    remote.push(local, "study/selection.json")
+    assert remote.exists("exp")
+    other = tmp_path / "two" / "exp"
+    (other / "stale").mkdir(parents=True)  # a mirror is replaced, not merged
+    assert remote.pull("exp", other) == 2
+    assert (other / "search_spec.json").read_text() == '{"a": 1}'
+    assert (other / "study" / "selection.json").read_bytes() == b"\x00\x01 selection"
+    assert not (other / "stale").exists()
+    assert remote.pull("exp", tmp_path / "three" / "exp", lambda rel: "/" not in rel) == 1
+
+
+def test_an_unopenable_storage_is_refused_before_ray_starts(tmp_path):
+    spec = tmp_path / "mini.yaml"
+    spec.write_text(yaml.safe_dump(MINI))
+    out = cli("--space", str(spec), "--storage", "nosuchscheme://bucket/runs", "--cache_dir", str(tmp_path / "c"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: --storage nosuchscheme://bucket/runs: cannot open it")
+    assert "allowed: a local folder, or a URI pyarrow opens" in out.stderr
+
+
+@pytest.mark.slow
+def test_a_search_on_s3_completes_and_reports_from_another_machine(s3, tmp_path, cache_dir, synthetic_root):
+    spec = tmp_path / "mini.yaml"
+    spec.write_text(yaml.safe_dump({**MINI, "num_samples": 2, "fixed": {**MINI["fixed"], "num_epochs": 2}}))
+    uri = f"s3://{BUCKET}/runs"
+    out = cli("--space", str(spec), "--storage", uri, "--cache_dir", cache_dir,
+              "--reports_dir", str(tmp_path / "reports"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    remote = Remote(uri)
+    files = remote._files("mini")
+    for name in ("search_spec.json", "record.json", "COMPLETE", "optuna.db", "main/selection.json"):
+        assert name in files, (name, files)
+    results = [f for f in files if f.endswith("/result.json")]
+    assert len([f for f in results if f.startswith("main/")]) == 2  # the two trials, written by Tune to S3
+    assert len([f for f in results if f.startswith("main.final/")]) == 2  # two final seeds
+    assert any(f.startswith("main.final/") and f.endswith("test_embeddings.pt") for f in files)
+    selection = json.loads((mirror_root(uri, cache_dir) / "mini" / "main" / "selection.json").read_text())
+    assert selection["config"]["num_epochs"] == 2
+    assert "test R@1" in (tmp_path / "reports" / "mini.md").read_text()  # the final runs' results reached it
+
+    # another machine: its own cache_dir, so an empty mirror; the report is built from the URI alone
+    elsewhere = tmp_path / "elsewhere"
+    report = cli("report", "--storage", uri, "--name", "mini", "--cache_dir", str(elsewhere),
+                 "--reports_dir", str(elsewhere / "reports"))
+    assert report.returncode == 0, report.stderr[-3000:]
+    here, there = ((folder / "reports" / "mini.md").read_text().splitlines() for folder in (tmp_path, elsewhere))
+    assert here[2] == there[2].replace(there[2][10:29], here[2][10:29])  # the same but for the time written
+    assert f"from `{uri}/mini`; regenerate with `python run_search.py report --name mini --storage {uri}`" in here[2]
+    assert here[3:] == there[3:]
+    pulled = mirror_root(uri, str(elsewhere)) / "pulled" / "mini"
+    assert not list(pulled.glob("main/*/checkpoint_*"))  # the search's checkpoints stay remote
+
+    again = cli("--space", str(spec), "--storage", uri, "--cache_dir", str(elsewhere),
+                "--reports_dir", str(elsewhere / "reports"))
+    assert again.returncode == 0 and "is complete already" in again.stdout
+    overwrite = cli("--space", str(spec), "--storage", uri, "--cache_dir", str(elsewhere), "--overwrite")
+    assert overwrite.returncode == 2 and "choose another --name" in overwrite.stderr

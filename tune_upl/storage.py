@@ -1,0 +1,113 @@
+"""Where experiments live: a local (or shared) folder, or a URI such as `s3://bucket/runs` or
+`gs://bucket/runs` (any filesystem pyarrow opens, as Ray Tune does).
+
+With a URI, Tune writes the trial folders and checkpoints there itself. The driver's own files (the spec,
+the record, the selections, the Optuna database, `COMPLETE`) are written to a local mirror folder first
+(SQLite and atomic renames need a local disk) and pushed to the URI right after each write; `pull` brings an
+experiment back down: its driver files before a resume (on this machine or another one), and everything but
+the search's checkpoints for a report.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class StorageError(ValueError):
+    """A storage location that cannot be opened; the message names it and what is allowed."""
+
+
+def is_uri(location: str) -> bool:
+    return bool(SCHEME.match(location))
+
+
+def mirror_root(uri: str, cache_dir: str | Path) -> Path:
+    """The driver's local folder for the experiments under `uri` (one per URI, in the cache)."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", uri)[:80]
+    return Path(cache_dir).expanduser().resolve() / "mirrors" / f"{readable}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}"
+
+
+@dataclass(frozen=True)
+class Remote:
+    """Experiments under one URI, through pyarrow's filesystem layer (what Ray Tune itself uses)."""
+
+    uri: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "uri", self.uri.rstrip("/"))
+
+    def _open(self):  # -> (pyarrow.fs.FileSystem, path inside it)
+        import pyarrow.fs as pafs
+
+        try:
+            return pafs.FileSystem.from_uri(self.uri)
+        except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... with its own words
+            raise StorageError(f"--storage {self.uri}: cannot open it ({error}); allowed: a local folder, or a "
+                               "URI pyarrow opens (s3://bucket/path, gs://bucket/path, hdfs://...)") from None
+
+    def check(self) -> None:
+        """Fail before Ray starts when the URI cannot be opened or listed (credentials, bucket, endpoint)."""
+        fs, base = self._open()
+        try:
+            fs.get_file_info(base)
+        except Exception as error:
+            raise StorageError(f"--storage {self.uri}: cannot reach it ({error}); check the bucket, the "
+                               "credentials and (for S3-compatible stores) AWS_ENDPOINT_URL") from None
+
+    def experiment_uri(self, name: str) -> str:
+        return f"{self.uri}/{name}"
+
+    def _files(self, name: str) -> list[str]:
+        """Paths relative to the experiment, of every file under it (none when it does not exist)."""
+        import pyarrow.fs as pafs
+
+        fs, base = self._open()
+        root = f"{base}/{name}"
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        return sorted(i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+    def exists(self, name: str) -> bool:
+        return bool(self._files(name))
+
+    def push(self, local_experiment: Path, relative: str) -> None:
+        """Copy one file of the local mirror to the same place under the URI (one object put: atomic)."""
+        fs, base = self._open()
+        target = f"{base}/{local_experiment.name}/{relative}"
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(target) as out:
+            out.write((local_experiment / relative).read_bytes())
+
+    def pull(self, name: str, local_experiment: Path, keep: Callable[[str], bool] = lambda relative: True) -> int:
+        """Replace the local mirror of experiment `name` with the files under the URI that `keep` accepts;
+        returns how many were copied."""
+        fs, base = self._open()
+        shutil.rmtree(local_experiment, ignore_errors=True)
+        copied = 0
+        for relative in self._files(name):
+            if not keep(relative):
+                continue
+            target = local_experiment / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(f"{base}/{name}/{relative}") as source:
+                target.write_bytes(source.read())
+            copied += 1
+        return copied
+
+
+def driver_file(relative: str) -> bool:
+    """What a resume needs of an experiment: the driver's files, not the trial folders Tune restores itself."""
+    parts = relative.split("/")
+    return len(parts) == 1 or (len(parts) == 2 and parts[1] == "selection.json")
+
+
+def report_file(relative: str) -> bool:
+    """What a report and the retrieval tool need: all but the search's checkpoints (final models are kept)."""
+    parts = relative.split("/")
+    in_checkpoint = any(p.startswith("checkpoint_") for p in parts)
+    return not in_checkpoint or parts[0].endswith(".final")
