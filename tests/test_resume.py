@@ -118,6 +118,8 @@ def test_killed_search_resumes_to_exactly_num_samples_trials(tmp_path, cache_dir
         assert len(epochs) - len(set(epochs)) <= 1  # at most the epoch in flight at the kill ran twice
     for trial_id, rows in before.items():  # the interrupted trial continued from its checkpoint
         assert after[trial_id][: len(rows)] == rows
+    lrs = [json.loads((runs / "mini" / "main" / t / "params.json").read_text())["lr"] for t in after]
+    assert lrs.count(1e-4) == 1, lrs  # the recipe (baseline) ran once: a resume does not enqueue it again
     finals = _results(runs / "mini" / "main.final")
     assert len(finals) == 2 and all("test_recall@1" in rows[-1] for rows in finals.values())
     assert (runs / "mini" / "COMPLETE").is_file()

@@ -263,7 +263,8 @@ def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options) ->
             print(f"selected trial {selection.trial_id} of {selection.key} (epoch {selection.epoch}, "
                   f"{spec.objective.metric} {selection.objective[spec.objective.metric]:.4f})", flush=True)
             if spec.protocol == "val":
-                print(f"final stage {selection.key}{FINAL_SUFFIX}: {spec.final_seeds} seeds on all training "
+                seeds = f"{spec.final_seeds} seed{'' if spec.final_seeds == 1 else 's'}"
+                print(f"final stage {selection.key}{FINAL_SUFFIX}: {seeds} on all training "
                       "classes, each tested once after its last epoch", flush=True)
                 run_final(spec, selection, experiment, options.verbose, callbacks,
                           tune_root=_tune_root(options, experiment))

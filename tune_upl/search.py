@@ -378,21 +378,26 @@ def run_study(spec: SearchSpec, study: Study, storage: Path, verbose: bool,
         param_space = {k: v for k, v in study.base.items() if k not in spec.studies}
         param_space.update({n: tune.choice(v) for n, v in spec.studies.items()})
         param_space.update({n: tune.choice(p.choice) for n, p in study.space.items()})
-        searcher: Any = tune.search.BasicVariantGenerator(
-            points_to_evaluate=points * spec.num_samples, max_concurrent=spec.max_concurrent
-        )
         num_samples = len(points) * spec.num_samples
     else:
         param_space, num_samples = {}, spec.num_samples
-        searcher = make_searcher(spec, study, storage / OPTUNA_FILE)
     metric = spec.objective.metric
+
+    def new_searcher() -> Any:
+        # built only for a new Tuner: an OptunaSearch enqueues the baseline into the study's database when
+        # it is made, and a restored Tuner brings back its own searcher (which would run the baseline again)
+        if grid:
+            return tune.search.BasicVariantGenerator(
+                points_to_evaluate=points * spec.num_samples, max_concurrent=spec.max_concurrent
+            )
+        return make_searcher(spec, study, storage / OPTUNA_FILE)
 
     def new_tuner() -> tune.Tuner:
         return tune.Tuner(
             _trainable(spec),
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                search_alg=searcher,
+                search_alg=new_searcher(),
                 scheduler=make_scheduler(spec, study),
                 num_samples=num_samples,
                 # a Searcher takes Tune's limit; the grid's generator holds its own (max_concurrent above)
