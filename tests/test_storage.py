@@ -107,6 +107,11 @@ def test_a_search_on_s3_completes_and_reports_from_another_machine(s3, tmp_path,
     pulled = mirror_root(uri, str(elsewhere)) / "pulled" / "mini"
     assert not list(pulled.glob("main/*/checkpoint_*"))  # the search's checkpoints stay remote
 
+    pictures = cli("retrieve", "--storage", uri, "--name", "mini", "--cache_dir", cache_dir, "--retrieval_num", "4",
+                   "--query_img_name", "images/025.h0_w0_p1/h0_w0_p1_0001.jpg", "--output", str(tmp_path / "pics"))
+    assert pictures.returncode == 0, pictures.stderr[-3000:]  # the final model's test embeddings came down
+    assert "of 4 retrieved images share the query's class" in pictures.stdout
+
     again = cli("--space", str(spec), "--storage", uri, "--cache_dir", str(elsewhere),
                 "--reports_dir", str(elsewhere / "reports"))
     assert again.returncode == 0 and "is complete already" in again.stdout
