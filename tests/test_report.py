@@ -285,3 +285,21 @@ def test_loss_comparison_puts_losses_side_by_side_on_the_same_budget():
     assert cells_of(text, "proxy_anchor")[0][2:4] == ["69.5 ± 0.7%", "69.0–70.0%"]
     assert "Same budget: each loss had its own study of 2 trials of up to 20 epochs" in text
     assert "![test Recall@1 of each final seed per loss](x/loss_comparison.png)" in text
+
+
+def test_the_test_selected_epoch_checkpoint_is_found_or_named_missing(tmp_path):
+    """Protocol seed: the retrieval tool embeds with the checkpoint of the selected trial's selected epoch."""
+    from tune_upl.experiment import ExperimentError
+    from tune_upl.retrieve import _selected_checkpoint
+    from tune_upl.trainable import CHECKPOINT_FILE
+
+    trial = tmp_path / "grid" / "abc_00001"
+    (trial / "checkpoint_000002").mkdir(parents=True)
+    (trial / "checkpoint_000002" / CHECKPOINT_FILE).write_bytes(b"state")
+    (trial / "params.json").write_text("{}")
+    rows = [{"training_iteration": e, "checkpoint_dir_name": f"checkpoint_{e - 1:06d}"} for e in (1, 2, 3)]
+    (trial / "result.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    selection = {"trial_id": "abc_00001", "epoch": 3}
+    assert _selected_checkpoint(tmp_path, selection) == trial / "checkpoint_000002"
+    with pytest.raises(ExperimentError, match="the checkpoint of trial abc_00001 at epoch 2 is gone"):
+        _selected_checkpoint(tmp_path, {**selection, "epoch": 2})

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from test_resume import MINI, cli
-from tune_upl.storage import Remote, driver_file, is_uri, mirror_root, report_file
+from tune_upl.experiment import driver_file, report_file
+from tune_upl.storage import Remote, is_uri, mirror_root
 
 BUCKET = "tune-upl-test"
 

@@ -487,10 +487,27 @@ def suite_eval(args: argparse.Namespace) -> SuiteResult:
 
 
 # ---------------------------------------------------------------- overhead (Ray)
+class _RaySession:
+    """Start a local Ray unless one is running (tests share one); stop only the one started here."""
+
+    def __enter__(self) -> Any:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        import ray
+
+        self.started = not ray.is_initialized()
+        if self.started:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        return ray
+
+    def __exit__(self, *exc: Any) -> None:
+        import ray
+
+        if self.started:
+            ray.shutdown()
+
+
 def suite_overhead(args: argparse.Namespace) -> SuiteResult:
     """Fixed seconds per trial of a Ray Tune search (FIFO, one trial at a time) over identical trainings."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
     from ray import tune
 
     from tune_upl.config import make_config
@@ -513,12 +530,11 @@ def suite_overhead(args: argparse.Namespace) -> SuiteResult:
             while run.epoch < epochs:
                 train_epoch(run)
         inline = (time.perf_counter() - start) / trials
-        started = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-        ray_init = time.perf_counter() - started
         tuned: dict[bool, float] = {}
         errors = 0
-        try:
+        started = time.perf_counter()
+        with _RaySession():
+            ray_init = time.perf_counter() - started  # 0 where a Ray was running already
             for reuse in (False, True):
                 start = time.perf_counter()
                 tuner = tune.Tuner(
@@ -531,9 +547,7 @@ def suite_overhead(args: argparse.Namespace) -> SuiteResult:
                 grid = tuner.fit()
                 tuned[reuse] = (time.perf_counter() - start) / trials
                 errors += sum(r.error is not None for r in grid)
-        finally:
-            ray.shutdown()
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
     for reuse in (False, True):
         per_trial = tuned[reuse] - inline
         label = "reuse_actors=True (what searches use)" if reuse else "reuse_actors=False (a new process a trial)"
@@ -615,25 +629,6 @@ def write_search_dataset(data_path: Path) -> Path:
     return generate(data_path / "cub", 0, SEARCH_IMAGES_PER_CLASS, LARGE_ATTRIBUTES)
 
 
-class _RaySession:
-    """Start a local Ray unless one is running (tests share one); stop only the one started here."""
-
-    def __enter__(self) -> Any:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        import ray
-
-        self.started = not ray.is_initialized()
-        if self.started:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-        return ray
-
-    def __exit__(self, *exc: Any) -> None:
-        import ray
-
-        if self.started:
-            ray.shutdown()
-
-
 def grid_spec(fixed: dict[str, Any], searcher: dict[str, Any], scheduler: dict[str, Any], samples: int,
               concurrent: int, name: str) -> Any:
     """A platform search spec over SEARCH_GRID (what a user would write for this study)."""
@@ -652,9 +647,8 @@ def record_grid(out: Path) -> Any:
     the real trainable, two trials at a time) and write each epoch's validation metrics to `out` (CSV)."""
     import pandas as pd
 
-    from tune_upl.search import plan_studies, prepare_data, quiet_ray, run_study
+    from tune_upl.search import plan_studies, prepare_data, run_study
 
-    quiet_ray(False)
     with tempfile.TemporaryDirectory() as tmp, _RaySession():
         data_path = Path(tmp) / "data"
         write_search_dataset(data_path)

@@ -12,9 +12,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from tune_upl.config import FIELD_DEFAULTS, FIELD_HELP, FIELD_NAMES, ConfigError, make_config, validate_field
+
+if TYPE_CHECKING:
+    from tune_upl.storage import Remote
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -108,32 +111,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 
 
-def storage_location(args: argparse.Namespace) -> tuple[Path, Optional[str]]:
+def storage_location(args: argparse.Namespace) -> tuple[Path, Optional[Remote]]:
     """`--storage`: a local (or shared) folder, made absolute; or a URI (s3://, gs://, ...), returned beside the
     local mirror folder of the driver's files (under cache_dir)."""
-    from tune_upl.storage import is_uri, mirror_root
+    from tune_upl.storage import Remote, is_uri, mirror_root
 
     if is_uri(args.storage):
-        return mirror_root(args.storage, resolve_paths(config_overrides(args))["cache_dir"]), args.storage
+        return mirror_root(args.storage, resolve_paths(config_overrides(args))["cache_dir"]), Remote(args.storage)
     return Path(args.storage).expanduser().resolve(), None
 
 
-def pulled_experiment(args: argparse.Namespace) -> Path:
+def pulled_experiment(local: Path, remote: Optional[Remote], name: str) -> Path:
     """The experiment folder a report reads: the local one, or a copy pulled from the URI (without the
     search's checkpoints) into the mirror's `pulled/` folder, apart from a running driver's files."""
-    from tune_upl.experiment import ExperimentError
-    from tune_upl.storage import Remote, report_file
+    from tune_upl.experiment import ExperimentError, report_file
 
-    local, remote = storage_location(args)
     if remote is None:
-        return local / args.name
-    experiment = local / "pulled" / args.name
-    if not Remote(remote).pull(args.name, experiment, report_file):
-        raise ExperimentError(f"no experiment {args.name!r} in {remote}")
+        return local / name
+    experiment = local / "pulled" / name
+    if not remote.pull(name, experiment, report_file):
+        raise ExperimentError(f"no experiment {name!r} in {remote.uri}")
     return experiment
 
 
-def search_spec(args: argparse.Namespace, storage: Path, remote: Optional[str] = None) -> tuple[Any, dict[str, Any]]:
+def search_spec(args: argparse.Namespace, storage: Path, remote: Optional[Remote] = None) -> tuple[Any, dict[str, Any]]:
     """The spec and overrides: from the file and command line, or from the experiment's record (--resume)."""
     from tune_upl.experiment import ExperimentError, resolve_resume
     from tune_upl.spec import load_spec, parse_spec
@@ -184,9 +185,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     experiment = run_search(spec, overrides, options)
     if remote:
-        args.name = spec.name
-        experiment = pulled_experiment(args)
-    report = write_report(experiment, Path(args.reports_dir).expanduser().resolve(), remote)
+        experiment = pulled_experiment(storage, remote, spec.name)
+    report = write_report(experiment, Path(args.reports_dir).expanduser().resolve(), remote and remote.uri)
     print(f"search {spec.name} done in {time.perf_counter() - start:.0f} s; report: {report}")
     return 0
 
@@ -204,8 +204,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from tune_upl.report import write_report
 
-    remote = storage_location(args)[1]
-    print(write_report(pulled_experiment(args), Path(args.reports_dir).expanduser().resolve(), remote))
+    local, remote = storage_location(args)
+    experiment = pulled_experiment(local, remote, args.name)
+    print(write_report(experiment, Path(args.reports_dir).expanduser().resolve(), remote and remote.uri))
     return 0
 
 
@@ -213,7 +214,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     """The query and its top-k test images, framed green (same class) or red, and one grid (the seed's test.py)."""
     from tune_upl.retrieve import retrieve
 
-    experiment = pulled_experiment(args)
+    experiment = pulled_experiment(*storage_location(args), args.name)
     output = Path(args.output or Path(args.reports_dir) / args.name / "retrieval").expanduser().resolve()
     found = retrieve(experiment, args.query_img_name, args.retrieval_num, output, args.study)
     correct = sum(bool(hit.correct) for hit in found.hits)

@@ -40,7 +40,7 @@ from tune_upl.search import (
     study_key,
 )
 from tune_upl.spec import SearchSpec, parse_spec
-from tune_upl.storage import Remote, driver_file
+from tune_upl.storage import Remote
 
 SPEC_FILE = "search_spec.json"
 RECORD_FILE = "record.json"
@@ -57,7 +57,7 @@ class Options:
     """How to run: where, how loud, and what to do with an existing experiment or a small cluster."""
 
     storage: Path  # the local root: the experiments themselves, or (with `remote`) the driver's mirror of them
-    remote: Optional[str] = None  # a URI (s3://bucket/runs, gs://...) where Tune writes the experiments
+    remote: Optional[Remote] = None  # the URI (s3://bucket/runs, gs://...) where Tune writes the experiments
     verbose: bool = False
     address: Optional[str] = None
     resume: bool = False
@@ -92,12 +92,24 @@ def describe(spec: SearchSpec, studies: list[Study]) -> str:
     return "\n".join(lines)
 
 
+def driver_file(relative: str) -> bool:
+    """What a resume needs of an experiment: the driver's files, not the trial folders Tune restores itself."""
+    parts = relative.split("/")
+    return len(parts) == 1 or (len(parts) == 2 and parts[1] == SELECTION_FILE)
+
+
+def report_file(relative: str) -> bool:
+    """What a report and the retrieval tool need: all but the search's checkpoints (final models are kept)."""
+    parts = relative.split("/")
+    return not any(p.startswith("checkpoint_") for p in parts) or parts[0].endswith(FINAL_SUFFIX)
+
+
 def _publish(options: Options, experiment: Path, *relative: str) -> None:
     """Push driver files of the local folder to the remote storage (nothing to do for a local one)."""
     if options.remote:
         for name in relative:
             if (experiment / name).is_file():
-                Remote(options.remote).push(experiment, name)
+                options.remote.push(experiment, name)
 
 
 def open_experiment(spec: SearchSpec, overrides: dict[str, Any], options: Options) -> tuple[Path, bool]:
@@ -107,7 +119,7 @@ def open_experiment(spec: SearchSpec, overrides: dict[str, Any], options: Option
     if exists and options.overwrite:
         if options.remote:
             raise ExperimentError(
-                f"--overwrite: experiment {spec.name} is in {options.remote}, where moving a folder aside means "
+                f"--overwrite: experiment {spec.name} is in {options.remote.uri}, where moving a folder aside means "
                 "copying every object; choose another --name, or delete it with your storage's own tools"
             )
         kept = experiment.with_name(f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -118,7 +130,7 @@ def open_experiment(spec: SearchSpec, overrides: dict[str, Any], options: Option
         if (experiment / COMPLETE_FILE).is_file():
             return experiment, True
         raise ExperimentError(
-            f"experiment {spec.name} in {options.remote or options.storage} is unfinished: add --resume to "
+            f"experiment {spec.name} in {options.remote.uri if options.remote else options.storage} is unfinished: add --resume to "
             "continue it, or --overwrite to start again (the old folder is kept)"
         )
     experiment.mkdir(parents=True, exist_ok=True)
@@ -138,13 +150,13 @@ def sync_down(remote: Remote, experiment: Path) -> None:
         remote.pull(experiment.name, experiment, driver_file)
 
 
-def resolve_resume(name: str, storage: Path, remote: Optional[str] = None) -> tuple[SearchSpec, dict[str, Any]]:
+def resolve_resume(name: str, storage: Path, remote: Optional[Remote] = None) -> tuple[SearchSpec, dict[str, Any]]:
     experiment = storage / name
     if remote:
-        sync_down(Remote(remote), experiment)
+        sync_down(remote, experiment)
     if not (experiment / SPEC_FILE).is_file():
         known = sorted(p.parent.name for p in storage.glob(f"*/{SPEC_FILE}")) if storage.is_dir() else []
-        where = remote or storage
+        where = remote.uri if remote else storage
         raise ExperimentError(f"no experiment {name!r} to resume in {where}; allowed: {', '.join(known) or 'none found'}")
     return load_saved_spec(experiment)
 
@@ -214,7 +226,7 @@ def write_record(experiment: Path, studies: list[Study], spec: SearchSpec) -> No
 
 
 def _tune_root(options: Options, experiment: Path) -> Optional[str]:
-    return Remote(options.remote).experiment_uri(experiment.name) if options.remote else None
+    return options.remote.experiment_uri(experiment.name) if options.remote else None
 
 
 def _select_all(spec: SearchSpec, studies: list[Study], experiment: Path, options: Options,
@@ -244,8 +256,8 @@ def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options) ->
     lock = driver_lock(options.storage, spec.name)
     try:
         if options.remote:
-            Remote(options.remote).check()
-            sync_down(Remote(options.remote), options.storage / spec.name)
+            options.remote.check()
+            sync_down(options.remote, options.storage / spec.name)
         experiment, complete = open_experiment(spec, overrides, options)
         if complete:
             print(f"experiment {spec.name} is complete already (in {experiment}); "

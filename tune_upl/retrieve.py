@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from tune_upl.experiment import ExperimentError
 from tune_upl.final import FINAL_SUFFIX, load_selections
+from tune_upl.results import read_results
 from tune_upl.trainable import CHECKPOINT_FILE, EMBEDDINGS_FILE
 
 GREEN, RED, GREY = (0, 255, 0), (255, 0, 0), (128, 128, 128)
@@ -97,12 +98,13 @@ def _selected_checkpoint(experiment: Path, selection: dict[str, Any]) -> Path:
     for params in experiment.glob(f"*/{trial_id}/params.json"):
         if params.parent.parent.name.endswith(FINAL_SUFFIX):
             continue
-        for line in (params.parent / "result.json").read_text().splitlines():
-            row = json.loads(line) if line.strip() else {}
-            if row.get("training_iteration") == epoch and row.get("checkpoint_dir_name"):
-                folder = params.parent / row["checkpoint_dir_name"]
-                if (folder / CHECKPOINT_FILE).is_file():
-                    return folder
+        frame = read_results(params.parent / "result.json")
+        if "checkpoint_dir_name" not in frame:
+            continue
+        for name in frame.loc[frame["training_iteration"] == epoch, "checkpoint_dir_name"].dropna():
+            folder = params.parent / name
+            if (folder / CHECKPOINT_FILE).is_file():
+                return folder
     raise ExperimentError(f"the checkpoint of trial {trial_id} at epoch {epoch} is gone (checkpoints_to_keep "
                           "keeps the best by the objective; was the objective changed?)")
 

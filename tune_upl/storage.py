@@ -9,12 +9,13 @@ the search's checkpoints for a report.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -42,7 +43,9 @@ class Remote:
     def __post_init__(self) -> None:
         object.__setattr__(self, "uri", self.uri.rstrip("/"))
 
-    def _open(self):  # -> (pyarrow.fs.FileSystem, path inside it)
+    @functools.cached_property
+    def _opened(self) -> tuple[Any, str]:
+        """(pyarrow.fs.FileSystem, path inside it), opened once per Remote."""
         import pyarrow.fs as pafs
 
         try:
@@ -53,7 +56,7 @@ class Remote:
 
     def check(self) -> None:
         """Fail before Ray starts when the URI cannot be opened or listed (credentials, bucket, endpoint)."""
-        fs, base = self._open()
+        fs, base = self._opened
         try:
             fs.get_file_info(base)
         except Exception as error:
@@ -67,17 +70,21 @@ class Remote:
         """Paths relative to the experiment, of every file under it (none when it does not exist)."""
         import pyarrow.fs as pafs
 
-        fs, base = self._open()
+        fs, base = self._opened
         root = f"{base}/{name}"
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
         return sorted(i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File)
 
     def exists(self, name: str) -> bool:
-        return bool(self._files(name))
+        """One metadata call (a prefix with objects under it is a directory on object stores)."""
+        import pyarrow.fs as pafs
+
+        fs, base = self._opened
+        return fs.get_file_info(f"{base}/{name}").type != pafs.FileType.NotFound
 
     def push(self, local_experiment: Path, relative: str) -> None:
         """Copy one file of the local mirror to the same place under the URI (one object put: atomic)."""
-        fs, base = self._open()
+        fs, base = self._opened
         target = f"{base}/{local_experiment.name}/{relative}"
         fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(target) as out:
@@ -86,7 +93,7 @@ class Remote:
     def pull(self, name: str, local_experiment: Path, keep: Callable[[str], bool] = lambda relative: True) -> int:
         """Replace the local mirror of experiment `name` with the files under the URI that `keep` accepts;
         returns how many were copied."""
-        fs, base = self._open()
+        fs, base = self._opened
         shutil.rmtree(local_experiment, ignore_errors=True)
         copied = 0
         for relative in self._files(name):
@@ -99,15 +106,3 @@ class Remote:
             copied += 1
         return copied
 
-
-def driver_file(relative: str) -> bool:
-    """What a resume needs of an experiment: the driver's files, not the trial folders Tune restores itself."""
-    parts = relative.split("/")
-    return len(parts) == 1 or (len(parts) == 2 and parts[1] == "selection.json")
-
-
-def report_file(relative: str) -> bool:
-    """What a report and the retrieval tool need: all but the search's checkpoints (final models are kept)."""
-    parts = relative.split("/")
-    in_checkpoint = any(p.startswith("checkpoint_") for p in parts)
-    return not in_checkpoint or parts[0].endswith(".final")
