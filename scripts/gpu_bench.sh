@@ -11,5 +11,5 @@ python -m pip install --quiet --no-index --find-links .gpu_wheels pydantic adamp
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 out="${OUT:-reports}/performance_gpu.md"
 quick="${GPU_BENCH_QUICK:+--quick}"
-python -m tune_upl.bench --suite train,eval,packing --device cuda $quick --out "$out" \
+python -m benchmarks --suite train,eval,packing --device cuda $quick --out "$out" \
   --preamble "Measured on a lent GPU machine with scripts/gpu_bench.sh (one prepared run)."

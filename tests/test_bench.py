@@ -1,12 +1,13 @@
-"""The benchmark suite (`python -m tune_upl.bench`): every CPU suite runs quickly and writes its report;
+"""The benchmark suites (`python -m benchmarks`): every CPU suite runs quickly and writes its report;
 the eval suite's three implementations agree; the exact top-k equals a stable sort."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from tune_upl import bench
+from benchmarks import harness, search
 from tune_upl.metrics import top_depth
 
 HEAVY = ("ray", "optuna", "pydantic", "adamp")
@@ -26,9 +27,9 @@ def test_top_depth_equals_stable_sort_with_ties(depth):
 
 def test_cpu_suites_quick(tmp_path):
     out = tmp_path / "perf.md"
-    results = {s.name: s for s in bench.run(["--suite", ",".join(bench.CPU_SUITES), "--quick", "--out", str(out),
-                                             "--device", "cpu", "--images", "16"])}
-    assert set(results) == set(bench.CPU_SUITES)
+    argv = ["--suite", ",".join(harness.CPU_SUITES), "--quick", "--out", str(out), "--device", "cpu", "--images", "16"]
+    results = {s.name: s for s in harness.run(argv)}
+    assert set(results) == set(harness.CPU_SUITES)
     evaluation = results["eval"]
     assert evaluation.details["equal"] and all(evaluation.details["equal"])
     for n, found in evaluation.details.items():
@@ -40,7 +41,7 @@ def test_cpu_suites_quick(tmp_path):
     train = results["train"].rows[0]
     assert train.value > 0 and train.baseline_value > 0
     text = out.read_text()
-    for needle in ("# Performance", "command: python -m tune_upl.bench", "cpu:", "gpu:", "torch ", "| eval |",
+    for needle in ("# Performance", "command: python -m benchmarks", "cpu:", "gpu:", "torch ", "| eval |",
                    "| train |", "| data |", "needs a GPU"):
         assert needle in text
 
@@ -49,22 +50,24 @@ def test_light_suites_import_no_search_libraries(tmp_path):
     """The eval and packing suites (and the module itself) run where Ray, Optuna, pydantic, adamp are absent."""
     code = (
         "import sys\n"
-        "from tune_upl import bench\n"
-        f"bench.run(['--suite', 'eval,packing', '--quick', '--device', 'cpu', '--out', {str(tmp_path / 'p.md')!r}])\n"
+        "from benchmarks import harness\n"
+        f"harness.run(['--suite', 'eval,packing', '--quick', '--device', 'cpu', '--out', {str(tmp_path / 'p.md')!r}])\n"
         f"loaded = [m for m in {HEAVY!r} if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120,
+                   cwd=Path(__file__).resolve().parents[1])
 
 
 def test_unknown_suite_is_refused():
     with pytest.raises(SystemExit):
-        bench.parse_args(["--suite", "nope"])
+        harness.parse_args(["--suite", "nope"])
 
 
 @pytest.mark.slow
 def test_overhead_suite(tmp_path, cache_dir, synthetic_root):
-    (result,) = bench.run(["--suite", "overhead", "--quick", "--out", str(tmp_path / "o.md"), "--cache_dir", cache_dir])
+    argv = ["--suite", "overhead", "--quick", "--out", str(tmp_path / "o.md"), "--cache_dir", cache_dir]
+    (result,) = harness.run(argv)
     tuned, fixed, tuned_reused, fixed_reused = result.rows
     assert tuned.value > 0 and tuned.baseline_value > 0 and tuned_reused.value > 0
     assert "errors: 0" in fixed_reused.note
@@ -74,19 +77,19 @@ def test_overhead_suite(tmp_path, cache_dir, synthetic_root):
 def test_search_suite_replays_the_committed_grid(tmp_path):
     """Real Tune + Optuna TPE + ASHA searches against the committed grid: every trial replays a recorded
     curve, ASHA stops some, and the epochs spent are counted until the grid's best is (nearly) reached."""
-    curves = bench.load_grid(bench.Path(bench.SEARCH_CSV))
-    assert len(curves) == 24 and all(len(c) == bench.SEARCH_EPOCHS for c in curves.values())
-    (result,) = bench.run(["--suite", "search", "--quick", "--out", str(tmp_path / "s.md")])
+    curves = search.load_grid(Path(harness.DEFAULT_GRID))
+    assert len(curves) == 24 and all(len(c) == search.SEARCH_EPOCHS for c in curves.values())
+    (result,) = harness.run(["--suite", "search", "--quick", "--out", str(tmp_path / "s.md")])
     spent, best = result.details["spent"], result.details["best"]
     assert best == max(max(c) for c in curves.values())
-    assert len(spent) == 2 and all(s is None or 1 <= s <= 24 * bench.SEARCH_EPOCHS for s in spent)
+    assert len(spent) == 2 and all(s is None or 1 <= s <= 24 * search.SEARCH_EPOCHS for s in spent)
     assert all(r <= best for r in result.details["reached"])
     epochs_per_search = result.details["epochs"]
-    assert all(e < 24 * bench.SEARCH_EPOCHS for e in epochs_per_search)  # ASHA stopped trials early
+    assert all(e < 24 * search.SEARCH_EPOCHS for e in epochs_per_search)  # ASHA stopped trials early
     searched, shuffled, gap = result.rows
     assert searched.baseline_value == 144 and 0 < shuffled.value <= 144 and gap.value > 0.05
 
 
 def test_epochs_to_reach_counts_in_trial_order():
-    assert bench.epochs_to_reach([[0.1, 0.2], [0.5], [0.9, 0.95]], 0.9) == 4
-    assert bench.epochs_to_reach([[0.1, 0.2], [0.5]], 0.9) is None
+    assert search.epochs_to_reach([[0.1, 0.2], [0.5], [0.9, 0.95]], 0.9) == 4
+    assert search.epochs_to_reach([[0.1, 0.2], [0.5]], 0.9) is None

@@ -13,7 +13,7 @@ MAP@R = (1/R) sum_{i<=R} P(i) rel(i), P(i) the precision at rank i.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -61,18 +61,6 @@ def retrieval_metrics(
     embeddings: torch.Tensor, labels: torch.Tensor, ks: Iterable[int], chunk_size: int = 1024
 ) -> RetrievalResult:
     """Recall@K, MAP@R and R-precision by exact cosine k-NN over all other images."""
-    return _retrieval_metrics(embeddings, labels, ks, chunk_size, lambda sims, rows, depth: top_depth(sims, depth))
-
-
-NeighbourOrder = Callable[[Optional[torch.Tensor], torch.Tensor, int], torch.Tensor]
-
-
-def _retrieval_metrics(
-    embeddings: torch.Tensor, labels: torch.Tensor, ks: Iterable[int], chunk_size: int,
-    order_of: NeighbourOrder, compute_sims: bool = True,
-) -> RetrievalResult:
-    """The metrics, given `order_of(similarities of the chunk's rows, rows, depth)`: each row's first `depth`
-    neighbours (self excluded) by (-similarity, index). Benchmarks pass other orderings of the same rows."""
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
@@ -87,11 +75,9 @@ def _retrieval_metrics(
     ranks = torch.arange(1, depth + 1, device=emb.device)
     for start in range(0, n, chunk_size):
         rows = torch.arange(start, min(start + chunk_size, n), device=emb.device)
-        sims = None
-        if compute_sims:
-            sims = emb[rows] @ emb.t()
-            sims[torch.arange(len(rows), device=emb.device), rows] = float("-inf")  # never match yourself
-        order = order_of(sims, rows, depth)
+        sims = emb[rows] @ emb.t()
+        sims[torch.arange(len(rows), device=emb.device), rows] = float("-inf")  # never match yourself
+        order = top_depth(sims, depth)  # each row's first `depth` neighbours by (-similarity, index)
         del sims
         relevant = dense[order] == dense[rows, None]
         r = others[rows]
