@@ -65,7 +65,7 @@ def test_unknown_suite_is_refused():
 
 
 @pytest.mark.slow
-def test_overhead_suite(tmp_path, cache_dir, synthetic_root):
+def test_overhead_suite(ray_session, tmp_path, cache_dir, synthetic_root):
     argv = ["--suite", "overhead", "--quick", "--out", str(tmp_path / "o.md"), "--cache_dir", cache_dir]
     (result,) = harness.run(argv)
     tuned, fixed, tuned_reused, fixed_reused = result.rows
@@ -74,7 +74,7 @@ def test_overhead_suite(tmp_path, cache_dir, synthetic_root):
     assert fixed_reused.value < fixed.value  # a reused worker process skips the start-up (~4 s a trial here)
 
 
-def test_search_suite_replays_the_committed_grid(tmp_path):
+def test_search_suite_replays_the_committed_grid(ray_session, tmp_path):
     """Real Tune + Optuna TPE + ASHA searches against the committed grid: every trial replays a recorded
     curve, ASHA stops some, and the epochs spent are counted until the grid's best is (nearly) reached."""
     curves = search.load_grid(Path(harness.DEFAULT_GRID))

@@ -37,6 +37,7 @@ cluster.shutdown()
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_half_gpu_trials_run_two_at_once_on_each_of_two_nodes(tmp_path, cache_dir, synthetic_root):
     out = subprocess.run([sys.executable, "-c", SCRIPT, cache_dir, str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True, timeout=600, env={**os.environ, "RAY_AUTH_MODE": "disabled"})

@@ -1,7 +1,8 @@
 """TrialConfig: the seed's defaults, and one precise message per bad value."""
 import pytest
 
-from tune_upl.config import FIELD_NAMES, ConfigError, make_config
+from tune_upl.config import FIELD_NAMES, make_config
+from tune_upl.errors import ConfigError
 
 
 def test_defaults_are_the_seed_recipe():

@@ -18,6 +18,7 @@ from tune_upl.data import (
     train_transform,
 )
 from tune_upl.prepare import decode_image_file
+from tune_upl.errors import SplitAccessError
 
 
 @pytest.fixture(scope="module")

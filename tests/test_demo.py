@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_default_command_runs_the_demo_search_and_writes_its_report(tmp_path, cache_dir):
     start = time.perf_counter()
     out = subprocess.run(

@@ -5,28 +5,30 @@ import json
 import pytest
 
 from tune_upl.config import make_config
-from tune_upl.engine import DivergedError, OutOfMemory, build_run, train_epoch
+from tune_upl.engine import train_epoch
 from tune_upl.experiment import Options, run_search
 from tune_upl.report import write_report
 from tune_upl.spec import parse_spec
+from tune_upl.errors import DivergedError, OutOfMemory
 
 
-def test_a_diverging_loss_and_out_of_memory_stop_the_run_with_a_clear_error(tiny_values):
-    run = build_run(make_config(tiny_values, num_epochs=2, feature_dim=16, inject_fault="nan", fault_epoch=1))
+def test_a_diverging_loss_and_out_of_memory_stop_the_run_with_a_clear_error(tiny_values, small_run):
+    run = small_run(make_config(tiny_values, num_epochs=2, feature_dim=16, inject_fault="nan", fault_epoch=1))
     with pytest.raises(DivergedError, match="the training loss is not finite in epoch 1"):
         train_epoch(run)
-    run = build_run(make_config(tiny_values, num_epochs=2, feature_dim=16, inject_fault="oom", batch_size=32))
+    run = small_run(make_config(tiny_values, num_epochs=2, feature_dim=16, inject_fault="oom", batch_size=32))
     with pytest.raises(OutOfMemory, match="out of memory with batch_size 32, backbone tiny, image_size 64 on cpu"):
         train_epoch(run)
 
 
 @pytest.fixture(scope="module")
 def faulty_search(ray_session, cache_dir, synthetic_root, tmp_path_factory):
+    """A grid of one trial per fault, at 16 px: the drill tests what happens to trials, not what they learn."""
     spec = parse_spec({
         "name": "faults", "objective": {"metric": "test_recall@1", "mode": "max"}, "protocol": "seed",
         "searcher": {"type": "grid"}, "scheduler": {"type": "fifo"}, "num_samples": 1, "max_concurrent": 2,
         "max_failures": 1, "baseline": False,
-        "fixed": {"data_name": "synthetic", "backbone_type": "tiny", "image_size": 32, "num_epochs": 2,
+        "fixed": {"data_name": "synthetic", "backbone_type": "tiny", "image_size": 16, "num_epochs": 2,
                   "warm_up": 0, "feature_dim": 16, "num_workers": 0, "fault_epoch": 2},
         "space": {
             "inject_fault": {"choice": ["none", "raise", "exit", "nan", "oom"]},

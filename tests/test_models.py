@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from tune_upl.config import ConfigError, make_config
+from tune_upl.config import make_config
 from tune_upl.models import build_model
+from tune_upl.errors import ConfigError
 
 
 def test_resnet50_without_weights_gives_feature_dim_embeddings():

@@ -17,8 +17,9 @@ import pytest
 import tune_upl.prepare as prep
 from official_formats import CLASSES, HEIGHT, PER_CLASS, WIDTH, box_of, colour, make_cars, make_cub, make_folder
 from tune_upl.config import make_config
-from tune_upl.data import DatasetError, ImageDataset, SplitManager, load_records
+from tune_upl.data import ImageDataset, SplitManager, load_records
 from tune_upl.prepare import decode_image_file, entry_dir, prepare_dataset, read_manifest
+from tune_upl.errors import DatasetError, SpecError
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # cache_size of these tests: the 64 x 48 images shrink to 42 x 32
@@ -208,7 +209,7 @@ def test_an_interrupted_prepare_is_never_taken_for_complete(archives, tmp_path, 
 
 def test_dataset_fields_are_not_searchable_since_the_driver_prepares_them():
     from tune_upl.search import plan_studies, prepare_data
-    from tune_upl.spec import SpecError, parse_spec
+    from tune_upl.spec import parse_spec
 
     spec = parse_spec({"name": "x", "space": {"crop": {"choice": ["uncropped", "cropped"]}}})
     with pytest.raises(SpecError, match="space.crop: the dataset is prepared before the trials start"):

@@ -20,6 +20,7 @@ from tune_upl.references import load_references
 from tune_upl.report import benchmark_tables
 from tune_upl.results import ExperimentData, FinalResult
 from tune_upl.retrieve import GREEN, RED, TILE, Database, make_query, save_retrieval, search, tile_origin
+from tune_upl.errors import ExperimentError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -289,7 +290,6 @@ def test_loss_comparison_puts_losses_side_by_side_on_the_same_budget():
 
 def test_the_test_selected_epoch_checkpoint_is_found_or_named_missing(tmp_path):
     """Protocol seed: the retrieval tool embeds with the checkpoint of the selected trial's selected epoch."""
-    from tune_upl.experiment import ExperimentError
     from tune_upl.retrieve import _selected_checkpoint
     from tune_upl.trainable import CHECKPOINT_FILE
 

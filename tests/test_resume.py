@@ -94,6 +94,7 @@ def _kill_when(command, ready, limit=300):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_killed_search_resumes_to_exactly_num_samples_trials(tmp_path, cache_dir):
     spec, runs = write_spec(tmp_path), tmp_path / "runs"
     base = [sys.executable, "run_search.py", "--storage", str(runs), "--reports-dir", str(tmp_path),
@@ -128,6 +129,7 @@ def test_killed_search_resumes_to_exactly_num_samples_trials(tmp_path, cache_dir
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_sigint_before_the_first_result_saves_state_and_resume_completes(tmp_path, cache_dir):
     spec, runs = write_spec(tmp_path, num_samples=2, final_seeds=1), tmp_path / "runs"
     base = [sys.executable, "run_search.py", "--storage", str(runs), "--reports-dir", str(tmp_path),

@@ -9,6 +9,7 @@ from searches import SAMPLES, small_demo
 from tune_upl.final import SELECTION_FILE
 from tune_upl.search import make_searcher, plan_studies
 from tune_upl.spec import parse_spec
+from tune_upl.errors import SpecError
 
 
 def raw_results(experiment, folder="main"):
@@ -92,7 +93,6 @@ def test_command_line_override_fixes_a_field_and_removes_it_from_the_space():
 
 def test_impossible_gpu_request_fails_fast_or_runs_on_cpu_when_allowed(ray_session):
     from tune_upl.search import check_resources
-    from tune_upl.spec import SpecError
 
     data = small_demo().model_dump()
     data["resources"] = {"cpu": 1, "gpu": 1}

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tune_upl.spec import SpecError, load_spec, parse_spec
+from tune_upl.spec import load_spec, parse_spec
+from tune_upl.errors import SpecError
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 

@@ -77,6 +77,7 @@ def test_an_unopenable_storage_is_refused_before_ray_starts(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_a_search_on_s3_completes_and_reports_from_another_machine(s3, tmp_path, cache_dir, synthetic_root):
     spec = tmp_path / "mini.yaml"
     spec.write_text(yaml.safe_dump({**MINI, "num_samples": 2, "fixed": {**MINI["fixed"], "num_epochs": 2}}))

@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from tune_upl.errors import DatasetError
 
 if TYPE_CHECKING:
     from tune_upl.config import TrialConfig
@@ -31,9 +32,6 @@ CUB_FILES = ("images.txt", "image_class_labels.txt", "bounding_boxes.txt", "clas
 CAR_ANNOTATIONS = "cars_annos.mat"
 CAR_FIELDS = ("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class")
 
-
-class DatasetError(RuntimeError):
-    """A dataset that is missing, half-prepared or unreadable: the message says which file and what to do."""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from tune_upl.config import FIELD_DEFAULTS, FIELD_HELP, FIELD_NAMES, ConfigError, make_config, validate_field
+from tune_upl.config import FIELD_DEFAULTS, FIELD_HELP, FIELD_NAMES, make_config, validate_field
+from tune_upl.errors import (
+    ConfigError, DatasetError, DivergedError, ExperimentError, OutOfMemory, SpecError, SplitAccessError, StorageError,
+)
 
 if TYPE_CHECKING:
     from tune_upl.storage import Remote
@@ -70,11 +73,11 @@ def format_metrics(metrics: dict[str, float], prefix: str) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """One run of one configuration, printing a line per epoch (the seed's train.py)."""
+    values = config_overrides(args)
+    cfg = make_config({**values, **resolve_paths(values)})  # bad input is named before the engine loads
     from tune_upl.engine import build_run, final_test, train_epoch
     from tune_upl.prepare import prepare_dataset
 
-    values = config_overrides(args)
-    cfg = make_config({**values, **resolve_paths(values)})
     start = time.perf_counter()
     prepared = prepare_dataset(cfg)
     if prepared.built:
@@ -124,7 +127,7 @@ def storage_location(args: argparse.Namespace) -> tuple[Path, Optional[Remote]]:
 def pulled_experiment(local: Path, remote: Optional[Remote], name: str) -> Path:
     """The experiment folder a report reads: the local one, or a copy pulled from the URI (without the
     search's checkpoints) into the mirror's `pulled/` folder, apart from a running driver's files."""
-    from tune_upl.experiment import ExperimentError, report_file
+    from tune_upl.experiment import report_file
 
     if remote is None:
         return local / name
@@ -136,7 +139,7 @@ def pulled_experiment(local: Path, remote: Optional[Remote], name: str) -> Path:
 
 def search_spec(args: argparse.Namespace, storage: Path, remote: Optional[Remote] = None) -> tuple[Any, dict[str, Any]]:
     """The spec and overrides: from the file and command line, or from the experiment's record (--resume)."""
-    from tune_upl.experiment import ExperimentError, resolve_resume
+    from tune_upl.experiment import resolve_resume
     from tune_upl.spec import load_spec, parse_spec
 
     if args.resume:
@@ -170,12 +173,12 @@ def _spec_name(args: argparse.Namespace) -> str:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """Validate the spec (before Ray starts), run or resume the search, write the report."""
+    storage, remote = storage_location(args)
+    spec, overrides = search_spec(args, storage, remote)  # a bad spec is named before Ray and torch load
     from tune_upl.experiment import Options, describe, run_search
     from tune_upl.report import write_report
     from tune_upl.search import plan_studies
 
-    storage, remote = storage_location(args)
-    spec, overrides = search_spec(args, storage, remote)
     if args.dry_run:
         print(describe(spec, plan_studies(spec, overrides)))
         return 0
@@ -298,11 +301,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = ["search", *argv]  # `python run_search.py [--option ...]` is the search command
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
-    from tune_upl.data import DatasetError, SplitAccessError
-    from tune_upl.storage import StorageError
-    from tune_upl.engine import DivergedError, OutOfMemory
-    from tune_upl.experiment import ExperimentError
-    from tune_upl.spec import SpecError
 
     try:
         return handler(args)

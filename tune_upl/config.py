@@ -14,13 +14,11 @@ from typing import Any, Literal, Union
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 from typing_extensions import Annotated
+from tune_upl.errors import ConfigError
 
 Protocol = Literal["val", "seed"]
 Pooling = Literal["max", "avg", "avgmax"]
 
-
-class ConfigError(ValueError):
-    """A bad configuration value: the message names the field, the value and what is allowed."""
 
 
 def _registry_names(kind: str) -> list[str]:

@@ -16,9 +16,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from tune_upl.archives import DATASETS, DatasetError, split_halves
-from tune_upl.config import ConfigError, TrialConfig
+from tune_upl.archives import DATASETS, split_halves
+from tune_upl.config import TrialConfig
 from tune_upl.prepare import PIXELS_FILE, decode_image_file, read_manifest
+from tune_upl.errors import ConfigError, DatasetError, SplitAccessError
 
 __all__ = [
     "DATASETS", "DatasetError", "SplitAccessError", "Record", "load_records", "SplitManager",
@@ -32,9 +33,6 @@ SPLIT_SEED = 0  # the validation classes depend on this constant only, never on 
 
 SplitName = Literal["train", "val", "test"]
 
-
-class SplitAccessError(RuntimeError):
-    """The test classes were asked for outside a final evaluation (hyper-parameters must not see them)."""
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from tune_upl.data import ImageDataset, SplitManager, eval_transform, load_recor
 from tune_upl.losses import LOSS_PARAMETERS, build_loss
 from tune_upl.metrics import retrieval_metrics
 from tune_upl.models import MetricModel, build_model
+from tune_upl.errors import CheckpointError, DivergedError, OutOfMemory
 
 OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]] = {
     "adamp": lambda groups, weight_decay: AdamP(groups, weight_decay=weight_decay),
@@ -34,16 +35,6 @@ OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], float], torch.optim.Optimi
 }
 
 
-class DivergedError(RuntimeError):
-    """The training loss became non-finite: the run cannot recover, so it stops instead of wasting epochs."""
-
-    def __init__(self, epoch: int):
-        super().__init__(f"the training loss is not finite in epoch {epoch}")
-        self.epoch = epoch
-
-
-class OutOfMemory(RuntimeError):
-    """The accelerator ran out of memory: says which batch size and backbone did it."""
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -142,9 +133,6 @@ def _numpy_state() -> dict[str, Any]:
 def save_state(run: Run, path: Path) -> None:
     torch.save(run.state_dict(), path)
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read: names the file."""
 
 
 def load_state(path: Path) -> dict[str, Any]:

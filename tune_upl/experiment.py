@@ -41,15 +41,13 @@ from tune_upl.search import (
 )
 from tune_upl.spec import SearchSpec, parse_spec
 from tune_upl.storage import Remote
+from tune_upl.errors import ExperimentError
 
 SPEC_FILE = "search_spec.json"
 RECORD_FILE = "record.json"
 COMPLETE_FILE = "COMPLETE"
 PACKAGES = ("torch", "torchvision", "ray", "optuna", "numpy", "pydantic", "adamp", "pillow")
 
-
-class ExperimentError(ValueError):
-    """An experiment that cannot be started or resumed as asked; the message says what to do instead."""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tune_upl.config import ConfigError, TrialConfig
+from tune_upl.config import TrialConfig
+from tune_upl.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Union
 import numpy as np
 from tqdm import tqdm
 
-from tune_upl.archives import DATASETS, Box, DatasetError, SourceImage, split_halves
+from tune_upl.archives import DATASETS, Box, SourceImage, split_halves
 from tune_upl.atomic import build_once
 from tune_upl.config import TrialConfig, available_cpus
+from tune_upl.errors import DatasetError
 
 if TYPE_CHECKING:
     import torch

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pandas as pd
-
-from tune_upl.experiment import ExperimentError
 from tune_upl.importance import MEANINGFUL_TRIALS, MIN_TOP_TRIALS, TARGET_QUANTILE, Importance, importances
 from tune_upl.references import References, load_references
 from tune_upl.results import STATES, ExperimentData, FinalResult, load_experiment
 from tune_upl.storage import is_uri
+from tune_upl.errors import ExperimentError
 
 BACKBONE_NAMES = {"resnet50": "ResNet50", "inception": "Inception", "googlenet": "GoogLeNet", "tiny": "Tiny",
                   "resnet18": "ResNet18"}

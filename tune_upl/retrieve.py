@@ -16,11 +16,10 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
-
-from tune_upl.experiment import ExperimentError
 from tune_upl.final import FINAL_SUFFIX, load_selections
 from tune_upl.results import read_results
 from tune_upl.trainable import CHECKPOINT_FILE, EMBEDDINGS_FILE
+from tune_upl.errors import DatasetError, ExperimentError
 
 GREEN, RED, GREY = (0, 255, 0), (255, 0, 0), (128, 128, 128)
 FILE_SIZE, FILE_FRAME = 224, 8  # the saved pictures, as the seed's test.py saved them
@@ -177,7 +176,7 @@ def locate(db: Database, query: str) -> Optional[int]:
 def _records_by_path(config: dict[str, Any]) -> dict[str, Any]:
     """The prepared dataset's records by source path ({} when it is not prepared on this machine)."""
     from tune_upl.config import make_config
-    from tune_upl.data import DatasetError, load_records
+    from tune_upl.data import load_records
 
     try:
         return {str(r.path): r for r in load_records(make_config(config))}

@@ -23,7 +23,8 @@ from ray import tune
 from tune_upl.config import FIELD_DEFAULTS, make_config
 from tune_upl.prepare import DATA_FIELDS, prepare_dataset
 from tune_upl.final import FINAL_SUFFIX, Selection, final_param_space, final_seeds
-from tune_upl.spec import Param, SearchSpec, SpecError
+from tune_upl.spec import Param, SearchSpec
+from tune_upl.errors import SpecError
 
 GRID_STUDY = "grid"
 OPTUNA_FILE = "optuna.db"  # each TPE study's Optuna storage, in the experiment's local folder

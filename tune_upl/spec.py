@@ -16,16 +16,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from typing_extensions import Annotated
 
-from tune_upl.config import FIELD_NAMES, ConfigError, unknown_field_message, validate_field
+from tune_upl.config import FIELD_NAMES, unknown_field_message, validate_field
+from tune_upl.errors import ConfigError, SpecError
 
 METRIC_PATTERN = re.compile(r"^(val|test)_(recall@[1-9][0-9]*|map@r|r_precision)$")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
 Number = Union[int, float]
 Integer = int  # `Param` has a field named int, which shadows the builtin inside its body
 
-
-class SpecError(ValueError):
-    """An invalid spec; the message is one line per problem, each naming the key path."""
 
 
 class _Strict(BaseModel):

@@ -16,12 +16,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+from tune_upl.errors import StorageError
 
 SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
-
-class StorageError(ValueError):
-    """A storage location that cannot be opened; the message names it and what is allowed."""
 
 
 def is_uri(location: str) -> bool:

@@ -8,6 +8,7 @@ epoch from `ray.tune.get_checkpoint()`. Only the Tune API from `ray.tune` is use
 from __future__ import annotations
 
 import gc
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,13 @@ import torch
 from ray import tune
 
 from tune_upl.config import make_config
-from tune_upl.engine import DivergedError, OutOfMemory, Run, build_run, load_state, save_state, train_epoch
+from tune_upl.engine import Run, build_run, load_state, save_state, train_epoch
+from tune_upl.errors import DivergedError, OutOfMemory
 
+# With `reuse_actors`, Ray waits this long (default 2 s) for the previous trial's thread to end before it hands
+# the worker to the next trial; past it the *next* trial fails ("reuse requires reset_config()"). Releasing a
+# stopped trial (its loaders, model and a gc pass) takes longer than 2 s on a busy node, so wait longer here.
+REUSE_WAIT_S = "120"
 CHECKPOINT_FILE = "state.pt"
 EMBEDDINGS_FILE = "test_embeddings.pt"  # the final model's test database, for the retrieval tool
 
@@ -48,6 +54,7 @@ def train_trial(config: dict[str, Any]) -> None:
 
     With `reuse_actors` the next trial runs in this same process: everything a trial holds is released
     when it returns (loader workers, the model, cached GPU memory)."""
+    os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = REUSE_WAIT_S  # read by this worker when Tune reuses it
     cfg = make_config(config)
     run = build_run(cfg)
     try:
