@@ -67,7 +67,8 @@ def measure(args: argparse.Namespace) -> SuiteResult:
     from torchvision import transforms as T
 
     from tune_upl.config import make_config
-    from tune_upl.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, Record, load_records, train_transform
+    from tune_upl.data import ImageDataset, Record, load_records, train_transform
+    from tune_upl.models import IMAGENET_MEAN, IMAGENET_STD
     from tune_upl.prepare import prepare_dataset
 
     result = SuiteResult("data")

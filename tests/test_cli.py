@@ -56,3 +56,19 @@ def test_report_of_unknown_experiment_is_named(tmp_path):
     out = run_cli("report", "--name", "nope", "--storage", str(tmp_path))
     assert out.returncode == 2
     assert out.stderr.strip() == f"error: no experiment at {tmp_path}/nope (missing search_spec.json); check --name and --storage"
+
+
+def test_help_shows_every_fields_description_and_default(capsys):
+    """`--help` is generated from the TrialConfig field descriptions: one source, so it cannot go stale."""
+    import pytest
+
+    from tune_upl.cli import main
+    from tune_upl.config import FIELD_DEFAULTS, FIELD_HELP
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name, description in FIELD_HELP.items():
+        default = FIELD_DEFAULTS[name]
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        assert f"{' '.join(description.split())} [default: {shown}]" in text, name

@@ -6,19 +6,10 @@ import torch
 
 from tune_upl.archives import read_cub_layout
 from tune_upl.config import make_config
-from tune_upl.data import (
-    BNINCEPTION_MEAN,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageDataset,
-    SplitManager,
-    SplitAccessError,
-    load_records,
-    eval_transform,
-    train_transform,
-)
-from tune_upl.prepare import decode_image_file
+from tune_upl.data import ImageDataset, SplitManager, eval_transform, load_records, train_transform
 from tune_upl.errors import SplitAccessError
+from tune_upl.models import BNINCEPTION_MEAN, IMAGENET_MEAN, IMAGENET_STD
+from tune_upl.prepare import decode_image_file
 
 
 @pytest.fixture(scope="module")

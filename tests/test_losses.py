@@ -95,3 +95,14 @@ def test_proxy_nca_and_normalized_softmax_against_float64_loops():
     assert build_loss("proxy_nca", scale=a)(sims, labels).item() == pytest.approx(nca, rel=1e-5)
     assert build_loss("normalized_softmax", scale=a)(sims, labels).item() == pytest.approx(softmax, rel=1e-5)
     assert build_loss("proxy_nca", scale=a)(torch.ones(3, 1), torch.zeros(3, dtype=torch.long)).item() == 0.0  # C = 1
+
+
+def test_each_loss_takes_the_config_fields_its_signature_names():
+    """A loss's parameters come from its builder's signature: each is a TrialConfig field, a margin exists
+    only where the loss has one, and the loss option's help names every loss."""
+    from tune_upl.config import FIELD_HELP, FIELD_NAMES
+
+    assert LOSS_PARAMETERS == {"balanced_proxy": ("scale", "margin"), "normalized_softmax": ("scale",),
+                               "proxy_anchor": ("scale", "margin"), "proxy_nca": ("scale",)}
+    assert all(set(params) <= set(FIELD_NAMES) for params in LOSS_PARAMETERS.values())
+    assert all(name in FIELD_HELP["loss_name"] for name in LOSSES)

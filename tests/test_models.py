@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from tune_upl.config import make_config
-from tune_upl.models import build_model
+from tune_upl.config import FIELD_HELP
 from tune_upl.errors import ConfigError
+from tune_upl.models import BACKBONES, build_model
 
 
 def test_resnet50_without_weights_gives_feature_dim_embeddings():
@@ -53,9 +54,29 @@ def test_every_backbone_builds_without_weights_and_runs_forward(name, dim):
     torch.manual_seed(0)
     model = build_model(make_config(backbone_type=name, pretrained="none", feature_dim=64), num_classes=4).eval()
     with torch.no_grad():
+        maps = model.net.backbone(torch.randn(2, 3, 96, 96))
         emb = model(torch.randn(2, 3, 96, 96))
-    assert emb.shape == (2, 64) and model.net.embedding.in_features == dim
+    assert emb.shape == (2, 64) and model.net.embedding.in_features == dim == BACKBONES[name].dim
+    assert maps.shape[1] == dim  # the registry's feature size is the feature map's channel count
     assert torch.isfinite(emb).all() and torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_registry_weights_are_the_libraries_published_files_and_every_name_is_documented():
+    """Each entry's weights URL is the one its library would download (nothing is downloaded here), and the
+    option help of backbone_type names every registered backbone, so neither can drift from the code."""
+    import pretrainedmodels
+    from torchvision import models
+
+    published = {
+        "googlenet": models.GoogLeNet_Weights.IMAGENET1K_V1.url,
+        "inception": pretrainedmodels.pretrained_settings["bninception"]["imagenet"]["url"],
+        "resnet18": models.ResNet18_Weights.IMAGENET1K_V1.url,
+        "resnet50": models.ResNet50_Weights.IMAGENET1K_V1.url,
+        "tiny": "",
+    }
+    assert {name: entry.weights_url for name, entry in BACKBONES.items()} == published
+    assert all(name in FIELD_HELP["backbone_type"] for name in BACKBONES)
+    assert len({entry.display for entry in BACKBONES.values()}) == len(BACKBONES)
 
 
 def test_a_torchvision_weight_file_loads_by_its_own_parameter_names(tmp_path):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tune_upl.spec import load_spec, parse_spec
+from tune_upl.spec import Param, load_spec, parse_spec
 from tune_upl.errors import SpecError
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
@@ -99,3 +99,30 @@ def test_load_spec_file_errors(tmp_path):
     code.write_text("name: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(SpecError, match="not valid YAML"):  # safe_load refuses to build objects
         load_spec(code)
+
+
+def test_param_is_the_one_place_that_speaks_optuna():
+    """Sampling, distributions and containment of a space entry live in `Param` only: every other module
+    (searcher, baseline, grid, scheduler, importance, figures) asks it, so they cannot disagree."""
+    import re
+    from pathlib import Path
+
+    import optuna
+
+    package = Path(__file__).resolve().parents[1] / "tune_upl"
+    pattern = re.compile(r"suggest_(categorical|float|int)\b|(Categorical|Float|Int)Distribution\b")
+    found = {p.name for p in package.glob("*.py") if pattern.search(p.read_text())}
+    assert found == {"spec.py"}, found
+    stepped, logged, choice = Param(int=[2, 10], step=4), Param(loguniform=[1e-4, 1e-2]), Param(choice=[8, 32])
+    assert stepped.distribution() == optuna.distributions.IntDistribution(2, 10, step=4)
+    assert logged.distribution() == optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+    assert [stepped.contains(v) for v in (2, 6, 10, 4, 11, "2")] == [True, True, True, False, False, False]
+    assert [logged.contains(v) for v in (1e-4, 1e-3, 1e-1)] == [True, True, False]
+    assert choice.contains(32) and not choice.contains(16) and choice.largest() == 32 and stepped.largest() == 10
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        assert stepped.contains(stepped.suggest(trial, "a")) and logged.contains(logged.suggest(trial, "b"))
+    conditional = Param(choice=[0.1], when={"loss_name": ["proxy_anchor"]})
+    assert [conditional.holds(v) for v in ({}, {"loss_name": "proxy_anchor"}, {"loss_name": "proxy_nca"})] == [
+        None, True, False]

@@ -50,7 +50,7 @@ class DatasetFormat:
     `identity` is the resolved path that names the dataset (no file is touched: trials use it to find
     the prepared cache without the source); `locate` checks the source and returns the folder the image
     names are relative to; `fingerprint` is what a change of the source changes (annotation files' sizes
-    and modification times); `read` lists the images.
+    and modification times); `read` lists the images; `display` is its name in reports.
     """
 
     identity: Callable[["TrialConfig"], Path]
@@ -58,6 +58,7 @@ class DatasetFormat:
     fingerprint: Callable[[Path], list[Any]]
     read: Callable[[Path], list[SourceImage]]
     has_boxes: bool
+    display: str
 
 
 def split_halves(class_ids: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -251,8 +252,12 @@ def locate_synthetic(cfg: "TrialConfig") -> Path:
 
 
 DATASETS: dict[str, DatasetFormat] = {
-    "car": DatasetFormat(car_identity, locate_car, car_fingerprint, read_cars_annos, has_boxes=True),
-    "cub": DatasetFormat(cub_identity, locate_cub, cub_fingerprint, read_cub_layout, has_boxes=True),
-    "folder": DatasetFormat(folder_identity, locate_folder, folder_fingerprint, read_folder, has_boxes=False),
-    "synthetic": DatasetFormat(synthetic_identity, locate_synthetic, cub_fingerprint, read_cub_layout, has_boxes=True),
+    "car": DatasetFormat(car_identity, locate_car, car_fingerprint, read_cars_annos, has_boxes=True,
+                         display="CARS196"),
+    "cub": DatasetFormat(cub_identity, locate_cub, cub_fingerprint, read_cub_layout, has_boxes=True,
+                         display="CUB200-2011"),
+    "folder": DatasetFormat(folder_identity, locate_folder, folder_fingerprint, read_folder, has_boxes=False,
+                            display="image folder"),
+    "synthetic": DatasetFormat(synthetic_identity, locate_synthetic, cub_fingerprint, read_cub_layout,
+                               has_boxes=True, display="synthetic"),
 }

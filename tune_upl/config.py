@@ -37,51 +37,134 @@ class TrialConfig:
     """One training run. Departures from the seed's defaults are listed in the README."""
 
     # --- the seed's train.py options (same names, same defaults) ---
-    data_path: str = "/home/data"  # datasets root: <data_path>/car, <data_path>/cub; folder: the image tree
-    data_name: str = "car"  # registry: tune_upl.archives.DATASETS
-    backbone_type: str = "resnet50"  # registry: tune_upl.models.BACKBONES
-    loss_name: str = "balanced_proxy"  # registry: tune_upl.losses.LOSSES (the seed's default)
-    feature_dim: Annotated[int, Field(ge=1, le=65536)] = 512
-    batch_size: Annotated[int, Field(ge=2)] = 64
-    num_epochs: Annotated[int, Field(ge=1)] = 20
-    warm_up: Annotated[int, Field(ge=0)] = 2  # epochs with the backbone frozen
-    recalls: tuple[Annotated[int, Field(ge=1)], ...] = (1, 2, 4, 8)
+    data_path: Annotated[str, Field(
+        description=(
+            "datasets root holding car/ and cub/; for folder, the image tree itself (seed default "
+            "/home/data)"
+        ),
+    )] = "/home/data"
+    data_name: Annotated[str, Field(
+        description=(
+            "dataset: car, cub, folder (a tree <class>/<image>), or synthetic (embedded, generated into "
+            "cache_dir)"
+        ),
+    )] = "car"
+    backbone_type: Annotated[str, Field(
+        description=(
+            "backbone network: resnet50 (seed default), inception (BN-Inception), googlenet, resnet18, or "
+            "tiny (a small CNN for CPUs)"
+        ),
+    )] = "resnet50"
+    loss_name: Annotated[str, Field(
+        description=(
+            "loss: balanced_proxy (the Unified Proxy Loss, seed default), proxy_anchor, proxy_nca or "
+            "normalized_softmax"
+        ),
+    )] = "balanced_proxy"
+    feature_dim: Annotated[int, Field(ge=1, le=65536, description="embedding dimension (seed default 512)")] = 512
+    batch_size: Annotated[int, Field(ge=2, description="training batch size (seed default 64)")] = 64
+    num_epochs: Annotated[int, Field(ge=1, description="training epochs (seed default 20)")] = 20
+    warm_up: Annotated[int, Field(
+        ge=0,
+        description="epochs at the start with the backbone frozen (seed default 2)",
+    )] = 2
+    recalls: Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(
+        description="Recall@K values to report, comma-separated (seed default 1,2,4,8)",
+    )] = (1, 2, 4, 8)
     # --- optimiser and loss (seed recipe: AdamP, StepLR(5, 0.5), scale 32, margin 0.1) ---
-    optimizer: Literal["adamp", "adamw", "sgd"] = "adamp"
-    lr: Annotated[float, Field(gt=0, le=10)] = 1e-4  # backbone and embedding layer
-    proxy_lr: Annotated[float, Field(gt=0, le=100)] = 1e-2
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    lr_step: Annotated[int, Field(ge=1)] = 5  # epochs between learning-rate decays
-    lr_gamma: Annotated[float, Field(gt=0, le=1)] = 0.5
-    scale: Annotated[float, Field(gt=0, le=1024)] = 32.0
-    margin: Annotated[float, Field(ge=-1, le=1)] = 0.1
+    optimizer: Annotated[Literal["adamp", "adamw", "sgd"], Field(
+        description="adamp (seed), adamw or sgd (momentum 0.9); proxies always at proxy_lr",
+    )] = "adamp"
+    lr: Annotated[float, Field(
+        gt=0, le=10,
+        description="learning rate of backbone and embedding layer (seed: 1e-4)",
+    )] = 1e-4
+    proxy_lr: Annotated[float, Field(gt=0, le=100, description="learning rate of the proxies (seed: 1e-2)")] = 1e-2
+    weight_decay: Annotated[float, Field(ge=0, description="AdamP weight decay (seed: 0)")] = 0.0
+    lr_step: Annotated[int, Field(ge=1, description="epochs between learning-rate decays, StepLR (seed: 5)")] = 5
+    lr_gamma: Annotated[float, Field(gt=0, le=1, description="learning-rate decay factor, StepLR (seed: 0.5)")] = 0.5
+    scale: Annotated[float, Field(gt=0, le=1024, description="loss scale alpha (seed: 32)")] = 32.0
+    margin: Annotated[float, Field(ge=-1, le=1, description="loss margin delta (seed: 0.1)")] = 0.1
     # --- model ---
-    image_size: Annotated[int, Field(ge=16, le=1024)] = 224
-    pooling: Pooling = "max"
-    layer_norm: bool = True
-    pretrained: str = "auto"  # auto | none | path to a state_dict file
-    freeze_bn: Union[bool, Literal["auto"]] = "auto"  # auto: frozen exactly when pretrained
+    image_size: Annotated[int, Field(
+        ge=16, le=1024,
+        description="training and test crop size in pixels (seed: 224)",
+    )] = 224
+    pooling: Annotated[Pooling, Field(description="global pooling of the feature map: max (seed), avg, avgmax")] = "max"
+    layer_norm: Annotated[bool, Field(
+        description="layer norm over the pooled backbone feature, no affine (seed: true)",
+    )] = True
+    pretrained: Annotated[str, Field(
+        description="backbone weights: auto (ImageNet except tiny), none, or a state_dict file",
+    )] = "auto"
+    freeze_bn: Annotated[Union[bool, Literal["auto"]], Field(
+        description="keep BatchNorm statistics frozen: auto (when pretrained, as the seed), true, false",
+    )] = "auto"
     # --- data and protocol ---
-    protocol: Protocol = "val"
-    final: bool = False  # the final stage: train on train + validation classes, test once after the last epoch
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
-    dataset_seed: Annotated[int, Field(ge=0)] = 0
-    cache_dir: str = "~/.cache/tune_upl"  # the command line resolves $TUNE_UPL_CACHE into it
-    crop: Literal["uncropped", "cropped"] = "uncropped"  # cropped: each image cut to its bounding box
-    cache_size: Annotated[int, Field(ge=16, le=4096)] = 256  # shorter side of the prepared images (px)
-    num_workers: Union[Annotated[int, Field(ge=0)], Literal["auto"]] = "auto"
+    protocol: Annotated[Protocol, Field(
+        description=(
+            "val: select on validation classes, test once at the end; seed: the seed's test-selected "
+            "protocol"
+        ),
+    )] = "val"
+    final: Annotated[bool, Field(
+        description=(
+            "final-stage run: train on all training classes (train + validation), test once after the last "
+            "epoch"
+        ),
+    )] = False
+    val_fraction: Annotated[float, Field(
+        gt=0, lt=1,
+        description="share of the training classes held out for validation under protocol val (ours: 0.2)",
+    )] = 0.2
+    dataset_seed: Annotated[int, Field(
+        ge=0,
+        description="seed of the embedded synthetic dataset's generator (independent of seed)",
+    )] = 0
+    cache_dir: Annotated[str, Field(
+        description="folder for generated and prepared data (default $TUNE_UPL_CACHE, else ~/.cache/tune_upl)",
+    )] = "~/.cache/tune_upl"
+    crop: Annotated[Literal["uncropped", "cropped"], Field(
+        description="image variant: uncropped (seed) or cropped to the bounding boxes (cub, car, synthetic)",
+    )] = "uncropped"
+    cache_size: Annotated[int, Field(
+        ge=16, le=4096,
+        description=(
+            "shorter side in px of the prepared images; never enlarged (default 256 = the test resize at "
+            "224)"
+        ),
+    )] = 256
+    num_workers: Annotated[Union[Annotated[int, Field(ge=0)], Literal["auto"]], Field(
+        description="data-loader workers: auto (min(8, threads-1)) or a number (seed: 8)",
+    )] = "auto"
     # --- execution ---
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 (fp16 without bf16) on CUDA, off on CPU
-    channels_last: Union[bool, Literal["auto"]] = "auto"  # auto: on CUDA only
-    deterministic: bool = False  # true: the seed's cudnn.deterministic, no cudnn.benchmark
-    compile: bool = False  # torch.compile the embedding network
-    seed: Annotated[int, Field(ge=0)] = 1
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    num_threads: Annotated[int, Field(ge=0)] = 0  # 0: every CPU this process may use
+    amp: Annotated[Literal["auto", "bf16", "fp16", "off"], Field(
+        description="mixed precision: auto (bf16 on CUDA, fp16 where bf16 is missing; off on CPU), bf16, fp16, off",
+    )] = "auto"
+    channels_last: Annotated[Union[bool, Literal["auto"]], Field(
+        description="channels-last memory format: auto (on CUDA), true, false",
+    )] = "auto"
+    deterministic: Annotated[bool, Field(
+        description="cudnn deterministic and no cudnn.benchmark, as the seed (slower); false: benchmark on",
+    )] = False
+    compile: Annotated[bool, Field(
+        description="torch.compile the embedding network (startup cost, faster steps on a GPU)",
+    )] = False
+    seed: Annotated[int, Field(ge=0, description="training seed: numpy, torch, loader shuffling (seed: 1)")] = 1
+    device: Annotated[str, Field(description="auto (cuda when available), cpu, cuda or cuda:N")] = "auto"
+    num_threads: Annotated[int, Field(ge=0, description="torch CPU threads; 0 = every CPU this process may use")] = 0
     # --- drills: make a run fail on purpose, to test retries and reports (never in a real search) ---
-    inject_fault: Literal["none", "raise", "exit", "nan", "oom"] = "none"
-    fault_epoch: Annotated[int, Field(ge=1)] = 1
-    fault_times: Annotated[int, Field(ge=1)] = 1  # attempts that fail; the next retry succeeds
+    inject_fault: Annotated[Literal["none", "raise", "exit", "nan", "oom"], Field(
+        description=(
+            "drills and tests only: none, raise (an exception), exit (the process dies), nan (the loss "
+            "diverges), oom (an out-of-memory error), at fault_epoch"
+        ),
+    )] = "none"
+    fault_epoch: Annotated[int, Field(ge=1, description="the epoch whose training step injects the fault")] = 1
+    fault_times: Annotated[int, Field(
+        ge=1,
+        description="how many attempts of a trial fail before a retry succeeds (a large number: it keeps failing)",
+    )] = 1
 
     @field_validator("recalls", mode="before")
     @classmethod
@@ -222,47 +305,5 @@ def validate_field(name: str, value: Any) -> Any:
         raise ConfigError(format_validation_error(error)) from None
 
 
-FIELD_HELP: dict[str, str] = {
-    "data_path": "datasets root holding car/ and cub/; for folder, the image tree itself (seed default /home/data)",
-    "data_name": "dataset: car, cub, folder (a tree <class>/<image>), or synthetic (embedded, generated into cache_dir)",
-    "backbone_type": "backbone network: resnet50 (seed default) or tiny (a small CNN for CPUs)",
-    "loss_name": "loss: balanced_proxy (the Unified Proxy Loss, seed default) or proxy_anchor",
-    "feature_dim": "embedding dimension (seed default 512)",
-    "batch_size": "training batch size (seed default 64)",
-    "num_epochs": "training epochs (seed default 20)",
-    "warm_up": "epochs at the start with the backbone frozen (seed default 2)",
-    "recalls": "Recall@K values to report, comma-separated (seed default 1,2,4,8)",
-    "optimizer": "adamp (seed), adamw or sgd (momentum 0.9); proxies always at proxy_lr",
-    "lr": "learning rate of backbone and embedding layer (seed: 1e-4)",
-    "proxy_lr": "learning rate of the proxies (seed: 1e-2)",
-    "weight_decay": "AdamP weight decay (seed: 0)",
-    "lr_step": "epochs between learning-rate decays, StepLR (seed: 5)",
-    "lr_gamma": "learning-rate decay factor, StepLR (seed: 0.5)",
-    "scale": "loss scale alpha (seed: 32)",
-    "margin": "loss margin delta (seed: 0.1)",
-    "image_size": "training and test crop size in pixels (seed: 224)",
-    "pooling": "global pooling of the feature map: max (seed), avg, avgmax",
-    "layer_norm": "layer norm over the pooled backbone feature, no affine (seed: true)",
-    "pretrained": "backbone weights: auto (ImageNet except tiny), none, or a state_dict file",
-    "freeze_bn": "keep BatchNorm statistics frozen: auto (when pretrained, as the seed), true, false",
-    "protocol": "val: select on validation classes, test once at the end; seed: the seed's test-selected protocol",
-    "final": "final-stage run: train on all training classes (train + validation), test once after the last epoch",
-    "val_fraction": "share of the training classes held out for validation under protocol val (ours: 0.2)",
-    "dataset_seed": "seed of the embedded synthetic dataset's generator (independent of seed)",
-    "cache_dir": "folder for generated and prepared data (default $TUNE_UPL_CACHE, else ~/.cache/tune_upl)",
-    "crop": "image variant: uncropped (seed) or cropped to the bounding boxes (cub, car, synthetic)",
-    "cache_size": "shorter side in px of the prepared images; never enlarged (default 256 = the test resize at 224)",
-    "num_workers": "data-loader workers: auto (min(8, threads-1)) or a number (seed: 8)",
-    "seed": "training seed: numpy, torch, loader shuffling (seed: 1)",
-    "device": "auto (cuda when available), cpu, cuda or cuda:N",
-    "amp": "mixed precision: auto (bf16 on CUDA, fp16 where bf16 is missing; off on CPU), bf16, fp16, off",
-    "channels_last": "channels-last memory format: auto (on CUDA), true, false",
-    "deterministic": "cudnn deterministic and no cudnn.benchmark, as the seed (slower); false: benchmark on",
-    "compile": "torch.compile the embedding network (startup cost, faster steps on a GPU)",
-    "num_threads": "torch CPU threads; 0 = every CPU this process may use",
-    "inject_fault": "drills and tests only: none, raise (an exception), exit (the process dies), nan (the loss "
-    "diverges), oom (an out-of-memory error), at fault_epoch",
-    "fault_epoch": "the epoch whose training step injects the fault",
-    "fault_times": "how many attempts of a trial fail before a retry succeeds (a large number: it keeps failing)",
-}
-assert set(FIELD_HELP) == set(FIELD_NAMES), "every TrialConfig field is documented"
+# The --help text of each option: the field descriptions above are its one source.
+FIELD_HELP: dict[str, str] = {name: info.description or "" for name, info in TrialConfig.__pydantic_fields__.items()}

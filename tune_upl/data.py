@@ -18,17 +18,14 @@ from torchvision.transforms import v2
 
 from tune_upl.archives import DATASETS, split_halves
 from tune_upl.config import TrialConfig
+from tune_upl.models import BACKBONES, TORCHVISION_INPUT
 from tune_upl.prepare import PIXELS_FILE, decode_image_file, read_manifest
 from tune_upl.errors import ConfigError, DatasetError, SplitAccessError
 
 __all__ = [
-    "DATASETS", "DatasetError", "SplitAccessError", "Record", "load_records", "SplitManager",
-    "train_transform", "eval_transform", "ImageDataset", "make_loader",
+    "Record", "load_records", "SplitManager", "train_transform", "eval_transform", "ImageDataset", "make_loader",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-BNINCEPTION_MEAN = (104.0, 117.0, 128.0)  # BGR order, 0-255 scale (pretrainedmodels' bninception)
 SPLIT_SEED = 0  # the validation classes depend on this constant only, never on the training seed
 
 SplitName = Literal["train", "val", "test"]
@@ -125,10 +122,11 @@ class ToBGR(torch.nn.Module):
 
 
 def _to_network_input(backbone_type: Optional[str]) -> list[torch.nn.Module]:
-    """uint8 -> float input of the backbone: BN-Inception BGR 0-255 minus its mean; the others ImageNet RGB."""
-    if backbone_type == "inception":
-        return [v2.ToDtype(torch.float32, scale=False), ToBGR(), v2.Normalize(BNINCEPTION_MEAN, (1.0, 1.0, 1.0))]
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    """uint8 -> float input of the backbone, as its registry entry says (BN-Inception: BGR 0-255 minus its
+    mean; the torchvision models: RGB in [0, 1], ImageNet mean and std)."""
+    norm = BACKBONES[backbone_type].input if backbone_type else TORCHVISION_INPUT
+    return [v2.ToDtype(torch.float32, scale=norm.unit_scale), *([ToBGR()] if norm.bgr else []),
+            v2.Normalize(norm.mean, norm.std)]
 
 
 def train_transform(image_size: int, backbone_type: Optional[str] = None) -> v2.Compose:

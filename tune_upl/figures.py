@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from tune_upl.importance import Importance
 from tune_upl.results import ExperimentData
+from tune_upl.spec import Param
 
 STATE_COLOURS = {"completed": "tab:blue", "stopped early": "tab:orange", "diverged": "tab:red",
                  "out of memory": "tab:purple", "errored": "black", "running": "tab:green"}
@@ -102,10 +103,10 @@ def objective_vs_params(data: ExperimentData, path: Path) -> bool:
     trials = data.trials.dropna(subset=["objective"])
     jitter = np.random.default_rng(0)
     for axis, name in zip(axes, names):
-        param = data.spec["space"][name]
+        param = Param.model_validate(data.spec["space"][name])
         shown = trials[trials[name].notna()]
-        if param.get("choice") is not None:
-            choices = [str(c) for c in param["choice"]]
+        if param.choice is not None:
+            choices = [str(c) for c in param.choice]
             positions = {c: i for i, c in enumerate(choices)}
             xs = np.array([positions.get(str(v), positions.get(str(_number(v)), -1)) for v in shown[name]], float)
             xs += jitter.uniform(-0.12, 0.12, len(xs))
@@ -113,7 +114,7 @@ def objective_vs_params(data: ExperimentData, path: Path) -> bool:
             axis.set_xlim(-0.5, len(choices) - 0.5)
         else:
             xs = shown[name].astype(float).to_numpy()
-            if param.get("loguniform") is not None:
+            if param.loguniform is not None:
                 axis.set_xscale("log")
         for state, colour in STATE_COLOURS.items():
             mask = (shown["state"] == state).to_numpy()

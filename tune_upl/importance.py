@@ -15,6 +15,8 @@ from typing import Any, Optional
 import optuna
 import pandas as pd
 
+from tune_upl.spec import Param
+
 # PED-ANOVA's documentation asks for at least 5 trials in its top quantile (10 %) to be stable
 TARGET_QUANTILE = 0.1
 MIN_TOP_TRIALS = 5
@@ -34,31 +36,11 @@ class Importance:
         return self.completed >= MEANINGFUL_TRIALS
 
 
-def distribution(param: dict[str, Any]) -> optuna.distributions.BaseDistribution:
-    """The Optuna distribution of a spec `space` entry (as `search.define_space` samples it)."""
-    if param.get("choice") is not None:
-        return optuna.distributions.CategoricalDistribution(list(param["choice"]))
-    if param.get("uniform") is not None:
-        return optuna.distributions.FloatDistribution(*param["uniform"])
-    if param.get("loguniform") is not None:
-        return optuna.distributions.FloatDistribution(*param["loguniform"], log=True)
-    return optuna.distributions.IntDistribution(*param["int"], step=param.get("step") or 1)
-
-
-def _as_choice(value: Any, dist: optuna.distributions.BaseDistribution) -> Any:
-    """A config value in the distribution's own type (Tune may hold 32.0 for the choice 32)."""
-    if isinstance(dist, optuna.distributions.CategoricalDistribution):
-        return next((c for c in dist.choices if c == value), value)
-    if isinstance(dist, optuna.distributions.IntDistribution):
-        return int(value)
-    return float(value)
-
-
-def _inside(value: Any, dist: optuna.distributions.BaseDistribution) -> bool:
-    try:
-        return dist._contains(dist.to_internal_repr(value))
-    except ValueError:
-        return False
+def _as_choice(value: Any, param: Param) -> Any:
+    """A config value in the entry's own type (Tune may hold 32.0 for the choice 32)."""
+    if param.choice is not None:
+        return next((c for c in param.choice if c == value), value)
+    return int(value) if param.int is not None else float(value)
 
 
 def rebuild_study(trials: pd.DataFrame, epochs: pd.DataFrame, space: dict[str, dict[str, Any]],
@@ -66,11 +48,11 @@ def rebuild_study(trials: pd.DataFrame, epochs: pd.DataFrame, space: dict[str, d
     """An in-memory Optuna study of one Tune study's trials (rows of `results.trial_rows`)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line per report
     study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
-    dists = {name: distribution(param) for name, param in space.items()}
+    params_of = {name: Param.model_validate(param) for name, param in space.items()}
     for row in trials.sort_values("_order").to_dict("records"):
-        present = {n: d for n, d in dists.items() if not pd.isna(row.get(n))}  # NaN: `when` did not hold
-        params = {n: _as_choice(row[n], d) for n, d in present.items()}
-        if not all(_inside(params[n], d) for n, d in present.items()):
+        present = {n: p for n, p in params_of.items() if not pd.isna(row.get(n))}  # NaN: `when` did not hold
+        params = {n: _as_choice(row[n], p) for n, p in present.items()}
+        if not all(p.contains(params[n]) for n, p in present.items()):
             continue  # a value outside the space (a spec changed under the experiment): not comparable
         if row["state"] == "completed" and not math.isnan(row["objective"]):
             state, value = optuna.trial.TrialState.COMPLETE, row["objective"]
@@ -85,7 +67,8 @@ def rebuild_study(trials: pd.DataFrame, epochs: pd.DataFrame, space: dict[str, d
             mine = epochs[(epochs["study"] == row["study"]) & (epochs["trial"] == row["trial"])]
             intermediate = {int(e): float(v) for e, v in zip(mine["training_iteration"], mine[metric])
                             if not pd.isna(v)}
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=present, value=value,
+        distributions = {n: p.distribution() for n, p in present.items()}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value,
                                                   state=state, intermediate_values=intermediate))
     return study
 

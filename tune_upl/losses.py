@@ -6,6 +6,7 @@ finite at scale 64 with similarities near +-1, also under autocast.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -108,13 +109,15 @@ LOSSES: dict[str, Callable[..., nn.Module]] = {
     "proxy_anchor": proxy_anchor,
     "proxy_nca": ProxyNCALoss,
 }
-# The TrialConfig fields each loss takes: a margin exists only where the loss has one.
-LOSS_PARAMETERS: dict[str, tuple[str, ...]] = {
-    "balanced_proxy": ("scale", "margin"),
-    "normalized_softmax": ("scale",),
-    "proxy_anchor": ("scale", "margin"),
-    "proxy_nca": ("scale",),
-}
+
+
+def loss_parameters(name: str) -> tuple[str, ...]:
+    """The TrialConfig fields a loss takes: its builder's parameters, named as the fields (a margin exists
+    only where the loss has one), read from its signature so that they cannot drift from the code."""
+    return tuple(inspect.signature(LOSSES[name]).parameters)
+
+
+LOSS_PARAMETERS: dict[str, tuple[str, ...]] = {name: loss_parameters(name) for name in LOSSES}
 
 
 def build_loss(name: str, **params: float) -> nn.Module:

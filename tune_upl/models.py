@@ -18,12 +18,36 @@ from tune_upl.config import TrialConfig
 from tune_upl.errors import ConfigError
 
 
-@dataclass(frozen=True)
-class Backbone:
-    """A feature-map extractor and the channel count of its output."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BNINCEPTION_MEAN = (104.0, 117.0, 128.0)  # BGR order, 0-255 scale (pretrainedmodels' bninception)
 
-    module: nn.Module
+
+@dataclass(frozen=True)
+class InputNorm:
+    """How uint8 RGB images become a backbone's input: the normalisation its ImageNet weights were trained with."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    unit_scale: bool = True  # divide by 255 first (torchvision); Caffe models take 0-255
+    bgr: bool = False  # channels in BGR order (Caffe)
+
+
+TORCHVISION_INPUT = InputNorm(IMAGENET_MEAN, IMAGENET_STD)
+CAFFE_BGR_INPUT = InputNorm(BNINCEPTION_MEAN, (1.0, 1.0, 1.0), unit_scale=False, bgr=True)
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """Everything the platform knows about one backbone, in one place: how to build it (with or without its
+    ImageNet weights), the channels of its feature map, its input normalisation, where its published weights
+    live, and its name in reports."""
+
+    build: Callable[[bool], nn.Module]
     dim: int
+    input: InputNorm
+    weights_url: str  # the published ImageNet weights ("" for none)
+    display: str
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:
@@ -32,12 +56,14 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
     )
 
 
-def build_tiny(pretrained: bool) -> Backbone:
+TINY_CHANNELS = (3, 32, 64, 128, 256)
+
+
+def build_tiny(pretrained: bool) -> nn.Module:
     """Four conv blocks (32-64-128-256 channels): trains in seconds on a CPU at 64 px."""
     if pretrained:
         raise ConfigError("TrialConfig.pretrained: the tiny backbone has no ImageNet weights; use none or a file")
-    channels = [3, 32, 64, 128, 256]
-    return Backbone(nn.Sequential(*[_conv_block(a, b) for a, b in zip(channels, channels[1:])]), channels[-1])
+    return nn.Sequential(*[_conv_block(a, b) for a, b in zip(TINY_CHANNELS, TINY_CHANNELS[1:])])
 
 
 def _torchvision_weights(name: str, pretrained: bool) -> Any:
@@ -74,22 +100,21 @@ class ResNetFeatures(nn.Module):
         return x
 
 
-def _resnet(name: str, pretrained: bool, dim: int) -> Backbone:
+def _resnet(name: str, pretrained: bool) -> nn.Module:
     from torchvision import models
 
     weights = _torchvision_weights(name, pretrained)
-    net = _fetch(lambda: getattr(models, name)(weights=weights), weights.url if weights else "")
-    return Backbone(ResNetFeatures(net), dim)
+    return ResNetFeatures(_fetch(lambda: getattr(models, name)(weights=weights), weights.url if weights else ""))
 
 
-def build_resnet18(pretrained: bool) -> Backbone:
+def build_resnet18(pretrained: bool) -> nn.Module:
     """torchvision ResNet18 (512-d feature map): a quick real backbone."""
-    return _resnet("resnet18", pretrained, 512)
+    return _resnet("resnet18", pretrained)
 
 
-def build_resnet50(pretrained: bool) -> Backbone:
+def build_resnet50(pretrained: bool) -> nn.Module:
     """torchvision ResNet50 (2048-d feature map), the seed's default."""
-    return _resnet("resnet50", pretrained, 2048)
+    return _resnet("resnet50", pretrained)
 
 
 class GoogLeNetFeatures(nn.Module):
@@ -110,13 +135,13 @@ class GoogLeNetFeatures(nn.Module):
         return x
 
 
-def build_googlenet(pretrained: bool) -> Backbone:
+def build_googlenet(pretrained: bool) -> nn.Module:
     from torchvision.models import googlenet
 
     weights = _torchvision_weights("googlenet", pretrained)
     net = _fetch(lambda: googlenet(weights=weights, aux_logits=False, init_weights=not pretrained),
                  weights.url if weights else "")
-    return Backbone(GoogLeNetFeatures(net), 1024)
+    return GoogLeNetFeatures(net)
 
 
 class BNInceptionFeatures(nn.Module):
@@ -131,14 +156,14 @@ class BNInceptionFeatures(nn.Module):
         return self.net.features(x)
 
 
-def build_inception(pretrained: bool) -> Backbone:
+def build_inception(pretrained: bool) -> nn.Module:
     """BN-Inception from `pretrainedmodels` (`pretrained='imagenet'`), as the seed and Proxy-Anchor use."""
     import pretrainedmodels
 
     url = pretrainedmodels.pretrained_settings["bninception"]["imagenet"]["url"]
     net = _fetch(lambda: pretrainedmodels.bninception(num_classes=1000, pretrained="imagenet" if pretrained else None),
                  url)
-    return Backbone(BNInceptionFeatures(net), 1024)
+    return BNInceptionFeatures(net)
 
 
 def _download_help(url: str, error: Exception) -> str:
@@ -149,12 +174,16 @@ def _download_help(url: str, error: Exception) -> str:
     )
 
 
-BACKBONES: dict[str, Callable[[bool], Backbone]] = {
-    "googlenet": build_googlenet,
-    "inception": build_inception,
-    "resnet18": build_resnet18,
-    "resnet50": build_resnet50,
-    "tiny": build_tiny,
+BACKBONES: dict[str, BackboneEntry] = {
+    "googlenet": BackboneEntry(build_googlenet, 1024, TORCHVISION_INPUT,
+                               "https://download.pytorch.org/models/googlenet-1378be20.pth", "GoogLeNet"),
+    "inception": BackboneEntry(build_inception, 1024, CAFFE_BGR_INPUT,
+                               "http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth", "Inception"),
+    "resnet18": BackboneEntry(build_resnet18, 512, TORCHVISION_INPUT,
+                              "https://download.pytorch.org/models/resnet18-f37072fd.pth", "ResNet18"),
+    "resnet50": BackboneEntry(build_resnet50, 2048, TORCHVISION_INPUT,
+                              "https://download.pytorch.org/models/resnet50-0676ba61.pth", "ResNet50"),
+    "tiny": BackboneEntry(build_tiny, TINY_CHANNELS[-1], TORCHVISION_INPUT, "", "Tiny"),
 }
 
 
@@ -176,12 +205,13 @@ def load_weights_file(module: nn.Module, path: str) -> None:
 class EmbeddingNet(nn.Module):
     """Backbone + pooling + layer norm + bias-free linear embedding, L2-normalised."""
 
-    def __init__(self, backbone: Backbone, feature_dim: int, pooling: str = "max", layer_norm: bool = True):
+    def __init__(self, backbone: nn.Module, backbone_dim: int, feature_dim: int, pooling: str = "max",
+                 layer_norm: bool = True):
         super().__init__()
-        self.backbone = backbone.module
+        self.backbone = backbone
         self.pooling = pooling
         self.layer_norm = layer_norm
-        self.embedding = nn.Linear(backbone.dim, feature_dim, bias=False)
+        self.embedding = nn.Linear(backbone_dim, feature_dim, bias=False)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         maps = self.backbone(images)
@@ -241,8 +271,9 @@ class MetricModel(nn.Module):
 def build_model(cfg: TrialConfig, num_classes: int) -> MetricModel:
     """Build backbone, head and proxies from the config; seeds must be set by the caller."""
     pretrained_file = cfg.pretrained not in ("auto", "none")
-    backbone = BACKBONES[cfg.backbone_type](cfg.uses_pretrained_weights and not pretrained_file)
+    entry = BACKBONES[cfg.backbone_type]
+    backbone = entry.build(cfg.uses_pretrained_weights and not pretrained_file)
     if pretrained_file:  # library backbones wrap the library's model as `.net`, whose names weight files use
-        load_weights_file(getattr(backbone.module, "net", backbone.module), cfg.pretrained)
-    net = EmbeddingNet(backbone, cfg.feature_dim, cfg.pooling, cfg.layer_norm)
+        load_weights_file(getattr(backbone, "net", backbone), cfg.pretrained)
+    net = EmbeddingNet(backbone, entry.dim, cfg.feature_dim, cfg.pooling, cfg.layer_norm)
     return MetricModel(net, ProxyHead(num_classes, cfg.feature_dim), freeze_bn=cfg.bn_frozen)

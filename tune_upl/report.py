@@ -24,12 +24,25 @@ from tune_upl.results import STATES, ExperimentData, FinalResult, load_experimen
 from tune_upl.storage import is_uri
 from tune_upl.errors import ExperimentError
 
-BACKBONE_NAMES = {"resnet50": "ResNet50", "inception": "Inception", "googlenet": "GoogLeNet", "tiny": "Tiny",
-                  "resnet18": "ResNet18"}
-DATA_NAMES = {"car": "CARS196", "cub": "CUB200-2011", "synthetic": "synthetic", "folder": "image folder"}
 LEADERBOARD_TOP = 50  # trials per study in the markdown; every trial is in <name>/trials.csv
 RETRIEVAL_QUERIES, RETRIEVAL_NUM = 3, 8
 SEARCH_STATES = ("completed", "stopped early", "diverged", "errored")  # always shown, even at 0
+
+
+def backbone_display(name: str) -> str:
+    """A backbone's name in reports, from its registry entry; a name the registry lacks (an old experiment) as is."""
+    from tune_upl.models import BACKBONES  # torch loads only when a report is written, not on import
+
+    entry = BACKBONES.get(name)
+    return entry.display if entry else name
+
+
+def data_display(name: str) -> str:
+    """A dataset's name in reports, from its registry entry."""
+    from tune_upl.archives import DATASETS
+
+    entry = DATASETS.get(name)
+    return entry.display if entry else name
 
 
 def _percent(value: float) -> str:
@@ -99,7 +112,7 @@ def benchmark_tables(data: ExperimentData, refs: References) -> list[str]:
         for final in finals:
             name, backbone, loss, dim = _group(final.config)
             ref = refs.find(name, backbone, loss, dim)
-            head = {"Backbone": BACKBONE_NAMES.get(backbone, backbone), "Loss": loss, "Dim": dim}
+            head = {"Backbone": backbone_display(backbone), "Loss": loss, "Dim": dim}
             row = dict(head)
             for k in ks:
                 values = _values(final, f"test_recall@{k}")
@@ -169,7 +182,7 @@ def loss_comparison(data: ExperimentData, figure: Optional[str]) -> list[str]:
         return ["Nothing tested yet.", ""]
     lines = []
     for (name, backbone), losses in sorted(groups.items()):
-        lines += [f"### {DATA_NAMES.get(name, name)} / {BACKBONE_NAMES.get(backbone, backbone)}", ""]
+        lines += [f"### {data_display(name)} / {backbone_display(backbone)}", ""]
         rows = []
         for loss, final in sorted(losses.items()):
             r1 = _values(final, "test_recall@1")

@@ -87,8 +87,9 @@ def study_folders(experiment: Path) -> list[Path]:
 
 def param_exists(spec: dict[str, Any], name: str, config: dict[str, Any]) -> bool:
     """Whether a searched field exists for a trial: its `when` holds for the trial's configuration."""
-    when = spec["space"][name].get("when") or {}
-    return all(config.get(other) in allowed for other, allowed in when.items())
+    from tune_upl.spec import Param
+
+    return Param.model_validate(spec["space"][name]).holds(config) is True
 
 
 def read_results(path: Path) -> pd.DataFrame:

@@ -44,16 +44,6 @@ def study_key(point: dict[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in point.items()) or "main"
 
 
-def _condition_holds(param: Param, values: dict[str, Any]) -> Optional[bool]:
-    """True/False when every field `when` names is known in `values`; None while one is still open."""
-    for other, allowed in (param.when or {}).items():
-        if other not in values:
-            return None
-        if values[other] not in allowed:
-            return False
-    return True
-
-
 def order_space(space: dict[str, Param]) -> dict[str, Param]:
     """Parameters after the searched fields their `when` depends on (define-by-run samples in order)."""
     ordered: dict[str, Param] = {}
@@ -84,7 +74,7 @@ def plan_studies(spec: SearchSpec, overrides: dict[str, Any]) -> list[Study]:
             if name in overrides:
                 continue
             fixed_view = {k: v for k, v in base.items() if k not in spec.space or k in overrides}
-            if _condition_holds(param, fixed_view) is False:
+            if param.holds(fixed_view) is False:
                 continue  # decided once for this study: the parameter does not exist here
             space[name] = param
         for name in space:
@@ -98,35 +88,18 @@ def define_space(trial: Any, space: dict[str, Param], base: dict[str, Any]) -> d
     """Optuna define-by-run space (module level: the searcher is pickled). Returns the fixed fields."""
     values: dict[str, Any] = {}
     for name, param in space.items():
-        if _condition_holds(param, {**base, **values}) is False:
-            continue
-        if param.choice is not None:
-            values[name] = trial.suggest_categorical(name, list(param.choice))
-        elif param.uniform is not None:
-            values[name] = trial.suggest_float(name, *param.uniform)
-        elif param.loguniform is not None:
-            values[name] = trial.suggest_float(name, *param.loguniform, log=True)
-        else:
-            values[name] = trial.suggest_int(name, *param.int, step=param.step or 1)
+        if param.holds({**base, **values}) is not False:
+            values[name] = param.suggest(trial, name)
     return dict(base)
-
-
-def _contains(param: Param, value: Any) -> bool:
-    if param.choice is not None:
-        return value in param.choice
-    low, high = param.uniform or param.loguniform or param.int
-    if not isinstance(value, (int, float)) or not low <= value <= high:
-        return False
-    return param.int is None or (value - low) % (param.step or 1) == 0
 
 
 def baseline_point(space: dict[str, Param], base: dict[str, Any]) -> dict[str, Any]:
     """The seed's recipe for every searched field whose space contains it; the rest is sampled."""
     point: dict[str, Any] = {}
     for name, param in space.items():
-        if _condition_holds(param, {**base, **point}) is False:
+        if param.holds({**base, **point}) is False:
             continue
-        if _contains(param, FIELD_DEFAULTS[name]):
+        if param.contains(FIELD_DEFAULTS[name]):
             point[name] = FIELD_DEFAULTS[name]
     return point
 
@@ -139,7 +112,7 @@ def grid_points(spec: SearchSpec, study: Study) -> list[dict[str, Any]]:
     for combo in itertools.product(*lists):
         point = dict(zip(names, combo))
         for name, param in study.space.items():
-            if _condition_holds(param, {**study.base, **point}) is False:
+            if param.holds({**study.base, **point}) is False:
                 point.pop(name)
         frozen = json.dumps(point, sort_keys=True, default=str)
         if frozen not in seen:
@@ -183,8 +156,7 @@ def make_scheduler(spec: SearchSpec, study: Study) -> tune.schedulers.TrialSched
         return tune.schedulers.FIFOScheduler()
     max_epochs = study.base.get("num_epochs")
     if max_epochs is None:  # num_epochs itself is searched: the largest budget it can take
-        param = study.space["num_epochs"]
-        max_epochs = max(param.choice) if param.choice is not None else param.int[1]
+        max_epochs = study.space["num_epochs"].largest()
     return tune.schedulers.ASHAScheduler(
         time_attr="training_iteration",
         metric=spec.objective.metric,

@@ -93,6 +93,48 @@ class Param(_Strict):
     def kind(self) -> str:
         return next(name for name in DISTRIBUTIONS if getattr(self, name) is not None)
 
+    # The one place that maps a spec entry to Optuna: sampling, the distribution and containment.
+    def distribution(self) -> Any:
+        """The Optuna distribution this entry samples from (the searcher's and the importance study's)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.choice is not None:
+            return CategoricalDistribution(list(self.choice))
+        if self.int is not None:
+            return IntDistribution(*self.int, step=self.step or 1)
+        return FloatDistribution(*(self.uniform or self.loguniform), log=self.loguniform is not None)
+
+    def suggest(self, trial: Any, name: str) -> Any:
+        """Sample this field in an Optuna define-by-run trial."""
+        if self.choice is not None:
+            return trial.suggest_categorical(name, list(self.choice))
+        if self.int is not None:
+            return trial.suggest_int(name, *self.int, step=self.step or 1)
+        return trial.suggest_float(name, *(self.uniform or self.loguniform), log=self.loguniform is not None)
+
+    def contains(self, value: Any) -> bool:
+        """Whether `value` is a point of this entry (a choice, or within the bounds on the int step)."""
+        if self.choice is not None:
+            return value in self.choice
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        low, high = self.uniform or self.loguniform or self.int
+        return low <= value <= high and (self.int is None or (value - low) % (self.step or 1) == 0)
+
+    def largest(self) -> Any:
+        """The largest value this entry can take (e.g. the longest `num_epochs` a study can run)."""
+        return max(self.choice) if self.choice is not None else (self.uniform or self.loguniform or self.int)[1]
+
+    def holds(self, values: dict[str, Any]) -> Optional[bool]:
+        """Whether this field exists for `values` by its `when`: True/False once every field `when` names is
+        known in `values`, None while one is still open."""
+        for other, allowed in (self.when or {}).items():
+            if other not in values:
+                return None
+            if values[other] not in allowed:
+                return False
+        return True
+
     def values_to_check(self) -> list[Any]:
         """Values that must be legal for the field: every choice, or both bounds."""
         if self.choice is not None:
