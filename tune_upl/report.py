@@ -106,7 +106,7 @@ def benchmark_tables(data: ExperimentData, refs: References) -> list[str]:
     ks = tuple(data.finals[0].config["recalls"])
     for data_name, finals in sorted(tested.items()):
         selected = any(f.test_selected for f in finals)
-        shown = DATA_NAMES.get(data_name, data_name)
+        shown = data_display(data_name)
         lines += [f"### {shown}" + (f" (`{data_name}`)" if shown != data_name else ""), ""]
         recall_rows, other_rows, cited = [], [], False
         for final in finals:
@@ -443,7 +443,7 @@ def retrieval_section(data: ExperimentData, figures: Figures) -> list[str]:
             return True
 
         link = figures.draw(f"retrieval_{data_name}.png", draw)
-        lines += [f"### {DATA_NAMES.get(data_name, data_name)}: `{best.key}`", ""]
+        lines += [f"### {data_display(data_name)}: `{best.key}`", ""]
         if not link:
             if "why" in info:
                 lines += [f"*No picture: {info['why']} (`python run_search.py retrieve --name {data.name} --study "
