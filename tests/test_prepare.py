@@ -238,7 +238,7 @@ def test_prepare_command_uses_tune_upl_cache_and_exits_2_on_bad_input(archives, 
 @pytest.mark.parametrize("name", ["cub", "car", "folder"])
 def test_one_trial_search_prepares_and_trains_on_each_format(ray_session, archives, tmp_path, name):
     from tune_upl.experiment import Options, run_search
-    from tune_upl.final import FINAL_SUFFIX
+    from tune_upl.layout import FINAL_SUFFIX
     from tune_upl.spec import parse_spec
 
     data_path = archives / ("tree" if name == "folder" else "data")

@@ -291,7 +291,7 @@ def test_loss_comparison_puts_losses_side_by_side_on_the_same_budget():
 def test_the_test_selected_epoch_checkpoint_is_found_or_named_missing(tmp_path):
     """Protocol seed: the retrieval tool embeds with the checkpoint of the selected trial's selected epoch."""
     from tune_upl.retrieve import _selected_checkpoint
-    from tune_upl.trainable import CHECKPOINT_FILE
+    from tune_upl.layout import CHECKPOINT_FILE
 
     trial = tmp_path / "grid" / "abc_00001"
     (trial / "checkpoint_000002").mkdir(parents=True)

@@ -6,7 +6,7 @@ import statistics
 import pytest
 from searches import SAMPLES, small_demo
 
-from tune_upl.final import SELECTION_FILE
+from tune_upl.layout import SELECTION_FILE
 from tune_upl.search import make_searcher, plan_studies
 from tune_upl.spec import parse_spec
 from tune_upl.errors import SpecError

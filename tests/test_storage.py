@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from test_resume import MINI, cli
-from tune_upl.experiment import driver_file, report_file
+from tune_upl.layout import driver_file, report_file
 from tune_upl.storage import Remote, is_uri, mirror_root
 
 BUCKET = "tune-upl-test"

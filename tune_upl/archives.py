@@ -21,9 +21,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
 from tune_upl.errors import DatasetError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # config validates names against DATASETS: the dependency runs from config to here only
     from tune_upl.config import TrialConfig
 
 Box = tuple[float, float, float, float]  # x, y, width, height in source pixels

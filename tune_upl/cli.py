@@ -18,6 +18,7 @@ from tune_upl.config import FIELD_DEFAULTS, FIELD_HELP, FIELD_NAMES, make_config
 from tune_upl.errors import (
     ConfigError, DatasetError, DivergedError, ExperimentError, OutOfMemory, SpecError, SplitAccessError, StorageError,
 )
+from tune_upl.layout import PULLED_FOLDER, report_file
 
 if TYPE_CHECKING:
     from tune_upl.storage import Remote
@@ -127,11 +128,9 @@ def storage_location(args: argparse.Namespace) -> tuple[Path, Optional[Remote]]:
 def pulled_experiment(local: Path, remote: Optional[Remote], name: str) -> Path:
     """The experiment folder a report reads: the local one, or a copy pulled from the URI (without the
     search's checkpoints) into the mirror's `pulled/` folder, apart from a running driver's files."""
-    from tune_upl.experiment import report_file
-
     if remote is None:
         return local / name
-    experiment = local / "pulled" / name
+    experiment = local / PULLED_FOLDER / name
     if not remote.pull(name, experiment, report_file):
         raise ExperimentError(f"no experiment {name!r} in {remote.uri}")
     return experiment

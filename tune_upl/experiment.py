@@ -1,10 +1,7 @@
 """An experiment folder's life: start, refuse or resume; one driver at a time; a record of what ran; and
 the order of work (search each study, select on the objective, final stage, mark complete).
 
-Layout under `<storage>/<name>/`: `search_spec.json` (the resolved spec and overrides: a resume reads
-it), `record.json` (code version, packages, hardware, class lists), one Tune experiment per study
-(`<study>/`, or `grid/`), each with `selection.json` beside it, one Tune experiment per final stage
-(`<study>.final/`), and `COMPLETE` once everything has run. With `--storage` a URI (s3://, gs://), Tune's
+The folder's layout (its file names) is `tune_upl.layout`. With `--storage` a URI (s3://, gs://), Tune's
 folders are written there and the driver's files to a local mirror, each pushed to the URI when written
 (`tune_upl.storage`).
 """
@@ -23,10 +20,20 @@ from typing import Any, Optional
 from filelock import FileLock, Timeout
 
 from tune_upl.atomic import write_json
-from tune_upl.final import FINAL_SUFFIX, SELECTION_FILE, Selection, save_selection, select
-from tune_upl.search import (
+from tune_upl.final import Selection, save_selection, select
+from tune_upl.layout import (
+    COMPLETE_FILE,
+    FINAL_SUFFIX,
     GRID_STUDY,
     OPTUNA_FILE,
+    RECORD_FILE,
+    SELECTION_FILE,
+    SPEC_FILE,
+    driver_file,
+    driver_lock_name,
+    study_key,
+)
+from tune_upl.search import (
     Study,
     baseline_point,
     check_resources,
@@ -37,15 +44,11 @@ from tune_upl.search import (
     prepare_data,
     run_final,
     run_study,
-    study_key,
 )
 from tune_upl.spec import SearchSpec, parse_spec
 from tune_upl.storage import Remote
 from tune_upl.errors import ExperimentError
 
-SPEC_FILE = "search_spec.json"
-RECORD_FILE = "record.json"
-COMPLETE_FILE = "COMPLETE"
 PACKAGES = ("torch", "torchvision", "ray", "optuna", "numpy", "pydantic", "adamp", "pillow")
 
 
@@ -88,18 +91,6 @@ def describe(spec: SearchSpec, studies: list[Study]) -> str:
     if spec.protocol == "val":
         lines.append(f"  final stage: {spec.final_seeds} seeds per study, on train + validation classes, tested once")
     return "\n".join(lines)
-
-
-def driver_file(relative: str) -> bool:
-    """What a resume needs of an experiment: the driver's files, not the trial folders Tune restores itself."""
-    parts = relative.split("/")
-    return len(parts) == 1 or (len(parts) == 2 and parts[1] == SELECTION_FILE)
-
-
-def report_file(relative: str) -> bool:
-    """What a report and the retrieval tool need: all but the search's checkpoints (final models are kept)."""
-    parts = relative.split("/")
-    return not any(p.startswith("checkpoint_") for p in parts) or parts[0].endswith(FINAL_SUFFIX)
 
 
 def _publish(options: Options, experiment: Path, *relative: str) -> None:
@@ -163,7 +154,7 @@ def driver_lock(storage: Path, name: str) -> FileLock:
     """One driver per experiment on this machine. The OS drops the lock when its holder dies, so a killed
     driver's experiment can be resumed at once; it does not guard drivers on different machines."""
     storage.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(storage / f".{name}.driver.lock"))
+    lock = FileLock(str(storage / driver_lock_name(name)))
     try:
         lock.acquire(timeout=0)
     except Timeout:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from tune_upl.config import TrialConfig
+if TYPE_CHECKING:  # only reads a config's fields
+    from tune_upl.config import TrialConfig
 
 
 def fault_due(cfg: TrialConfig, epoch: int, marker_dir: Optional[Path]) -> bool:

@@ -14,11 +14,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from tune_upl.importance import Importance
+from tune_upl.layout import COMPLETED, DIVERGED, ERRORED, OUT_OF_MEMORY, RUNNING, STOPPED_EARLY
 from tune_upl.results import ExperimentData
 from tune_upl.spec import Param
 
-STATE_COLOURS = {"completed": "tab:blue", "stopped early": "tab:orange", "diverged": "tab:red",
-                 "out of memory": "tab:purple", "errored": "black", "running": "tab:green"}
+STATE_COLOURS = {COMPLETED: "tab:blue", STOPPED_EARLY: "tab:orange", DIVERGED: "tab:red",
+                 OUT_OF_MEMORY: "tab:purple", ERRORED: "black", RUNNING: "tab:green"}
 DPI = 100
 
 

@@ -9,19 +9,17 @@ the result, as in the seed.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-from ray import tune
+from typing import TYPE_CHECKING, Any
 
 from tune_upl.atomic import write_json
+from tune_upl.layout import SELECTION_FILE
 from tune_upl.spec import SearchSpec
 
-SELECTION_FILE = "selection.json"
-FINAL_SUFFIX = ".final"
+if TYPE_CHECKING:  # a Tune result grid is only passed in: selecting needs no Ray of its own
+    from ray import tune
 
 
 @dataclass(frozen=True)
@@ -68,11 +66,6 @@ def select(spec: SearchSpec, results: tune.ResultGrid, key: str, group: dict[str
 def save_selection(selection: Selection, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / SELECTION_FILE, asdict(selection))
-
-
-def load_selections(experiment: Path) -> list[dict[str, Any]]:
-    """Every study's selection record in an experiment folder (studies not yet selected have none)."""
-    return [json.loads(p.read_text()) for p in sorted(experiment.glob(f"*/{SELECTION_FILE}"))]
 
 
 def final_seeds(spec: SearchSpec, selection: Selection) -> list[int]:

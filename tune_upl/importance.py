@@ -15,6 +15,7 @@ from typing import Any, Optional
 import optuna
 import pandas as pd
 
+from tune_upl.layout import COMPLETED, OPEN_STATES, STOPPED_EARLY
 from tune_upl.spec import Param
 
 # PED-ANOVA's documentation asks for at least 5 trials in its top quantile (10 %) to be stable
@@ -54,11 +55,11 @@ def rebuild_study(trials: pd.DataFrame, epochs: pd.DataFrame, space: dict[str, d
         params = {n: _as_choice(row[n], p) for n, p in present.items()}
         if not all(p.contains(params[n]) for n, p in present.items()):
             continue  # a value outside the space (a spec changed under the experiment): not comparable
-        if row["state"] == "completed" and not math.isnan(row["objective"]):
+        if row["state"] == COMPLETED and not math.isnan(row["objective"]):
             state, value = optuna.trial.TrialState.COMPLETE, row["objective"]
-        elif row["state"] == "stopped early":
+        elif row["state"] == STOPPED_EARLY:
             state, value = optuna.trial.TrialState.PRUNED, None
-        elif row["state"] in ("unfinished", "running", "pending", "paused"):
+        elif row["state"] in OPEN_STATES:
             continue
         else:
             state, value = optuna.trial.TrialState.FAIL, None

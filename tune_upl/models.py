@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tune_upl.config import TrialConfig
 from tune_upl.errors import ConfigError
+
+if TYPE_CHECKING:  # config validates names against BACKBONES: the dependency runs from config to here only
+    from tune_upl.config import TrialConfig
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

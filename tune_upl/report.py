@@ -20,13 +20,14 @@ from typing import Any, Callable, Optional
 import pandas as pd
 from tune_upl.importance import MEANINGFUL_TRIALS, MIN_TOP_TRIALS, TARGET_QUANTILE, Importance, importances
 from tune_upl.references import References, load_references
-from tune_upl.results import STATES, ExperimentData, FinalResult, load_experiment
+from tune_upl.layout import COMPLETED, DIVERGED, ERRORED, OPEN_STATES, STATES, STOPPED_EARLY
+from tune_upl.results import ExperimentData, FinalResult, load_experiment
 from tune_upl.storage import is_uri
 from tune_upl.errors import ExperimentError
 
 LEADERBOARD_TOP = 50  # trials per study in the markdown; every trial is in <name>/trials.csv
 RETRIEVAL_QUERIES, RETRIEVAL_NUM = 3, 8
-SEARCH_STATES = ("completed", "stopped early", "diverged", "errored")  # always shown, even at 0
+SEARCH_STATES = (COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED)  # always shown, even at 0
 
 
 def backbone_display(name: str) -> str:
@@ -476,7 +477,7 @@ def _header(data: ExperimentData, storage: Optional[str] = None) -> list[str]:
     paths = ("data_path", "cache_dir", "pretrained")  # resolved on the driver; shown when the spec set them
     fixed = {**spec["fixed"], **{k: v for k, v in overrides.items() if k not in paths or k in spec["fixed"]}}
     counts = {k: v for k, v in _state_counts(data.trials).items() if v}
-    open_trials = sum(counts.get(s, 0) for s in ("unfinished", "running", "pending", "paused"))
+    open_trials = sum(counts.get(s, 0) for s in OPEN_STATES)
     storage = storage or _shown_path(data.folder.parent)
     where = f"{storage}/{data.name}" if is_uri(storage) else _shown_path(data.folder)
     option = "" if storage == "runs" else f" --storage {storage}"

@@ -1,9 +1,10 @@
 """An experiment folder read offline, as tables: the report's one loader.
 
-Built from Tune's results (`ray.tune.ExperimentAnalysis`, which needs no running Ray), never from the
-Optuna study (Optuna marks trials that Tune resumed as failed). Works on finished, interrupted and
-running experiments: a study folder Tune has not saved yet is skipped, a result line still being
-written is ignored, and a study without `selection.json` simply has no final result yet.
+Built from Tune's results (`ray.tune.ExperimentAnalysis`, which needs no running Ray; imported inside the
+one function that parses Tune's state, so importing a reader loads no Ray), never from the Optuna study
+(Optuna marks trials that Tune resumed as failed). Works on finished, interrupted and running experiments:
+a study folder Tune has not saved yet is skipped, a result line still being written is ignored, and a
+study without `selection.json` simply has no final result yet.
 """
 from __future__ import annotations
 
@@ -15,14 +16,23 @@ from typing import Any
 
 import pandas as pd
 
-from tune_upl.experiment import COMPLETE_FILE, RECORD_FILE, SPEC_FILE
-from tune_upl.final import FINAL_SUFFIX, load_selections
-from tune_upl.search import GRID_STUDY, study_key, trial_state
-
-# the order states are listed in; "stopped early" is ASHA's doing; "unfinished": started and not ended, running
-# now or interrupted (Tune saves a running trial as pending, so its folder cannot tell the two apart)
-STATES = ("completed", "stopped early", "diverged", "out of memory", "errored", "unfinished", "running", "pending",
-          "paused")
+from tune_upl.layout import (
+    COMPLETE_FILE,
+    ERROR_KEY,
+    FINAL_SUFFIX,
+    GRID_STUDY,
+    PENDING,
+    RECORD_FILE,
+    RESULT_FILE,
+    RUNNING,
+    SELECTION_FILE,
+    SPEC_FILE,
+    TUNE_STATE_PATTERN,
+    UNFINISHED,
+    study_key,
+    trial_state,
+)
+from tune_upl.spec import Param
 
 
 @dataclass
@@ -81,15 +91,18 @@ class ExperimentData:
 
 def study_folders(experiment: Path) -> list[Path]:
     """The search's Tune experiments (one per study, or the grid); final stages are read separately."""
-    folders = {p.parent for p in experiment.glob("*/experiment_state-*.json")}
+    folders = {p.parent for p in experiment.glob(f"*/{TUNE_STATE_PATTERN}")}
     return sorted(f for f in folders if not f.name.endswith(FINAL_SUFFIX))
 
 
 def param_exists(spec: dict[str, Any], name: str, config: dict[str, Any]) -> bool:
     """Whether a searched field exists for a trial: its `when` holds for the trial's configuration."""
-    from tune_upl.spec import Param
-
     return Param.model_validate(spec["space"][name]).holds(config) is True
+
+
+def load_selections(experiment: Path) -> list[dict[str, Any]]:
+    """Every study's selection record in an experiment folder (studies not yet selected have none)."""
+    return [json.loads(p.read_text()) for p in sorted(experiment.glob(f"*/{SELECTION_FILE}"))]
 
 
 def read_results(path: Path) -> pd.DataFrame:
@@ -117,7 +130,7 @@ def _trials_of(folder: Path) -> list[tuple[Any, pd.DataFrame]]:
     for trial in analysis.trials:
         frame = frames.get(trial.trial_id, pd.DataFrame())
         if frame.empty:  # no result yet, or Ray could not parse a file being written: read it leniently
-            frame = read_results(Path(trial.path) / "result.json")
+            frame = read_results(Path(trial.path) / RESULT_FILE)
         if "training_iteration" in frame:
             frame = frame.sort_values("training_iteration", kind="stable").reset_index(drop=True)
         found.append((trial, frame))
@@ -130,7 +143,8 @@ def _last_result(trial: Any, frame: pd.DataFrame) -> dict[str, Any]:
 
 def _state(trial: Any, frame: pd.DataFrame, epochs: int) -> str:
     state = trial_state(trial.status, _last_result(trial, frame), trial.config.get("num_epochs"))
-    return "unfinished" if state in ("pending", "running") and epochs else state
+    # Tune saves a running trial as pending, so its folder cannot tell running from interrupted
+    return UNFINISHED if state in (PENDING, RUNNING) and epochs else state
 
 
 def _hours(frame: pd.DataFrame) -> float:
@@ -191,7 +205,7 @@ def trial_rows(experiment: Path, spec: dict[str, Any], searched: list[str],
 
 def _trial_note(trial: Any) -> str:
     """Why a trial ended early: its error's last line, or the diverged / out-of-memory message."""
-    error = (trial.last_result or {}).get("error")
+    error = (trial.last_result or {}).get(ERROR_KEY)
     name = trial.run_metadata.error_filename  # not `trial.error_file`: that one needs a running Ray
     path = Path(trial.path) / name if name else None
     if path is not None and path.is_file():
@@ -205,7 +219,7 @@ def final_rows(experiment: Path, keys: list[str]) -> pd.DataFrame:
     rows = []
     for key in keys:
         folder = experiment / (key + FINAL_SUFFIX)
-        if not list(folder.glob("experiment_state-*.json")):
+        if not list(folder.glob(TUNE_STATE_PATTERN)):
             continue
         for trial, frame in _trials_of(folder):
             last = _clean(frame.iloc[-1].to_dict()) if not frame.empty else {}

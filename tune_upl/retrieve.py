@@ -16,10 +16,19 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
-from tune_upl.final import FINAL_SUFFIX, load_selections
-from tune_upl.results import read_results
-from tune_upl.trainable import CHECKPOINT_FILE, EMBEDDINGS_FILE
+
 from tune_upl.errors import DatasetError, ExperimentError
+from tune_upl.layout import (
+    CHECKPOINT_COLUMN,
+    CHECKPOINT_FILE,
+    CHECKPOINT_PREFIX,
+    EMBEDDINGS_FILE,
+    FINAL_SUFFIX,
+    PARAMS_FILE,
+    RESULT_FILE,
+    SPEC_FILE,
+)
+from tune_upl.results import load_selections, read_results
 
 GREEN, RED, GREY = (0, 255, 0), (255, 0, 0), (128, 128, 128)
 FILE_SIZE, FILE_FRAME = 224, 8  # the saved pictures, as the seed's test.py saved them
@@ -57,8 +66,8 @@ class Query:
 
 # ---------------------------------------------------------------- the database
 def selections(experiment: Path) -> list[dict[str, Any]]:
-    if not (experiment / "search_spec.json").is_file():
-        known = sorted(p.parent.name for p in experiment.parent.glob("*/search_spec.json"))
+    if not (experiment / SPEC_FILE).is_file():
+        known = sorted(p.parent.name for p in experiment.parent.glob(f"*/{SPEC_FILE}"))
         raise FileNotFoundError(f"no experiment {experiment.name!r} in {experiment.parent}; "
                                 f"allowed: {', '.join(known) or 'none yet'}")
     return load_selections(experiment)
@@ -80,8 +89,8 @@ def pick_selection(experiment: Path, study: Optional[str] = None) -> dict[str, A
 def _final_database(experiment: Path, selection: dict[str, Any]) -> Optional[tuple[Path, dict[str, Any], str]]:
     """The first final seed's last checkpoint with test embeddings: (checkpoint folder, config, source)."""
     runs = []
-    for trial in (experiment / (selection["key"] + FINAL_SUFFIX)).glob("*/params.json"):
-        checkpoints = sorted(trial.parent.glob(f"checkpoint_*/{EMBEDDINGS_FILE}"))
+    for trial in (experiment / (selection["key"] + FINAL_SUFFIX)).glob(f"*/{PARAMS_FILE}"):
+        checkpoints = sorted(trial.parent.glob(f"{CHECKPOINT_PREFIX}*/{EMBEDDINGS_FILE}"))
         if checkpoints:
             config = json.loads(trial.read_text())
             runs.append((int(config["seed"]), checkpoints[-1].parent, config, trial.parent.name))
@@ -94,13 +103,13 @@ def _final_database(experiment: Path, selection: dict[str, Any]) -> Optional[tup
 def _selected_checkpoint(experiment: Path, selection: dict[str, Any]) -> Path:
     """The selected trial's checkpoint of the selected epoch (protocol seed)."""
     trial_id, epoch = selection["trial_id"], selection["epoch"]
-    for params in experiment.glob(f"*/{trial_id}/params.json"):
+    for params in experiment.glob(f"*/{trial_id}/{PARAMS_FILE}"):
         if params.parent.parent.name.endswith(FINAL_SUFFIX):
             continue
-        frame = read_results(params.parent / "result.json")
-        if "checkpoint_dir_name" not in frame:
+        frame = read_results(params.parent / RESULT_FILE)
+        if CHECKPOINT_COLUMN not in frame:
             continue
-        for name in frame.loc[frame["training_iteration"] == epoch, "checkpoint_dir_name"].dropna():
+        for name in frame.loc[frame["training_iteration"] == epoch, CHECKPOINT_COLUMN].dropna():
             folder = params.parent / name
             if (folder / CHECKPOINT_FILE).is_file():
                 return folder

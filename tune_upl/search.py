@@ -22,12 +22,12 @@ from ray import tune
 
 from tune_upl.config import FIELD_DEFAULTS, make_config
 from tune_upl.prepare import DATA_FIELDS, prepare_dataset
-from tune_upl.final import FINAL_SUFFIX, Selection, final_param_space, final_seeds
+from tune_upl.final import Selection, final_param_space, final_seeds
+from tune_upl.layout import (
+    COMPLETED, ERROR_KEY, ERRORED, FINAL_SUFFIX, OPTUNA_FILE, STOPPED_EARLY, study_key, trial_state,
+)
 from tune_upl.spec import Param, SearchSpec
 from tune_upl.errors import SpecError
-
-GRID_STUDY = "grid"
-OPTUNA_FILE = "optuna.db"  # each TPE study's Optuna storage, in the experiment's local folder
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,6 @@ class Study:
     space: dict[str, Param] = field(default_factory=dict)
 
 
-def study_key(point: dict[str, Any]) -> str:
-    return ",".join(f"{k}={v}" for k, v in point.items()) or "main"
 
 
 def order_space(space: dict[str, Param]) -> dict[str, Param]:
@@ -207,23 +205,6 @@ def prepare_data(studies: list[Study]) -> None:
                 print(prepared.summary(cfg), flush=True)
 
 
-STATE_NAMES = {"TERMINATED": "completed", "ERROR": "errored", "RUNNING": "running", "PENDING": "pending",
-               "PAUSED": "paused"}
-
-
-def trial_state(status: str, last_result: dict[str, Any], planned_epochs: Any) -> str:
-    """A trial's state as users read it: completed, stopped early (ASHA), diverged, out of memory, errored..."""
-    if last_result.get("diverged"):
-        return "diverged"
-    if last_result.get("oom"):
-        return "out of memory"
-    state = STATE_NAMES.get(status, status.lower())
-    epochs = last_result.get("training_iteration", 0)
-    if state == "completed" and isinstance(planned_epochs, int) and epochs < planned_epochs:
-        return "stopped early"
-    return state
-
-
 class TrialLines(tune.Callback):
     """One readable line per finished trial and the best so far (Ray's own tables stay quiet)."""
 
@@ -241,15 +222,15 @@ class TrialLines(tune.Callback):
         planned = trial.config.get("num_epochs", "?")
         state = trial_state(status, result, planned)
         score = result.get(self.metric)
-        if score is not None and state in ("completed", "stopped early"):
+        if score is not None and state in (COMPLETED, STOPPED_EARLY):
             better = self.best is None or (score > self.best[0] if self.mode == "max" else score < self.best[0])
             if better:
                 self.best = (score, trial.trial_id)
         params = " ".join(f"{n}={_short(trial.config.get(n))}" for n in self.names if n in trial.config)
-        if state == "errored":
+        if state == ERRORED:
             params += f" | {_error_summary(trial)}"
-        elif "error" in result:
-            params += f" | {result['error']}"
+        elif ERROR_KEY in result:
+            params += f" | {result[ERROR_KEY]}"
         shown = f"{score:.4f}" if score is not None else "-"
         best = f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best -"
         print(

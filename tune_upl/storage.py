@@ -16,7 +16,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
 from tune_upl.errors import StorageError
+from tune_upl.layout import MIRRORS_FOLDER
 
 SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -29,7 +31,8 @@ def is_uri(location: str) -> bool:
 def mirror_root(uri: str, cache_dir: str | Path) -> Path:
     """The driver's local folder for the experiments under `uri` (one per URI, in the cache)."""
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", uri)[:80]
-    return Path(cache_dir).expanduser().resolve() / "mirrors" / f"{readable}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}"
+    digest = hashlib.sha1(uri.encode()).hexdigest()[:8]
+    return Path(cache_dir).expanduser().resolve() / MIRRORS_FOLDER / f"{readable}-{digest}"
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,12 @@ from ray import tune
 from tune_upl.config import make_config
 from tune_upl.engine import Run, build_run, load_state, save_state, train_epoch
 from tune_upl.errors import DivergedError, OutOfMemory
+from tune_upl.layout import CHECKPOINT_FILE, DIVERGED_FLAG, EMBEDDINGS_FILE, ERROR_KEY, OOM_FLAG
 
 # With `reuse_actors`, Ray waits this long (default 2 s) for the previous trial's thread to end before it hands
 # the worker to the next trial; past it the *next* trial fails ("reuse requires reset_config()"). Releasing a
 # stopped trial (its loaders, model and a gc pass) takes longer than 2 s on a busy node, so wait longer here.
 REUSE_WAIT_S = "120"
-CHECKPOINT_FILE = "state.pt"
-EMBEDDINGS_FILE = "test_embeddings.pt"  # the final model's test database, for the retrieval tool
 
 
 def worst_metrics(run: Run) -> dict[str, float]:
@@ -79,8 +78,8 @@ def _train(run: Run) -> None:
             metrics = train_epoch(run)
         except (DivergedError, OutOfMemory) as error:
             # hopeless for this configuration, harmless for the search: the worst score, a flag, stop
-            flag = "diverged" if isinstance(error, DivergedError) else "oom"
-            tune.report({**worst_metrics(run), flag: True, "error": str(error), "node_id": node})
+            flag = DIVERGED_FLAG if isinstance(error, DivergedError) else OOM_FLAG
+            tune.report({**worst_metrics(run), flag: True, ERROR_KEY: str(error), "node_id": node})
             return
         with tempfile.TemporaryDirectory() as folder:
             save_state(run, Path(folder) / CHECKPOINT_FILE)

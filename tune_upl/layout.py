@@ -1,0 +1,97 @@
+"""The experiment folder's layout: every file and folder name the driver writes and the readers read, how
+a study's folder is named, and how a trial's state is named.
+
+A leaf module (standard library only): the report, the retrieval tool and the command line find their
+files here without importing the code that wrote them (and with it Ray and torch).
+
+Under `<storage>/<name>/`: `search_spec.json` (the resolved spec and overrides: a resume reads it),
+`record.json` (code version, packages, hardware, class lists), `optuna.db` (each TPE study's Optuna
+storage), one Tune experiment per study (`<study>/`, or `grid/`), each with `selection.json` beside it,
+one Tune experiment per final stage (`<study>.final/`), and `COMPLETE` once everything has run. Each
+trial folder (named by its trial id) holds Tune's `params.json`, `result.json` and `checkpoint_*/`
+folders, each checkpoint our `state.pt` (and, for a final run, `test_embeddings.pt`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+# ---------------------------------------------------------------- the driver's files
+SPEC_FILE = "search_spec.json"
+RECORD_FILE = "record.json"
+COMPLETE_FILE = "COMPLETE"
+OPTUNA_FILE = "optuna.db"  # each TPE study's Optuna storage, in the experiment's local folder
+SELECTION_FILE = "selection.json"  # in each study's folder
+FINAL_SUFFIX = ".final"  # the final stage of study `<key>` runs in `<key>.final`
+GRID_STUDY = "grid"  # the one Tune experiment of a grid search
+MAIN_STUDY = "main"  # the one study of a spec without `studies`
+
+# ---------------------------------------------------------------- a trial's checkpoint
+CHECKPOINT_FILE = "state.pt"
+EMBEDDINGS_FILE = "test_embeddings.pt"  # the final model's test database, for the retrieval tool
+
+# ---------------------------------------------------------------- Tune's own files
+TUNE_STATE_PATTERN = "experiment_state-*.json"  # present once Tune has saved the experiment
+PARAMS_FILE = "params.json"
+RESULT_FILE = "result.json"
+CHECKPOINT_PREFIX = "checkpoint_"
+CHECKPOINT_COLUMN = "checkpoint_dir_name"  # the result.json key naming the epoch's checkpoint folder
+
+# ---------------------------------------------------------------- beside the experiments
+MIRRORS_FOLDER = "mirrors"  # under cache_dir: the driver's local mirror of the experiments under a URI
+PULLED_FOLDER = "pulled"  # under a mirror: experiments pulled for a report, apart from a running driver's files
+
+
+def driver_lock_name(name: str) -> str:
+    """The lock file of experiment `name`'s driver, in the storage folder beside the experiment."""
+    return f".{name}.driver.lock"
+
+
+def study_key(point: dict[str, Any]) -> str:
+    """A study's folder name: its `studies` values (`data_name=cub,loss_name=proxy_anchor`), or `main`."""
+    return ",".join(f"{k}={v}" for k, v in point.items()) or MAIN_STUDY
+
+
+def driver_file(relative: str) -> bool:
+    """What a resume needs of an experiment: the driver's files, not the trial folders Tune restores itself."""
+    parts = relative.split("/")
+    return len(parts) == 1 or (len(parts) == 2 and parts[1] == SELECTION_FILE)
+
+
+def report_file(relative: str) -> bool:
+    """What a report and the retrieval tool need: all but the search's checkpoints (final models are kept)."""
+    parts = relative.split("/")
+    return not any(p.startswith(CHECKPOINT_PREFIX) for p in parts) or parts[0].endswith(FINAL_SUFFIX)
+
+
+# ---------------------------------------------------------------- a trial's state
+COMPLETED = "completed"
+STOPPED_EARLY = "stopped early"  # by ASHA, on a rung
+DIVERGED = "diverged"
+OUT_OF_MEMORY = "out of memory"
+ERRORED = "errored"
+UNFINISHED = "unfinished"  # started and not ended: running now or interrupted (Tune saves it as pending)
+RUNNING = "running"
+PENDING = "pending"
+PAUSED = "paused"
+# the order states are listed in
+STATES = (COMPLETED, STOPPED_EARLY, DIVERGED, OUT_OF_MEMORY, ERRORED, UNFINISHED, RUNNING, PENDING, PAUSED)
+OPEN_STATES = (UNFINISHED, RUNNING, PENDING, PAUSED)  # not ended (yet)
+STATE_NAMES = {"TERMINATED": COMPLETED, "ERROR": ERRORED, "RUNNING": RUNNING, "PENDING": PENDING, "PAUSED": PAUSED}
+
+# the keys a trial stopped by its own failure adds to its last result
+DIVERGED_FLAG = "diverged"
+OOM_FLAG = "oom"
+ERROR_KEY = "error"
+
+
+def trial_state(status: str, last_result: dict[str, Any], planned_epochs: Any) -> str:
+    """A trial's state as users read it: completed, stopped early (ASHA), diverged, out of memory, errored..."""
+    if last_result.get(DIVERGED_FLAG):
+        return DIVERGED
+    if last_result.get(OOM_FLAG):
+        return OUT_OF_MEMORY
+    state = STATE_NAMES.get(status, status.lower())
+    epochs = last_result.get("training_iteration", 0)
+    if state == COMPLETED and isinstance(planned_epochs, int) and epochs < planned_epochs:
+        return STOPPED_EARLY
+    return state
