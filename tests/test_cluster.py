@@ -1,5 +1,4 @@
 """Trials packed onto (fake) GPUs of a two-node Ray cluster: two trials share each node's GPU at once."""
-import json
 import os
 import subprocess
 import sys
@@ -7,6 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from experiments import trial_results
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = r'''
@@ -43,8 +43,7 @@ def test_half_gpu_trials_run_two_at_once_on_each_of_two_nodes(tmp_path, cache_di
                          text=True, timeout=600, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     spans = defaultdict(list)  # node -> [(start, end)] of its trials
-    for path in (tmp_path / "packed" / "main").glob("*/result.json"):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for rows in trial_results(tmp_path / "packed" / "main").values():
         start = rows[0]["timestamp"] - rows[0]["time_this_iter_s"]
         spans[rows[0]["node_id"]].append((start, rows[-1]["timestamp"]))
     assert len(spans) == 2 and sorted(len(v) for v in spans.values()) == [2, 2]

@@ -3,6 +3,7 @@ out of memory; the search completes and the report says which is which."""
 import json
 
 import pytest
+from experiments import result_rows
 
 from tune_upl.config import make_config
 from tune_upl.engine import train_epoch
@@ -44,7 +45,7 @@ def _trials(experiment):
     found = {}
     for params in (experiment / "grid").glob("*/params.json"):
         config = json.loads(params.read_text())
-        rows = [json.loads(line) for line in (params.parent / "result.json").read_text().splitlines() if line.strip()]
+        rows = result_rows(params.parent / "result.json")
         found[(config["inject_fault"], config.get("fault_times", 1))] = (params.parent.name, rows)
     return found
 

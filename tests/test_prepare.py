@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import tune_upl.prepare as prep
+from experiments import trial_results
 from official_formats import CLASSES, HEIGHT, PER_CLASS, WIDTH, box_of, colour, make_cars, make_cub, make_folder
 from tune_upl.config import make_config
 from tune_upl.data import ImageDataset, SplitManager, load_records
@@ -255,8 +256,7 @@ def test_one_trial_search_prepares_and_trains_on_each_format(ray_session, archiv
     assert len(list((cache / "prepared").glob(f"{name}-*-40-*/prepared.json"))) == 1  # prepared by the driver
 
     def results(folder):
-        return [json.loads(line) for p in (experiment / folder).glob("*/result.json")
-                for line in p.read_text().splitlines() if line.strip()]
+        return [row for rows in trial_results(experiment / folder).values() for row in rows]
 
     trial, final = results("main"), results("main" + FINAL_SUFFIX)
     assert len(trial) == 1 and 0 < trial[0]["val_recall@1"] <= 1

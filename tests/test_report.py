@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from experiments import trial_results
 from PIL import Image
 
 from tune_upl.cli import main
@@ -23,12 +24,6 @@ from tune_upl.retrieve import GREEN, RED, TILE, Database, make_query, save_retri
 from tune_upl.errors import ExperimentError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def raw(folder):
-    """Each trial's result rows, straight from Tune's result.json."""
-    return {p.parent.name: [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-            for p in folder.glob("*/result.json")}
 
 
 def cells_of(text, first):
@@ -49,8 +44,8 @@ def mean_std(values):
 def test_report_tables_equal_the_raw_results(demo_search):
     spec, experiment, report = demo_search
     text = report.read_text()
-    finals = [rows[-1] for rows in raw(experiment / "main.final").values()]
-    trials = raw(experiment / "main")
+    finals = [rows[-1] for rows in trial_results(experiment / "main.final").values()]
+    trials = trial_results(experiment / "main")
     assert len(finals) == 2 and len(trials) == 3
     dim = json.loads((experiment / "main" / "selection.json").read_text())["config"]["feature_dim"]
     # benchmark: R@1..R@8, then MAP@R and R-precision, mean ± std over the final seeds
@@ -75,7 +70,7 @@ def test_report_tables_equal_the_raw_results(demo_search):
                        f"{hours:.3f}"]
     parts = [f"{n} {state}" for n, state in ((completed, "completed"), (3 - completed, "stopped early")) if n]
     assert f"- trials: 3 ({', '.join(parts)})" in text
-    final_hours = sum(rows[-1]["time_total_s"] for rows in raw(experiment / "main.final").values()) / 3600
+    final_hours = sum(rows[-1]["time_total_s"] for rows in trial_results(experiment / "main.final").values()) / 3600
     assert f"- final stage: 2 runs, {final_hours:.2f} h ({60 * final_hours:.1f} min)" in text
     # the baseline (seed recipe) against the selection, and the leaderboard's epochs
     selected = json.loads((experiment / "main" / "selection.json").read_text())["trial_id"]
@@ -87,7 +82,7 @@ def test_report_tables_equal_the_raw_results(demo_search):
 
 
 def test_report_figures_are_linked_pngs_and_importance_says_it_has_too_few_trials(demo_search):
-    _, _, report = demo_search
+    spec, experiment, report = demo_search
     text = report.read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     names = {Path(link).name for link in links}
@@ -95,7 +90,17 @@ def test_report_figures_are_linked_pngs_and_importance_says_it_has_too_few_trial
     for link in links:
         assert (report.parent / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", link
     assert "## Not drawn" not in text
-    assert "Too few trials for these importances to mean anything" in text or "No importance for `main`" in text
+    # which of the two importance notes is right follows from the trials that ran all their epochs
+    complete = [tid for tid, rows in trial_results(experiment / "main").items()
+                if rows[-1]["training_iteration"] == spec.fixed["num_epochs"]]
+    configs = [json.loads((experiment / "main" / tid / "params.json").read_text()) for tid in complete]
+    varied = any(len({str(c.get(name)) for c in configs}) > 1 for name in spec.space)
+    too_few = f"**Too few trials for these importances to mean anything**: `main` has {len(complete)} complete trials"
+    no_importance = "No importance for `main`: fewer than two trials ran all their epochs"
+    if len(complete) >= 2 and varied:
+        assert too_few in text and no_importance not in text
+    else:
+        assert no_importance in text and "Too few trials" not in text
     assert len((report.parent / "demo" / "trials.csv").read_text().splitlines()) == 1 + 3
 
 
@@ -109,7 +114,7 @@ def _interrupt(experiment, target):
     state_file = next((target / "main").glob("experiment_state-*.json"))
     state = json.loads(state_file.read_text())
     entry = next(e for e in state["trial_data"]
-                 if len(raw(target / "main")[json.loads(e[0])["trial_id"]]) == 2)
+                 if len(trial_results(target / "main")[json.loads(e[0])["trial_id"]]) == 2)
     trial = json.loads(entry[0])
     trial["status"] = "RUNNING"
     entry[0] = json.dumps(trial)

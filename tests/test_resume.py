@@ -6,39 +6,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import yaml
+from experiments import ROOT, cli, trial_results
 from filelock import FileLock
+from searches import MINI, write_spec
 
 from tune_upl.spec import parse_spec
-
-ROOT = Path(__file__).resolve().parents[1]
-MINI = {
-    "name": "mini",
-    "objective": {"metric": "val_recall@1", "mode": "max"},
-    "searcher": {"type": "tpe", "seed": 0, "n_startup_trials": 2},
-    "scheduler": {"type": "fifo"},
-    "num_samples": 3,
-    "max_concurrent": 1,
-    "final_seeds": 2,
-    "fixed": {"data_name": "synthetic", "backbone_type": "tiny", "image_size": 32, "num_epochs": 3, "warm_up": 0,
-              "feature_dim": 16, "num_workers": 0},
-    "space": {"lr": {"loguniform": [1.0e-4, 1.0e-2]}},
-}
-
-
-def write_spec(tmp_path, **changes):
-    path = tmp_path / "mini.yaml"
-    path.write_text(yaml.safe_dump({**MINI, **changes}))
-    return path
-
-
-def cli(*args, **kwargs):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    return subprocess.run([sys.executable, "run_search.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=kwargs.get("timeout", 600))
 
 
 def test_a_second_driver_on_the_same_experiment_is_refused(tmp_path):
@@ -74,11 +48,6 @@ def test_dry_run_of_every_committed_spec_starts_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def _results(folder):
-    return {p.parent.name: [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-            for p in folder.glob("*/result.json")}
-
-
 def _kill_when(command, ready, limit=300):
     """Start the driver in its own session, wait until `ready()`, then SIGKILL the whole session."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -101,17 +70,17 @@ def test_killed_search_resumes_to_exactly_num_samples_trials(tmp_path, cache_dir
             "--cache-dir", cache_dir]
     # 1. killed after the first trial result
     _kill_when(base + ["--space", str(spec)],
-               lambda: any(rows for rows in _results(runs / "mini" / "main").values()))
-    before = _results(runs / "mini" / "main")
+               lambda: any(rows for rows in trial_results(runs / "mini" / "main").values()))
+    before = trial_results(runs / "mini" / "main")
     assert 1 <= sum(map(len, before.values())) and len(before) <= 3
     # 2. resumed, then killed again during the final stage
     _kill_when(base + ["--resume", "--name", "mini"],
-               lambda: any(rows for rows in _results(runs / "mini" / "main.final").values()))
+               lambda: any(rows for rows in trial_results(runs / "mini" / "main.final").values()))
     # 3. resumed to the end
     out = subprocess.run(base + ["--resume", "--name", "mini"], cwd=ROOT, capture_output=True, text=True,
                          timeout=600, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    after = _results(runs / "mini" / "main")
+    after = trial_results(runs / "mini" / "main")
     assert len(after) == 3  # exactly num_samples trials, none added by the restarts
     for trial_id, rows in after.items():
         epochs = [r["training_iteration"] for r in rows]
@@ -121,7 +90,7 @@ def test_killed_search_resumes_to_exactly_num_samples_trials(tmp_path, cache_dir
         assert after[trial_id][: len(rows)] == rows
     lrs = [json.loads((runs / "mini" / "main" / t / "params.json").read_text())["lr"] for t in after]
     assert lrs.count(1e-4) == 1, lrs  # the recipe (baseline) ran once: a resume does not enqueue it again
-    finals = _results(runs / "mini" / "main.final")
+    finals = trial_results(runs / "mini" / "main.final")
     assert len(finals) == 2 and all("test_recall@1" in rows[-1] for rows in finals.values())
     assert (runs / "mini" / "COMPLETE").is_file()
     report = (tmp_path / "mini.md").read_text()
@@ -150,4 +119,4 @@ def test_sigint_before_the_first_result_saves_state_and_resume_completes(tmp_pat
     out = subprocess.run(base + ["--resume", "--name", "mini"], cwd=ROOT, capture_output=True, text=True,
                          timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert len(_results(runs / "mini" / "main")) == 2 and (runs / "mini" / "COMPLETE").is_file()
+    assert len(trial_results(runs / "mini" / "main")) == 2 and (runs / "mini" / "COMPLETE").is_file()

@@ -4,6 +4,7 @@ import re
 import statistics
 
 import pytest
+from experiments import trial_results
 from searches import SAMPLES, small_demo
 
 from tune_upl.layout import SELECTION_FILE
@@ -12,17 +13,9 @@ from tune_upl.spec import parse_spec
 from tune_upl.errors import SpecError
 
 
-def raw_results(experiment, folder="main"):
-    """Each trial's per-epoch results, parsed straight from Tune's result.json (one JSON per line)."""
-    trials = {}
-    for path in (experiment / folder).glob("*/result.json"):
-        trials[path.parent.name] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return trials
-
-
 def test_every_trial_ran_and_reported_each_epoch(demo_search):
     spec, experiment, _ = demo_search
-    trials = raw_results(experiment)
+    trials = trial_results(experiment / "main")
     assert len(trials) == SAMPLES
     for rows in trials.values():
         assert [r["training_iteration"] for r in rows] == list(range(1, len(rows) + 1))
@@ -33,7 +26,7 @@ def test_every_trial_ran_and_reported_each_epoch(demo_search):
 def test_report_numbers_equal_the_raw_results(demo_search):
     spec, experiment, report = demo_search
     text = report.read_text()
-    trials = raw_results(experiment)
+    trials = trial_results(experiment / "main")
     best = {tid: max(r["val_recall@1"] for r in rows) for tid, rows in trials.items()}
     for tid, value in best.items():
         row = next(line for line in text.splitlines() if f"| {tid} " in line)
@@ -42,7 +35,7 @@ def test_report_numbers_equal_the_raw_results(demo_search):
     selection = json.loads((experiment / "main" / SELECTION_FILE).read_text())
     assert selection["trial_id"] == max(best, key=best.get)
     assert selection["objective"]["val_recall@1"] == pytest.approx(best[selection["trial_id"]])
-    finals = raw_results(experiment, "main.final")
+    finals = trial_results(experiment / "main.final")
     r1 = [rows[-1]["test_recall@1"] for rows in finals.values()]
     assert len(r1) == 2
     mean, std = 100 * statistics.mean(r1), 100 * statistics.stdev(r1)
@@ -53,11 +46,11 @@ def test_report_numbers_equal_the_raw_results(demo_search):
 
 def test_test_classes_evaluated_only_after_selection(demo_search):
     _, experiment, _ = demo_search
-    trials = raw_results(experiment)
+    trials = trial_results(experiment / "main")
     assert not any(k.startswith("test_") for rows in trials.values() for r in rows for k in r)
     selection = json.loads((experiment / "main" / SELECTION_FILE).read_text())
     assert selection["selected_at"] >= max(r["timestamp"] for rows in trials.values() for r in rows)
-    finals = raw_results(experiment, "main.final")
+    finals = trial_results(experiment / "main.final")
     seeds = sorted(json.loads((experiment / "main.final" / tid / "params.json").read_text())["seed"] for tid in finals)
     assert seeds == [selection["config"]["seed"] + 1, selection["config"]["seed"] + 2]
     for rows in finals.values():
@@ -78,8 +71,8 @@ def test_same_sampler_seed_proposes_the_same_first_configurations(demo_search):
     first, second = proposals(), proposals()
     assert first == second
     assert first[0] == {"lr": 1e-4, "scale": 32, "feature_dim": 512, "margin": 0.1}  # the baseline: seed recipe
-    ran = [{k: json.loads((p.parent / "params.json").read_text())[k] for k in spec.space}
-           for p in (experiment / "main").glob("*/result.json")]
+    ran = [{k: json.loads((experiment / "main" / tid / "params.json").read_text())[k] for k in spec.space}
+           for tid in trial_results(experiment / "main")]
     assert sorted(map(str, ran)) == sorted(map(str, first))
 
 

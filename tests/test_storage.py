@@ -5,9 +5,9 @@ import json
 import os
 
 import pytest
-import yaml
+from experiments import cli
+from searches import MINI, write_spec
 
-from test_resume import MINI, cli
 from tune_upl.layout import driver_file, report_file
 from tune_upl.storage import Remote, is_uri, mirror_root
 
@@ -68,8 +68,7 @@ def test_push_then_pull_round_trips_and_replaces_the_mirror(s3, tmp_path):
 
 
 def test_an_unopenable_storage_is_refused_before_ray_starts(tmp_path):
-    spec = tmp_path / "mini.yaml"
-    spec.write_text(yaml.safe_dump(MINI))
+    spec = write_spec(tmp_path)
     out = cli("--space", str(spec), "--storage", "nosuchscheme://bucket/runs", "--cache_dir", str(tmp_path / "c"))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.startswith("error: --storage nosuchscheme://bucket/runs: cannot open it")
@@ -79,8 +78,7 @@ def test_an_unopenable_storage_is_refused_before_ray_starts(tmp_path):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_search_on_s3_completes_and_reports_from_another_machine(s3, tmp_path, cache_dir, synthetic_root):
-    spec = tmp_path / "mini.yaml"
-    spec.write_text(yaml.safe_dump({**MINI, "num_samples": 2, "fixed": {**MINI["fixed"], "num_epochs": 2}}))
+    spec = write_spec(tmp_path, num_samples=2, fixed={**MINI["fixed"], "num_epochs": 2})
     uri = f"s3://{BUCKET}/runs"
     out = cli("--space", str(spec), "--storage", uri, "--cache_dir", cache_dir,
               "--reports_dir", str(tmp_path / "reports"))

@@ -1,9 +1,9 @@
 """Command line: `python run_search.py [search|train|prepare|report] [options]`.
 
 Every `TrialConfig` field is an option under its own name (`--feature_dim`) and its dash spelling
-(`--feature-dim`). This module is the one place that reads the environment (home folder, CPU count):
-it resolves them into fields (`$TUNE_UPL_CACHE` into `cache_dir`), so nothing behind a `TrialConfig`
-looks at global state.
+(`--feature-dim`). This module is the one place that reads the environment (home folder, working
+directory, CPU count): it resolves them into fields and a `Paths` table (`$TUNE_UPL_CACHE` into
+`cache_dir`'s default), so nothing behind a `TrialConfig` looks at global state.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from tune_upl.config import FIELD_DEFAULTS, FIELD_HELP, FIELD_NAMES, make_config, validate_field
+from tune_upl.config import FIELD_DEFAULTS, FIELD_HELP, FIELD_NAMES, Paths, is_path, make_config, validate_field
 from tune_upl.errors import (
     ConfigError, DatasetError, DivergedError, ExperimentError, OutOfMemory, SpecError, SplitAccessError, StorageError,
 )
@@ -55,16 +55,23 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in FIELD_NAMES if hasattr(args, name)}
 
 
-def resolve_paths(values: dict[str, Any]) -> dict[str, Any]:
-    """Absolute data, cache and weights paths with `~` expanded: trials run in other working directories.
+def absolute_path(value: str) -> str:
+    """`~` expanded and made absolute here: trials run in other working directories."""
+    return str(Path(value).expanduser().resolve())
 
-    Returns only the path fields (from `values`, else $TUNE_UPL_CACHE for cache_dir, else the defaults)."""
-    defaults = {**FIELD_DEFAULTS, "cache_dir": os.environ.get("TUNE_UPL_CACHE") or FIELD_DEFAULTS["cache_dir"]}
-    resolved = {name: str(Path(values.get(name, defaults[name])).expanduser().resolve())
-                for name in ("data_path", "cache_dir")}
-    if values.get("pretrained") not in (None, "auto", "none"):
-        resolved["pretrained"] = str(Path(values["pretrained"]).expanduser().resolve())
-    return resolved
+
+def driver_paths(*sources: dict[str, Any]) -> Paths:
+    """The defaults of data_path and cache_dir ($TUNE_UPL_CACHE, else the field's own) and every path named
+    in `sources`, made absolute on this machine; planning applies them to each study."""
+    defaults = {"data_path": FIELD_DEFAULTS["data_path"],
+                "cache_dir": os.environ.get("TUNE_UPL_CACHE") or FIELD_DEFAULTS["cache_dir"]}
+    named = sorted({v for values in sources for k, v in values.items() if is_path(k, v)})
+    return Paths({k: absolute_path(v) for k, v in defaults.items()}, {v: absolute_path(v) for v in named})
+
+
+def with_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with data_path and cache_dir filled in and every path absolute (one run, no spec)."""
+    return driver_paths(values).apply(values)
 
 
 def format_metrics(metrics: dict[str, float], prefix: str) -> str:
@@ -74,8 +81,7 @@ def format_metrics(metrics: dict[str, float], prefix: str) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """One run of one configuration, printing a line per epoch (the seed's train.py)."""
-    values = config_overrides(args)
-    cfg = make_config({**values, **resolve_paths(values)})  # bad input is named before the engine loads
+    cfg = make_config(with_paths(config_overrides(args)))  # bad input is named before the engine loads
     from tune_upl.engine import build_run, final_test, train_epoch
     from tune_upl.prepare import prepare_dataset
 
@@ -121,7 +127,7 @@ def storage_location(args: argparse.Namespace) -> tuple[Path, Optional[Remote]]:
     from tune_upl.storage import Remote, is_uri, mirror_root
 
     if is_uri(args.storage):
-        return mirror_root(args.storage, resolve_paths(config_overrides(args))["cache_dir"]), Remote(args.storage)
+        return mirror_root(args.storage, with_paths(config_overrides(args))["cache_dir"]), Remote(args.storage)
     return Path(args.storage).expanduser().resolve(), None
 
 
@@ -136,8 +142,10 @@ def pulled_experiment(local: Path, remote: Optional[Remote], name: str) -> Path:
     return experiment
 
 
-def search_spec(args: argparse.Namespace, storage: Path, remote: Optional[Remote] = None) -> tuple[Any, dict[str, Any]]:
-    """The spec and overrides: from the file and command line, or from the experiment's record (--resume)."""
+def search_spec(args: argparse.Namespace, storage: Path,
+                remote: Optional[Remote] = None) -> tuple[Any, dict[str, Any], Paths]:
+    """The spec, the overrides (the training options given on the command line, validated) and the driver's
+    paths: from the file, the command line and this machine, or from the experiment's record (--resume)."""
     from tune_upl.experiment import resolve_resume
     from tune_upl.spec import load_spec, parse_spec
 
@@ -157,8 +165,7 @@ def search_spec(args: argparse.Namespace, storage: Path, remote: Optional[Remote
     if updates:
         spec = parse_spec({**spec.model_dump(), **updates}, f"{path} (with command-line options)")
     overrides = {k: validate_field(k, v) for k, v in config_overrides(args).items()}  # fails before Ray
-    overrides.update(resolve_paths({**spec.fixed, **overrides}))
-    return spec, overrides
+    return spec, overrides, driver_paths(spec.fixed, *spec.study_points(), overrides)
 
 
 def _spec_name(args: argparse.Namespace) -> str:
@@ -173,19 +180,19 @@ def _spec_name(args: argparse.Namespace) -> str:
 def cmd_search(args: argparse.Namespace) -> int:
     """Validate the spec (before Ray starts), run or resume the search, write the report."""
     storage, remote = storage_location(args)
-    spec, overrides = search_spec(args, storage, remote)  # a bad spec is named before Ray and torch load
+    spec, overrides, paths = search_spec(args, storage, remote)  # a bad spec is named before Ray and torch load
     from tune_upl.experiment import Options, describe, run_search
     from tune_upl.report import write_report
     from tune_upl.search import plan_studies
 
     if args.dry_run:
-        print(describe(spec, plan_studies(spec, overrides)))
+        print(describe(spec, plan_studies(spec, overrides, paths)))
         return 0
     options = Options(storage=storage, remote=remote, verbose=args.verbose, address=args.address,
                       resume=args.resume, overwrite=args.overwrite, autoscaling=args.autoscaling,
                       allow_cpu=args.allow_cpu, loggers=tuple(args.logger))
     start = time.perf_counter()
-    experiment = run_search(spec, overrides, options)
+    experiment = run_search(spec, overrides, options, paths)
     if remote:
         experiment = pulled_experiment(storage, remote, spec.name)
     report = write_report(experiment, Path(args.reports_dir).expanduser().resolve(), remote and remote.uri)
@@ -197,8 +204,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     """Manifest and pixel cache of one dataset variant (the seed's data_utils.py)."""
     from tune_upl.prepare import prepare_dataset
 
-    values = config_overrides(args)
-    cfg = make_config({**values, **resolve_paths(values)})
+    cfg = make_config(with_paths(config_overrides(args)))
     print(prepare_dataset(cfg).summary(cfg))
     return 0
 

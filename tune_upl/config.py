@@ -251,6 +251,32 @@ class TrialConfig:
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrialConfig))
 FIELD_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(TrialConfig)}
+PATH_FIELDS = ("data_path", "cache_dir", "pretrained")  # made absolute on the driver: trials run elsewhere
+NOT_PATHS = ("auto", "none")  # pretrained's values that name no file
+
+
+def is_path(name: str, value: Any) -> bool:
+    """Whether `value` of field `name` is a file or folder path (to be made absolute)."""
+    return name in PATH_FIELDS and isinstance(value, str) and not (name == "pretrained" and value in NOT_PATHS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    """The driver's paths: the defaults of data_path and cache_dir, and every path a spec or the command
+    line names, made absolute once by the command line (which alone reads the home folder, the working
+    directory and $TUNE_UPL_CACHE). Plain data, so an experiment keeps it and a resume plans the same
+    studies; empty, it changes nothing."""
+
+    defaults: dict[str, str] = dataclasses.field(default_factory=dict)  # below the spec's own values
+    absolute: dict[str, str] = dataclasses.field(default_factory=dict)  # a path as written -> absolute
+
+    def apply(self, values: dict[str, Any]) -> dict[str, Any]:
+        """`values` over the defaults, each path made absolute (one it does not know is kept as is)."""
+        merged = {**self.defaults, **values}
+        return {k: self.absolute.get(v, v) if is_path(k, v) else v for k, v in merged.items()}
+
+    def to_dict(self) -> dict[str, dict[str, str]]:
+        return dataclasses.asdict(self)
 
 
 def available_cpus() -> int:

@@ -1,9 +1,12 @@
 """An experiment folder's life: start, refuse or resume; one driver at a time; a record of what ran; and
 the order of work (search each study, select on the objective, final stage, mark complete).
 
-The folder's layout (its file names) is `tune_upl.layout`. With `--storage` a URI (s3://, gs://), Tune's
-folders are written there and the driver's files to a local mirror, each pushed to the URI when written
-(`tune_upl.storage`).
+Layout under `<storage>/<name>/` (the names are `tune_upl.layout`'s): `search_spec.json` (the spec, the
+command-line overrides and the driver's paths: a resume reads it and plans the same studies), `record.json` (code version, packages,
+hardware, class lists), one Tune experiment per study (`<study>/`, or `grid/`), each with
+`selection.json` beside it, one Tune experiment per final stage (`<study>.final/`), and `COMPLETE` once
+everything has run. With `--storage` a URI (s3://, gs://), Tune's folders are written there and the
+driver's files to a local mirror, each pushed to the URI when written (`tune_upl.storage`).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from typing import Any, Optional
 from filelock import FileLock, Timeout
 
 from tune_upl.atomic import write_json
+from tune_upl.config import Paths
 from tune_upl.final import Selection, save_selection, select
 from tune_upl.layout import (
     COMPLETE_FILE,
@@ -69,9 +73,12 @@ class Options:
     callbacks: tuple[Any, ...] = ()  # more Ray Tune callbacks, for programs that embed the search
 
 
-def load_saved_spec(experiment: Path) -> tuple[SearchSpec, dict[str, Any]]:
+def load_saved_spec(experiment: Path) -> tuple[SearchSpec, dict[str, Any], Paths]:
+    """What the experiment was started with. A record without `paths` is older: its overrides hold the
+    absolute data_path and cache_dir themselves, so it plans as it did."""
     saved = json.loads((experiment / SPEC_FILE).read_text())
-    return parse_spec(saved["spec"], str(experiment / SPEC_FILE)), saved["overrides"]
+    spec = parse_spec(saved["spec"], str(experiment / SPEC_FILE))
+    return spec, saved["overrides"], Paths(**saved.get("paths", {}))
 
 
 def describe(spec: SearchSpec, studies: list[Study]) -> str:
@@ -87,6 +94,7 @@ def describe(spec: SearchSpec, studies: list[Study]) -> str:
         trials = "" if spec.searcher.type == "grid" else f"{spec.num_samples} trials, "
         lines.append(f"  study {study.key}: {trials}up to {epochs} epochs each, "
                      f"{study.base.get('data_name')}/{study.base.get('backbone_type')}/{study.base.get('loss_name')}, "
+                     f"data {study.base.get('data_path')}, cache {study.base.get('cache_dir')}, "
                      f"searching {', '.join(study.space) or 'nothing'}")
     if spec.protocol == "val":
         lines.append(f"  final stage: {spec.final_seeds} seeds per study, on train + validation classes, tested once")
@@ -101,7 +109,8 @@ def _publish(options: Options, experiment: Path, *relative: str) -> None:
                 options.remote.push(experiment, name)
 
 
-def open_experiment(spec: SearchSpec, overrides: dict[str, Any], options: Options) -> tuple[Path, bool]:
+def open_experiment(spec: SearchSpec, overrides: dict[str, Any], options: Options,
+                    paths: Paths = Paths()) -> tuple[Path, bool]:
     """Create the experiment folder, or accept the existing one; returns (folder, already complete)."""
     experiment = options.storage / spec.name
     exists = experiment.exists() and any(experiment.iterdir())
@@ -124,7 +133,8 @@ def open_experiment(spec: SearchSpec, overrides: dict[str, Any], options: Option
         )
     experiment.mkdir(parents=True, exist_ok=True)
     if not (experiment / SPEC_FILE).is_file():
-        write_json(experiment / SPEC_FILE, {"spec": spec.model_dump(mode="json"), "overrides": overrides})
+        write_json(experiment / SPEC_FILE, {"spec": spec.model_dump(mode="json"), "overrides": overrides,
+                                            "paths": paths.to_dict()})
         _publish(options, experiment, SPEC_FILE)
     return experiment, False
 
@@ -139,7 +149,8 @@ def sync_down(remote: Remote, experiment: Path) -> None:
         remote.pull(experiment.name, experiment, driver_file)
 
 
-def resolve_resume(name: str, storage: Path, remote: Optional[Remote] = None) -> tuple[SearchSpec, dict[str, Any]]:
+def resolve_resume(name: str, storage: Path,
+                   remote: Optional[Remote] = None) -> tuple[SearchSpec, dict[str, Any], Paths]:
     experiment = storage / name
     if remote:
         sync_down(remote, experiment)
@@ -238,16 +249,17 @@ def _select_all(spec: SearchSpec, studies: list[Study], experiment: Path, option
     return selections
 
 
-def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options) -> Path:
-    """Run (or resume) every study, then the final stage; returns the experiment folder."""
-    studies = plan_studies(spec, overrides)  # validates every study before anything starts
+def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options, paths: Paths = Paths()) -> Path:
+    """Run (or resume) every study, then the final stage; returns the experiment folder. `paths`: the
+    driver's (`cli.driver_paths`); without them, paths reach the trials as the spec and overrides give them."""
+    studies = plan_studies(spec, overrides, paths)  # validates every study before anything starts
     callbacks = (*logger_callbacks(options.loggers, spec.name), *options.callbacks)
     lock = driver_lock(options.storage, spec.name)
     try:
         if options.remote:
             options.remote.check()
             sync_down(options.remote, options.storage / spec.name)
-        experiment, complete = open_experiment(spec, overrides, options)
+        experiment, complete = open_experiment(spec, overrides, options, paths)
         if complete:
             print(f"experiment {spec.name} is complete already (in {experiment}); "
                   "use --overwrite to run it again", flush=True)
@@ -255,7 +267,7 @@ def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options) ->
         prepare_data(studies)
         init_ray(options.address, options.verbose)
         spec = check_resources(spec, autoscaling=options.autoscaling, allow_cpu=options.allow_cpu)
-        studies = plan_studies(spec, overrides)
+        studies = plan_studies(spec, overrides, paths)
         write_record(experiment, studies, spec)
         _publish(options, experiment, RECORD_FILE)
         for selection in _select_all(spec, studies, experiment, options, callbacks):

@@ -473,9 +473,8 @@ def references_section(refs: References) -> list[str]:
 
 # ---------------------------------------------------------------- the whole report
 def _header(data: ExperimentData, storage: Optional[str] = None) -> list[str]:
-    spec, overrides = data.spec, data.overrides
-    paths = ("data_path", "cache_dir", "pretrained")  # resolved on the driver; shown when the spec set them
-    fixed = {**spec["fixed"], **{k: v for k, v in overrides.items() if k not in paths or k in spec["fixed"]}}
+    spec = data.spec
+    fixed = {**spec["fixed"], **data.overrides}  # the overrides are the command line's own options
     counts = {k: v for k, v in _state_counts(data.trials).items() if v}
     open_trials = sum(counts.get(s, 0) for s in OPEN_STATES)
     storage = storage or _shown_path(data.folder.parent)

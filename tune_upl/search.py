@@ -20,7 +20,7 @@ import optuna
 import ray
 from ray import tune
 
-from tune_upl.config import FIELD_DEFAULTS, make_config
+from tune_upl.config import FIELD_DEFAULTS, Paths, make_config
 from tune_upl.prepare import DATA_FIELDS, prepare_dataset
 from tune_upl.final import Selection, final_param_space, final_seeds
 from tune_upl.layout import (
@@ -55,14 +55,16 @@ def order_space(space: dict[str, Param]) -> dict[str, Param]:
     return ordered
 
 
-def plan_studies(spec: SearchSpec, overrides: dict[str, Any]) -> list[Study]:
+def plan_studies(spec: SearchSpec, overrides: dict[str, Any], paths: Paths = Paths()) -> list[Study]:
     """Split the spec into studies; command-line overrides fix a field and take it out of the space.
 
-    A `when` on a field that is not searched is decided here, once per study.
+    Each study's paths are its own: a `studies` value over `fixed` over the driver's defaults, a
+    command-line override over all, then made absolute by `paths`. A `when` on a field that is not
+    searched is decided here, once per study.
     """
     studies = []
     for point in spec.study_points():
-        base = {**FIELD_DEFAULTS, **spec.fixed, **point, **overrides, "protocol": spec.protocol}
+        base = {**FIELD_DEFAULTS, **paths.apply({**spec.fixed, **point, **overrides}), "protocol": spec.protocol}
         if "num_threads" not in {**spec.fixed, **overrides}:
             base["num_threads"] = max(1, math.floor(spec.resources.cpu))  # threads = the CPUs Tune gives a trial
         if spec.resources.gpu == 0 and "device" not in {**spec.fixed, **overrides}:
