@@ -64,7 +64,8 @@ def record_grid(out: Path) -> Any:
     the real trainable, two trials at a time) and write each epoch's validation metrics to `out` (CSV)."""
     import pandas as pd
 
-    from tune_upl.search import plan_studies, prepare_data, run_study
+    from tune_upl.planning import plan_studies, prepare_data
+    from tune_upl.search import run_study
 
     with tempfile.TemporaryDirectory() as tmp, RaySession():
         data_path = Path(tmp) / "data"
@@ -135,7 +136,8 @@ def replay_search(seed: int, curves: dict[tuple[str, ...], list[float]], fixed: 
     the order the trials ran (one at a time, so the order is the searcher's)."""
     from ray import tune
 
-    from tune_upl.search import make_scheduler, make_searcher, plan_studies
+    from tune_upl.planning import plan_studies
+    from tune_upl.search import make_scheduler, make_searcher
 
     # the platform's TPE settings (upl_optuna.yaml) scaled to the budget; ASHA rungs at epochs 1, 2, 4
     spec = grid_spec(fixed, {"type": "tpe", "seed": seed, "n_startup_trials": 6},

@@ -130,3 +130,9 @@ def test_the_report_and_the_command_line_load_neither_ray_nor_torch():
 def test_the_retrieval_tool_loads_no_ray():
     modules = loaded_after("import tune_upl.retrieve")
     assert not [m for m in _heavy(modules) if m.split(".")[0] != "torch"]  # torch it needs: the embeddings
+
+
+def test_planning_a_search_loads_no_ray():
+    """Studies, spaces, the baseline and the grid are planned without Ray (`--dry-run`, benchmarks, tests)."""
+    modules = loaded_after("import tune_upl.planning")
+    assert "tune_upl.planning" in modules and not _heavy(modules), _heavy(modules)

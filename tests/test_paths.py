@@ -7,7 +7,7 @@ import yaml
 
 from tune_upl.cli import build_parser, main, search_spec
 from tune_upl.experiment import Options, open_experiment
-from tune_upl.search import plan_studies
+from tune_upl.planning import plan_studies
 
 SPEC = {"name": "two-data", "fixed": {"data_name": "cub", "backbone_type": "tiny"},
         "space": {"lr": {"loguniform": [1.0e-4, 1.0e-2]}}}

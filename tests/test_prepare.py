@@ -209,7 +209,7 @@ def test_an_interrupted_prepare_is_never_taken_for_complete(archives, tmp_path, 
 
 
 def test_dataset_fields_are_not_searchable_since_the_driver_prepares_them():
-    from tune_upl.search import plan_studies, prepare_data
+    from tune_upl.planning import plan_studies, prepare_data
     from tune_upl.spec import parse_spec
 
     spec = parse_spec({"name": "x", "space": {"crop": {"choice": ["uncropped", "cropped"]}}})

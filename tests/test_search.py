@@ -8,7 +8,8 @@ from experiments import trial_results
 from searches import SAMPLES, small_demo
 
 from tune_upl.layout import SELECTION_FILE
-from tune_upl.search import make_searcher, plan_studies
+from tune_upl.planning import plan_studies
+from tune_upl.search import make_searcher
 from tune_upl.spec import parse_spec
 from tune_upl.errors import SpecError
 

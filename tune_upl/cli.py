@@ -183,7 +183,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     spec, overrides, paths = search_spec(args, storage, remote)  # a bad spec is named before Ray and torch load
     from tune_upl.experiment import Options, describe, run_search
     from tune_upl.report import write_report
-    from tune_upl.search import plan_studies
+    from tune_upl.planning import plan_studies
 
     if args.dry_run:
         print(describe(spec, plan_studies(spec, overrides, paths)))

@@ -37,18 +37,8 @@ from tune_upl.layout import (
     driver_lock_name,
     study_key,
 )
-from tune_upl.search import (
-    Study,
-    baseline_point,
-    check_resources,
-    grid_points,
-    init_ray,
-    logger_callbacks,
-    plan_studies,
-    prepare_data,
-    run_final,
-    run_study,
-)
+from tune_upl.planning import Study, baseline_point, grid_points, plan_studies, prepare_data
+from tune_upl.search import check_resources, init_ray, logger_callbacks, run_final, run_study
 from tune_upl.spec import SearchSpec, parse_spec
 from tune_upl.storage import Remote
 from tune_upl.errors import ExperimentError

@@ -1,0 +1,127 @@
+"""Planning a search, apart from Ray: the studies a spec splits into, each study's space and fixed fields
+(its paths made absolute), the define-by-run space the searcher samples, the baseline point (the seed's
+recipe) and the grid's points. Also the driver's data preparation, which must happen before any trial.
+
+Nothing here imports Ray: `--dry-run`, the benchmarks and the tests plan without starting it. The
+distributions and the `when` rule are `spec.Param`'s.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from tune_upl.config import FIELD_DEFAULTS, Paths, make_config
+from tune_upl.errors import SpecError
+from tune_upl.layout import study_key
+from tune_upl.spec import Param, SearchSpec
+
+
+@dataclass(frozen=True)
+class Study:
+    """One independent search: its folder name, the `studies` values and the fields it holds fixed."""
+
+    key: str
+    point: dict[str, Any]
+    base: dict[str, Any]
+    space: dict[str, Param] = field(default_factory=dict)
+
+
+def order_space(space: dict[str, Param]) -> dict[str, Param]:
+    """Parameters after the searched fields their `when` depends on (define-by-run samples in order)."""
+    ordered: dict[str, Param] = {}
+    pending = dict(space)
+    while pending:
+        ready = [n for n, p in pending.items() if not set(p.when or {}) & (set(pending) - {n})]
+        if not ready:
+            raise SpecError(f"space: the when conditions of {', '.join(pending)} depend on each other in a cycle")
+        for name in ready:
+            ordered[name] = pending.pop(name)
+    return ordered
+
+
+def plan_studies(spec: SearchSpec, overrides: dict[str, Any], paths: Paths = Paths()) -> list[Study]:
+    """Split the spec into studies; command-line overrides fix a field and take it out of the space.
+
+    Each study's paths are its own: a `studies` value over `fixed` over the driver's defaults, a
+    command-line override over all, then made absolute by `paths`. A `when` on a field that is not
+    searched is decided here, once per study.
+    """
+    studies = []
+    for point in spec.study_points():
+        base = {**FIELD_DEFAULTS, **paths.apply({**spec.fixed, **point, **overrides}), "protocol": spec.protocol}
+        if "num_threads" not in {**spec.fixed, **overrides}:
+            base["num_threads"] = max(1, math.floor(spec.resources.cpu))  # threads = the CPUs Tune gives a trial
+        if spec.resources.gpu == 0 and "device" not in {**spec.fixed, **overrides}:
+            base["device"] = "cpu"
+        space = {}
+        for name, param in order_space(spec.space).items():
+            if name in overrides:
+                continue
+            fixed_view = {k: v for k, v in base.items() if k not in spec.space or k in overrides}
+            if param.holds(fixed_view) is False:
+                continue  # decided once for this study: the parameter does not exist here
+            space[name] = param
+        for name in space:
+            base.pop(name, None)
+        make_config(base)  # every study's fixed part must be a valid config on its own
+        studies.append(Study(study_key(point), point, base, space))
+    return studies
+
+
+def define_space(trial: Any, space: dict[str, Param], base: dict[str, Any]) -> dict[str, Any]:
+    """Optuna define-by-run space (module level: the searcher is pickled). Returns the fixed fields."""
+    values: dict[str, Any] = {}
+    for name, param in space.items():
+        if param.holds({**base, **values}) is not False:
+            values[name] = param.suggest(trial, name)
+    return dict(base)
+
+
+def baseline_point(space: dict[str, Param], base: dict[str, Any]) -> dict[str, Any]:
+    """The seed's recipe for every searched field whose space contains it; the rest is sampled."""
+    point: dict[str, Any] = {}
+    for name, param in space.items():
+        if param.holds({**base, **point}) is False:
+            continue
+        if param.contains(FIELD_DEFAULTS[name]):
+            point[name] = FIELD_DEFAULTS[name]
+    return point
+
+
+def grid_points(spec: SearchSpec, study: Study) -> list[dict[str, Any]]:
+    """Every combination of `studies` values and `choice` values; `when` drops a parameter where it fails."""
+    names = list(spec.studies) + [n for n in study.space]
+    lists = [spec.studies[n] for n in spec.studies] + [study.space[n].choice for n in study.space]
+    points, seen = [], set()
+    for combo in itertools.product(*lists):
+        point = dict(zip(names, combo))
+        for name, param in study.space.items():
+            if param.holds({**study.base, **point}) is False:
+                point.pop(name)
+        frozen = json.dumps(point, sort_keys=True, default=str)
+        if frozen not in seen:
+            seen.add(frozen)
+            points.append(point)
+    return points
+
+
+def prepare_data(studies: list[Study]) -> None:
+    """Prepare every dataset a study reads, in the driver, before any trial starts (under a file lock)."""
+    from tune_upl.prepare import DATA_FIELDS, prepare_dataset  # image decoding: loaded only to prepare
+
+    seen = set()
+    for study in studies:
+        searched = [name for name in DATA_FIELDS if name in study.space]
+        if searched:
+            raise SpecError(f"space.{searched[0]}: the dataset is prepared before the trials start, so it "
+                            "is not searchable; list it under studies")
+        cfg = make_config(study.base)
+        key = tuple(getattr(cfg, name) for name in DATA_FIELDS)
+        if key not in seen:
+            seen.add(key)
+            prepared = prepare_dataset(cfg)
+            if prepared.built:
+                print(prepared.summary(cfg), flush=True)
