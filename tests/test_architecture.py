@@ -136,3 +136,15 @@ def test_planning_a_search_loads_no_ray():
     """Studies, spaces, the baseline and the grid are planned without Ray (`--dry-run`, benchmarks, tests)."""
     modules = loaded_after("import tune_upl.planning")
     assert "tune_upl.planning" in modules and not _heavy(modules), _heavy(modules)
+
+
+def test_a_trials_error_is_the_last_line_of_its_error_file(tmp_path):
+    """The trial line and the report both show this one line; the traceback stays in the file."""
+    from tune_upl.layout import error_line
+
+    error = tmp_path / "error.txt"
+    error.write_text("Failure # 1\nTraceback (most recent call last):\n  File x\nRuntimeError: boom\n\n")
+    assert error_line(error) == "RuntimeError: boom"
+    assert error_line(tmp_path / "missing.txt") is None and error_line(None) is None
+    error.write_text("\n")
+    assert error_line(error) == "error"

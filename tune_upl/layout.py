@@ -13,7 +13,8 @@ folders, each checkpoint our `state.pt` (and, for a final run, `test_embeddings.
 """
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 # ---------------------------------------------------------------- the driver's files
 SPEC_FILE = "search_spec.json"
@@ -95,3 +96,12 @@ def trial_state(status: str, last_result: dict[str, Any], planned_epochs: Any) -
     if state == COMPLETED and isinstance(planned_epochs, int) and epochs < planned_epochs:
         return STOPPED_EARLY
     return state
+
+
+def error_line(path: Optional[Path]) -> Optional[str]:
+    """The last line of a trial's Tune error file (the exception and its message), or None without one:
+    what the trial line and the report show, the full traceback staying in the file."""
+    if path is None or not path.is_file():
+        return None
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else "error"

@@ -29,6 +29,7 @@ from tune_upl.layout import (
     SPEC_FILE,
     TUNE_STATE_PATTERN,
     UNFINISHED,
+    error_line,
     study_key,
     trial_state,
 )
@@ -207,10 +208,7 @@ def _trial_note(trial: Any) -> str:
     """Why a trial ended early: its error's last line, or the diverged / out-of-memory message."""
     error = (trial.last_result or {}).get(ERROR_KEY)
     name = trial.run_metadata.error_filename  # not `trial.error_file`: that one needs a running Ray
-    path = Path(trial.path) / name if name else None
-    if path is not None and path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        error = lines[-1] if lines else "error"
+    error = error_line(Path(trial.path) / name if name else None) or error
     return str(error).replace("|", "/")[:160] if error else ""
 
 

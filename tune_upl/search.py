@@ -19,7 +19,8 @@ from ray import tune
 from tune_upl.config import FIELD_DEFAULTS
 from tune_upl.final import Selection, final_param_space, final_seeds
 from tune_upl.layout import (
-    COMPLETED, ERROR_KEY, ERRORED, FINAL_SUFFIX, OPTUNA_FILE, STOPPED_EARLY, study_key, trial_state,
+    COMPLETED, ERROR_KEY, ERRORED, FINAL_SUFFIX, OPTUNA_FILE, STOPPED_EARLY, error_line, study_key,
+    trial_state,
 )
 from tune_upl.planning import Study, baseline_point, define_space, grid_points
 from tune_upl.spec import SearchSpec
@@ -139,10 +140,8 @@ class TrialLines(tune.Callback):
 def _error_summary(trial: Any) -> str:
     """The last line of the trial's error (its full traceback stays in the trial folder)."""
     path = getattr(trial, "error_file", None)
-    if path and Path(path).is_file():
-        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-        return (lines[-1] if lines else "error") + f" (see {path})"
-    return "error (see the trial folder)"
+    line = error_line(Path(path) if path else None)
+    return f"{line} (see {path})" if line is not None else "error (see the trial folder)"
 
 
 def _short(value: Any) -> str:
