@@ -22,7 +22,9 @@ def worker_count() -> int:
 
 def worker_threads() -> int:
     """The cores this process's torch may use: all of them alone, a share of them beside other workers."""
-    return max(1, len(os.sched_getaffinity(0)) // worker_count())
+    from tune_upl.config import available_cpus
+
+    return max(1, available_cpus() // worker_count())
 
 
 torch.set_num_threads(worker_threads())  # tests that build models directly, not through a TrialConfig

@@ -111,3 +111,17 @@ def test_an_unreadable_checkpoint_is_named(tmp_path):
     torch.save({"hook": print}, code)  # pickled code: refused by weights_only loading
     with pytest.raises(CheckpointError, match="unreadable checkpoint"):
         load_state(code)
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_precision_takes_bf16_only_where_the_gpu_has_it_natively(monkeypatch, native, expected):
+    """A V100 or T4 reports bf16 as supported when emulation counts (torch's default); `amp: auto` must then
+    take fp16 with a grad scaler, not the slow emulated bf16. The GPU is stood in for by the capability check."""
+    from tune_upl.engine import resolve_amp
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return native or including_emulation  # emulation always "works"; native only where the chip has it
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert resolve_amp("auto", torch.device("cuda")) == expected
+    assert resolve_amp("auto", torch.device("cpu")) is None and resolve_amp("bf16", torch.device("cuda")) == torch.bfloat16

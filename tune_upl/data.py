@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from tune_upl.archives import DATASETS, split_halves
+from tune_upl.archives import split_halves
 from tune_upl.config import TrialConfig
 from tune_upl.models import BACKBONES, TORCHVISION_INPUT
 from tune_upl.prepare import PIXELS_FILE, decode_image_file, read_manifest

@@ -50,8 +50,8 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype: bf16 where the GPU has it, fp16 (with a grad scaler) where not, none on CPU."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "auto":  # emulated bf16 (V100, T4) is slow: only native bf16 counts, else fp16 + grad scaler
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 

@@ -109,15 +109,11 @@ LOSSES: dict[str, Callable[..., nn.Module]] = {
     "proxy_anchor": proxy_anchor,
     "proxy_nca": ProxyNCALoss,
 }
-
-
-def loss_parameters(name: str) -> tuple[str, ...]:
-    """The TrialConfig fields a loss takes: its builder's parameters, named as the fields (a margin exists
-    only where the loss has one), read from its signature so that they cannot drift from the code."""
-    return tuple(inspect.signature(LOSSES[name]).parameters)
-
-
-LOSS_PARAMETERS: dict[str, tuple[str, ...]] = {name: loss_parameters(name) for name in LOSSES}
+# The TrialConfig fields each loss takes: its builder's parameters, named as the fields (a margin exists only
+# where the loss has one), read from the signature so that they cannot drift from the code.
+LOSS_PARAMETERS: dict[str, tuple[str, ...]] = {
+    name: tuple(inspect.signature(builder).parameters) for name, builder in LOSSES.items()
+}
 
 
 def build_loss(name: str, **params: float) -> nn.Module:

@@ -34,16 +34,14 @@ def backbone_display(name: str) -> str:
     """A backbone's name in reports, from its registry entry; a name the registry lacks (an old experiment) as is."""
     from tune_upl.models import BACKBONES  # torch loads only when a report is written, not on import
 
-    entry = BACKBONES.get(name)
-    return entry.display if entry else name
+    return getattr(BACKBONES.get(name), "display", name)
 
 
 def data_display(name: str) -> str:
-    """A dataset's name in reports, from its registry entry."""
+    """A dataset's name in reports, from its registry entry (or as is, like `backbone_display`)."""
     from tune_upl.archives import DATASETS
 
-    entry = DATASETS.get(name)
-    return entry.display if entry else name
+    return getattr(DATASETS.get(name), "display", name)
 
 
 def _percent(value: float) -> str:

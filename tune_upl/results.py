@@ -96,11 +96,6 @@ def study_folders(experiment: Path) -> list[Path]:
     return sorted(f for f in folders if not f.name.endswith(FINAL_SUFFIX))
 
 
-def param_exists(spec: dict[str, Any], name: str, config: dict[str, Any]) -> bool:
-    """Whether a searched field exists for a trial: its `when` holds for the trial's configuration."""
-    return Param.model_validate(spec["space"][name]).holds(config) is True
-
-
 def load_selections(experiment: Path) -> list[dict[str, Any]]:
     """Every study's selection record in an experiment folder (studies not yet selected have none)."""
     return [json.loads(p.read_text()) for p in sorted(experiment.glob(f"*/{SELECTION_FILE}"))]
@@ -166,6 +161,7 @@ def trial_rows(experiment: Path, spec: dict[str, Any], searched: list[str],
     best_epoch, hours, start, end, note, one column per searched field, _config, _order (creation order);
     and every reported epoch (study, trial and Tune's result columns)."""
     metric, mode = spec["objective"]["metric"], spec["objective"]["mode"]
+    space = {name: Param.model_validate(spec["space"][name]) for name in searched}  # parsed once, not per trial
     rows, epochs = [], []
     order = 0
     for folder in study_folders(experiment):
@@ -190,7 +186,8 @@ def trial_rows(experiment: Path, spec: dict[str, Any], searched: list[str],
                 "start": start,
                 "end": end,
                 "note": _trial_note(trial),
-                **{n: config.get(n) if param_exists(spec, n, config) else None for n in searched},
+                # a searched field whose `when` fails for this trial does not exist for it
+                **{n: config.get(n) if space[n].holds(config) is True else None for n in searched},
                 "_config": config,
                 "_order": order,
             })

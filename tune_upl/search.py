@@ -19,8 +19,7 @@ from ray import tune
 from tune_upl.config import FIELD_DEFAULTS
 from tune_upl.final import Selection, final_param_space, final_seeds
 from tune_upl.layout import (
-    COMPLETED, ERROR_KEY, ERRORED, FINAL_SUFFIX, OPTUNA_FILE, STOPPED_EARLY, error_line, study_key,
-    trial_state,
+    COMPLETED, ERROR_KEY, ERRORED, FINAL_SUFFIX, OPTUNA_FILE, STOPPED_EARLY, error_line, trial_state,
 )
 from tune_upl.planning import Study, baseline_point, define_space, grid_points
 from tune_upl.spec import SearchSpec
