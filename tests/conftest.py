@@ -97,10 +97,11 @@ def small_run():
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole test run (ray.init costs seconds and ~700 MB)."""
+    """One local Ray for the whole test run (ray.init costs seconds and ~700 MB). Its one GPU is fake: Ray
+    gives it to trials that ask for one (their torch sees no CUDA), trials asking for none are unaffected."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

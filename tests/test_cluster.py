@@ -27,7 +27,8 @@ spec = parse_spec({
     "num_samples": 4, "max_concurrent": 4, "resources": {"cpu": 0.5, "gpu": 0.5}, "final_seeds": 1,
     "baseline": False,
     "fixed": {"data_name": "synthetic", "backbone_type": "tiny", "image_size": 32, "num_epochs": 3,
-              "warm_up": 0, "feature_dim": 16, "num_workers": 0},
+              "warm_up": 0, "feature_dim": 16, "num_workers": 0,
+              "device": "cpu"},  # the GPUs are fake: a GPU trial with `auto` would fail, seeing no CUDA
     "space": {"lr": {"loguniform": [1.0e-4, 1.0e-2]}},
 })
 run_search(spec, {"cache_dir": sys.argv[1]}, Options(storage=Path(sys.argv[2])))

@@ -85,16 +85,40 @@ def test_command_line_override_fixes_a_field_and_removes_it_from_the_space():
     assert "margin" in no_margin.space  # its when holds for proxy_anchor
 
 
-def test_impossible_gpu_request_fails_fast_or_runs_on_cpu_when_allowed(ray_session):
+def _node(cpu, gpu, alive=True):
+    return {"Alive": alive, "Resources": {"CPU": cpu, **({"GPU": gpu} if gpu else {})}}
+
+
+def test_one_node_must_hold_a_trials_cpus_and_gpu_together():
+    """64 CPUs on the head and a GPU on each 6-CPU worker do not make a node of 8 CPUs and a GPU."""
+    from tune_upl.search import check_resources
+
+    data = small_demo().model_dump()
+    nodes = [_node(64, 0), *[_node(6, 1)] * 3, _node(128, 8, alive=False)]
+    data["resources"] = {"cpu": 8, "gpu": 1}
+    with pytest.raises(SpecError, match=r"^resources = 8 CPU \+ 1 GPU per trial: no node of this Ray cluster holds "
+                                        r"that at once \(nodes: 1 × 64 CPU \+ 0 GPU, 3 × 6 CPU \+ 1 GPU\); "
+                                        r"allowed: at most the CPUs and GPU of one node together, or --autoscaling"):
+        check_resources(parse_spec(data), nodes=nodes)
+    assert check_resources(parse_spec(data), autoscaling=True, nodes=nodes).resources.cpu == 8
+    for fits in ({"cpu": 6, "gpu": 0.5}, {"cpu": 64, "gpu": 0}):
+        data["resources"] = fits
+        assert check_resources(parse_spec(data), nodes=nodes).resources.gpu == fits["gpu"]
+
+
+def test_impossible_gpu_request_fails_fast_or_runs_on_cpu_when_allowed():
     from tune_upl.search import check_resources
 
     data = small_demo().model_dump()
     data["resources"] = {"cpu": 1, "gpu": 1}
-    spec = parse_spec(data)
-    with pytest.raises(SpecError, match=r"resources.gpu = 1: no node of this Ray cluster has that many \(largest: 0\)"):
-        check_resources(spec)
-    assert check_resources(spec, allow_cpu=True).resources.gpu == 0
+    spec, nodes = parse_spec(data), [_node(2, 0)]
+    with pytest.raises(SpecError, match=r"1 GPU per trial: .*\(nodes: 1 × 2 CPU \+ 0 GPU\).*; or --allow-cpu"):
+        check_resources(spec, nodes=nodes)
+    assert check_resources(spec, allow_cpu=True, nodes=nodes).resources.gpu == 0
+    assert check_resources(spec, allow_cpu=True, nodes=[_node(2, 1)]).resources.gpu == 1  # a GPU: none taken away
     data["resources"] = {"cpu": 64, "gpu": 0}
-    with pytest.raises(SpecError, match=r"resources.cpu = 64: .*largest: 2"):
-        check_resources(parse_spec(data))
-    assert check_resources(parse_spec(data), autoscaling=True).resources.cpu == 64
+    with pytest.raises(SpecError, match=r"resources = 64 CPU \+ 0 GPU per trial: .*\(nodes: 1 × 2 CPU"):
+        check_resources(parse_spec(data), nodes=nodes)
+    assert check_resources(parse_spec(data), autoscaling=True, nodes=nodes).resources.cpu == 64
+
+

@@ -52,6 +52,8 @@ def edit(path, value):
         ("num_samples", 0, r"^spec: num_samples = 0: Input should be greater than or equal to 1"),
         ("resources.cpu", 0, r"^spec: resources.cpu = 0: Input should be greater than 0"),
         ("resources.gpu", -1, r"^spec: resources.gpu = -1: Input should be greater than or equal to 0"),
+        ("resources.gpu", 2, r"^spec: resources.gpu = 2: one GPU per trial at most .*; allowed: 0 to 1, a fraction"),
+        ("resources.gpu", 1.5, r"^spec: resources.gpu = 1.5: one GPU per trial at most"),
         ("space.scale", {"choice": []}, r"^spec: space.scale: choice must list at least one value"),
         ("space.lr", {"loguniform": [0.1, 0.01]}, r"^spec: space.lr: low must be below high"),
         ("space.lr", {"uniform": [0.1, 0.2], "int": [1, 2]}, r"space.lr: give exactly one distribution"),

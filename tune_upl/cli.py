@@ -89,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     prepared = prepare_dataset(cfg)
     if prepared.built:
         print(prepared.summary(cfg), flush=True)
-    run = build_run(cfg)
+    run = build_run(cfg, gpu_share=0)  # outside Ray: no GPU was given, `auto` takes one torch sees
     where = run.metric_prefix
     print(
         f"train {cfg.data_name}/{cfg.backbone_type}/{cfg.loss_name} d={cfg.feature_dim} on {run.device}: "
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(search, "max_concurrent", type=int, help="trials running at once [default: the spec's]")
     add_option(search, "cpus_per_trial", type=float, help="CPUs per trial, > 0 [default: the spec's resources.cpu]")
     add_option(search, "gpus_per_trial", type=float,
-               help="GPUs per trial, >= 0; fractions pack trials onto one GPU [default: the spec's resources.gpu]")
+               help="GPUs per trial, 0 to 1; fractions pack trials onto one GPU [default: the spec's resources.gpu]")
     search.add_argument("--resume", action="store_true",
                         help="continue the interrupted experiment --name (its spec comes from its record)")
     search.add_argument("--overwrite", action="store_true",

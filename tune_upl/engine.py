@@ -9,7 +9,9 @@ restarted trial continues at the next epoch.
 from __future__ import annotations
 
 import math
+import os
 import random
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,7 @@ from tune_upl.data import ImageDataset, SplitManager, eval_transform, load_recor
 from tune_upl.losses import LOSS_PARAMETERS, build_loss
 from tune_upl.metrics import retrieval_metrics
 from tune_upl.models import MetricModel, build_model
-from tune_upl.errors import CheckpointError, DivergedError, OutOfMemory
+from tune_upl.errors import CheckpointError, DivergedError, NoGPU, OutOfMemory
 
 OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]] = {
     "adamp": lambda groups, weight_decay: AdamP(groups, weight_decay=weight_decay),
@@ -55,12 +57,45 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, gpu_share: float = 0.0) -> torch.device:
+    """`auto` is cuda when torch sees it, else cpu; but a trial Ray gave a GPU (`gpu_share` > 0) that sees
+    none fails (NoGPU): a silent CPU run would be slow and counted as accelerator time. `cpu` is honoured."""
+    if name != "cpu" and gpu_share > 0 and not torch.cuda.is_available():
+        raise NoGPU(
+            f"Ray gave this trial {gpu_share:g} GPU but torch on node {socket.gethostname()} sees no CUDA device "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, device {name!r}); allowed: a "
+            "node whose GPU torch can use, `device: cpu`, or --allow-cpu on a cluster without GPUs"
+        )
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} requested but torch sees no CUDA device")
     return torch.device(name)
+
+
+def claim_gpu(device: torch.device, gpu_share: float) -> None:
+    """A packed trial (a fraction of a GPU) may allocate only its share, so its growth fails itself, not a
+    neighbour; the peak-memory statistic restarts, so a reused worker reports this trial's peak only."""
+    if device.type != "cuda":
+        return
+    if 0 < gpu_share < 1:
+        torch.cuda.set_per_process_memory_fraction(gpu_share, device)
+    torch.cuda.reset_peak_memory_stats(device)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's out-of-memory error, or the allocation failures cuDNN and cuBLAS raise as RuntimeErrors."""
+    return isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError) and any(
+        text in str(error) for text in ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED")))
+
+
+def out_of_memory(cfg: TrialConfig, device: Any, error: BaseException) -> OutOfMemory:
+    """The OutOfMemory error of a run: what to lower, and the original error's first line."""
+    return OutOfMemory(
+        f"out of memory with batch_size {cfg.batch_size}, backbone {cfg.backbone_type}, image_size "
+        f"{cfg.image_size} on {device}: lower batch_size or image_size, or give the trial more "
+        f"GPU memory ({(str(error).splitlines() or [type(error).__name__])[0]})"
+    )
 
 
 @dataclass
@@ -156,14 +191,21 @@ def build_optimizer(
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
 
 
-def build_run(cfg: TrialConfig) -> Run:
-    """Data, model, loss and optimiser of one run. Under protocol `seed` the epochs evaluate on test."""
+def evaluated_split(cfg: TrialConfig) -> str:
+    """The split each epoch evaluates (and names its metrics by): test under protocol seed and in a final run."""
+    return "test" if cfg.protocol == "seed" or cfg.final else "val"
+
+
+def build_run(cfg: TrialConfig, gpu_share: float = 0.0) -> Run:
+    """Data, model, loss and optimiser of one run. Under protocol `seed` the epochs evaluate on test.
+    `gpu_share` is the GPU Ray gave the trial (0 outside Ray): see `resolve_device` and `claim_gpu`."""
     torch.set_num_threads(cfg.resolved_num_threads)
     seed_everything(cfg.seed, cfg.deterministic)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, gpu_share)
+    claim_gpu(device, gpu_share)
     splits = SplitManager(load_records(cfg), cfg.protocol, cfg.val_fraction)
     train_set = ImageDataset(splits.get("trainval" if cfg.final else "train"), train_transform(cfg.image_size, cfg.backbone_type))
-    eval_split = "test" if cfg.protocol == "seed" or cfg.final else "val"
+    eval_split = evaluated_split(cfg)
     eval_set = ImageDataset(splits.get(eval_split, final=cfg.final), eval_transform(cfg.image_size, cfg.backbone_type))
     return build_training(cfg, device, splits, train_set.num_classes, make_loader(train_set, cfg, train=True),
                           make_loader(eval_set, cfg, train=False), eval_split)
@@ -262,12 +304,10 @@ def train_epoch(run: Run) -> dict[str, float]:
             loss = _step(run, images, labels, poison=fault and cfg.inject_fault == "nan")
             loss_sum += loss.detach() * len(labels)
             seen += len(labels)
-    except torch.OutOfMemoryError as error:
-        raise OutOfMemory(
-            f"out of memory with batch_size {cfg.batch_size}, backbone {cfg.backbone_type}, image_size "
-            f"{cfg.image_size} on {run.device}: lower batch_size or image_size, or give the trial more "
-            f"GPU memory ({str(error).splitlines()[0]})"
-        ) from None
+    except RuntimeError as error:  # torch.OutOfMemoryError is one
+        if not is_out_of_memory(error):
+            raise
+        raise out_of_memory(cfg, run.device, error) from None
     total_loss = float(loss_sum)  # the epoch's one host sync
     if not math.isfinite(total_loss):
         raise DivergedError(epoch)

@@ -45,3 +45,8 @@ class DivergedError(RuntimeError):
 class OutOfMemory(RuntimeError):
     """The accelerator ran out of memory: says which batch size and backbone did it."""
 
+
+class NoGPU(RuntimeError):
+    """Ray gave the trial a GPU but its torch sees no CUDA device: names the node and CUDA_VISIBLE_DEVICES
+    (a CPU run there would be silently slow and counted as accelerator time)."""
+

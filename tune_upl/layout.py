@@ -82,6 +82,7 @@ STATE_NAMES = {"TERMINATED": COMPLETED, "ERROR": ERRORED, "RUNNING": RUNNING, "P
 # the keys a trial stopped by its own failure adds to its last result
 DIVERGED_FLAG = "diverged"
 OOM_FLAG = "oom"
+NO_GPU_FLAG = "no_gpu"  # Ray gave the trial a GPU its torch could not see: errored, not retried
 ERROR_KEY = "error"
 
 
@@ -91,6 +92,8 @@ def trial_state(status: str, last_result: dict[str, Any], planned_epochs: Any) -
         return DIVERGED
     if last_result.get(OOM_FLAG):
         return OUT_OF_MEMORY
+    if last_result.get(NO_GPU_FLAG):
+        return ERRORED
     state = STATE_NAMES.get(status, status.lower())
     epochs = last_result.get("training_iteration", 0)
     if state == COMPLETED and isinstance(planned_epochs, int) and epochs < planned_epochs:

@@ -215,7 +215,7 @@ def _state_counts(trials: pd.DataFrame) -> dict[str, int]:
 
 
 def search_summary(data: ExperimentData) -> list[str]:
-    trials, gpu = data.trials, float(data.spec["resources"]["gpu"])
+    trials = data.trials
     if trials.empty:
         return ["No trial has started yet.", ""]
     rows = []
@@ -233,8 +233,8 @@ def search_summary(data: ExperimentData) -> list[str]:
     starts = pd.concat([trials["start"], finals["start"] if not finals.empty else pd.Series(dtype=float)])
     ends = pd.concat([trials["end"], finals["end"] if not finals.empty else pd.Series(dtype=float)])
     wall = (ends.max() - starts.min()) / 3600 if starts.notna().any() else math.nan
-    accel = (f"{gpu * (search_hours + final_hours):.2f} ({gpu:g} GPU per trial)" if gpu > 0
-             else "0 (the trials ran on CPUs)")
+    runs = pd.concat([trials, finals], ignore_index=True) if not finals.empty else trials
+    accel = _accelerator_hours(runs, data.spec["resources"])
     lines += [
         f"- search: {len(trials)} trials, {int(trials['epochs'].sum())} epochs, {_hours(search_hours)} of "
         "trial time (each trial's training and evaluation time, added up)",
@@ -246,6 +246,22 @@ def search_summary(data: ExperimentData) -> list[str]:
         "",
     ]
     return lines
+
+
+def _accelerator_hours(runs: pd.DataFrame, resources: dict[str, Any]) -> str:
+    """GPU share × hours of the runs (search and final) that trained on CUDA; a run that trained on the CPU
+    counts as CPU-hours instead. A run that never said its device (an older experiment) counts by the spec."""
+    gpu, cpu = float(resources["gpu"]), float(resources["cpu"])
+    if gpu == 0:
+        return "0 (the trials ran on CPUs)"
+    device = runs["trained_on"].dropna().astype(str) if "trained_on" in runs else pd.Series(dtype=str)
+    on_cpu = runs.index.isin(device[~device.str.startswith("cuda")].index)
+    line = f"{gpu * float(runs.loc[~on_cpu, 'hours'].sum()):.2f} ({gpu:g} GPU per trial, on CUDA)"
+    if on_cpu.any():
+        count = int(on_cpu.sum())
+        line += (f"; {count} run{'' if count == 1 else 's'} trained on the CPU despite the GPU share and count "
+                 f"as CPU-hours instead: {cpu * float(runs.loc[on_cpu, 'hours'].sum()):.3f} ({cpu:g} CPU per trial)")
+    return line
 
 
 def _hardware(record: dict[str, Any]) -> str:

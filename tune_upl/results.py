@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pandas as pd
 
@@ -147,6 +147,13 @@ def _hours(frame: pd.DataFrame) -> float:
     return float(frame["time_total_s"].max()) / 3600 if "time_total_s" in frame and len(frame) else 0.0
 
 
+def _device(frame: pd.DataFrame) -> Optional[str]:
+    """The device the trial trained on ("cuda", "cuda:0", "cpu"), or None where it never said (an older
+    experiment, or a trial that failed before training)."""
+    known = frame["device"].dropna() if "device" in frame else ()
+    return str(known.iloc[-1]) if len(known) else None
+
+
 def _start_end(frame: pd.DataFrame) -> tuple[float, float]:
     """When the trial started (its first result's time less that epoch's duration) and last reported."""
     if frame.empty or "timestamp" not in frame:
@@ -158,8 +165,8 @@ def _start_end(frame: pd.DataFrame) -> tuple[float, float]:
 def trial_rows(experiment: Path, spec: dict[str, Any], searched: list[str],
                baselines: dict[str, dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Search trials, best first: study, baseline, trial, state, epochs, objective (best over its epochs),
-    best_epoch, hours, start, end, note, one column per searched field, _config, _order (creation order);
-    and every reported epoch (study, trial and Tune's result columns)."""
+    best_epoch, hours, trained_on (the device it reported), start, end, note, one column per searched field,
+    _config, _order (creation order); and every reported epoch (study, trial and Tune's result columns)."""
     metric, mode = spec["objective"]["metric"], spec["objective"]["mode"]
     space = {name: Param.model_validate(spec["space"][name]) for name in searched}  # parsed once, not per trial
     rows, epochs = [], []
@@ -183,6 +190,7 @@ def trial_rows(experiment: Path, spec: dict[str, Any], searched: list[str],
                 "objective": float(scores[best]) if best is not None else math.nan,
                 "best_epoch": int(frame.loc[best, "training_iteration"]) if best is not None else 0,
                 "hours": _hours(frame),
+                "trained_on": _device(frame),  # not `device`: a searched field may have that name
                 "start": start,
                 "end": end,
                 "note": _trial_note(trial),
@@ -210,7 +218,7 @@ def _trial_note(trial: Any) -> str:
 
 
 def final_rows(experiment: Path, keys: list[str]) -> pd.DataFrame:
-    """Every final-stage run: study, trial, seed, state, epochs, hours, start, end and its test metrics."""
+    """Every final-stage run: study, trial, seed, state, epochs, hours, trained_on, start, end, test metrics."""
     rows = []
     for key in keys:
         folder = experiment / (key + FINAL_SUFFIX)
@@ -226,6 +234,7 @@ def final_rows(experiment: Path, keys: list[str]) -> pd.DataFrame:
                 "state": _state(trial, frame, int(last.get("training_iteration", 0))),
                 "epochs": int(last.get("training_iteration", 0)),
                 "hours": _hours(frame),
+                "trained_on": _device(frame),  # not `device`: a searched field may have that name
                 "start": start,
                 "end": end,
                 **{k: v for k, v in last.items() if k.startswith("test_")},

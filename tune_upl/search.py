@@ -6,6 +6,7 @@ Ray is the distributed engine: this module only configures it. What to run is `t
 """
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import warnings
@@ -72,27 +73,29 @@ def make_scheduler(spec: SearchSpec, study: Study) -> tune.schedulers.TrialSched
     )
 
 
-def check_resources(spec: SearchSpec, autoscaling: bool = False, allow_cpu: bool = False) -> SearchSpec:
-    """A trial that asks for more than any one node has waits forever in Ray: refuse it up front.
+def check_resources(spec: SearchSpec, autoscaling: bool = False, allow_cpu: bool = False,
+                    nodes: Optional[list[dict[str, Any]]] = None) -> SearchSpec:
+    """A trial that no one node can hold (its CPUs and its GPU together) waits forever in Ray: refuse it up
+    front, naming the kinds of node found. `nodes` is `ray.nodes()` by default.
 
     With `allow_cpu`, a spec that asks for GPUs on a cluster without any runs on CPUs instead (returned);
-    with `autoscaling` (a cluster that grows on demand) the largest-node check is skipped."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    largest = {key: max((n.get(key, 0.0) for n in nodes), default=0.0) for key in ("CPU", "GPU")}
-    if spec.resources.gpu > 0 and largest["GPU"] == 0 and allow_cpu:
+    with `autoscaling` (a cluster that grows on demand) the node check is skipped."""
+    alive = [n["Resources"] for n in (ray.nodes() if nodes is None else nodes) if n.get("Alive")]
+    kinds = collections.Counter((n.get("CPU", 0.0), n.get("GPU", 0.0)) for n in alive)
+    cpu, gpu = spec.resources.cpu, spec.resources.gpu
+    no_gpu = all(g == 0 for _, g in kinds)
+    if gpu > 0 and no_gpu and allow_cpu:
         print("no GPU in this Ray cluster: running on CPUs (--allow-cpu)", flush=True)
         return spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpu": 0})})
-    if autoscaling:
+    if autoscaling or any(c >= cpu and g >= gpu for c, g in kinds):
         return spec
-    for key, asked in (("cpu", spec.resources.cpu), ("gpu", spec.resources.gpu)):
-        if asked > largest[key.upper()]:
-            hint = "; or --allow-cpu to run on CPUs" if key == "gpu" and largest["GPU"] == 0 else ""
-            raise SpecError(
-                f"resources.{key} = {asked:g}: no node of this Ray cluster has that many "
-                f"(largest: {largest[key.upper()]:g}); allowed: at most {largest[key.upper()]:g}, "
-                f"or --autoscaling for a cluster that grows{hint}"
-            )
-    return spec
+    found = ", ".join(f"{count} × {c:g} CPU + {g:g} GPU" for (c, g), count in kinds.items()) or "none alive"
+    hint = "; or --allow-cpu to run on CPUs" if gpu > 0 and no_gpu else ""
+    raise SpecError(
+        f"resources = {cpu:g} CPU + {gpu:g} GPU per trial: no node of this Ray cluster holds that at once "
+        f"(nodes: {found}); allowed: at most the CPUs and GPU of one node together, or --autoscaling for "
+        f"a cluster that grows{hint}"
+    )
 
 
 class TrialLines(tune.Callback):
@@ -117,10 +120,10 @@ class TrialLines(tune.Callback):
             if better:
                 self.best = (score, trial.trial_id)
         params = " ".join(f"{n}={_short(trial.config.get(n))}" for n in self.names if n in trial.config)
-        if state == ERRORED:
-            params += f" | {_error_summary(trial)}"
-        elif ERROR_KEY in result:
+        if ERROR_KEY in result:  # a trial that stopped itself (diverged, out of memory, no GPU)
             params += f" | {result[ERROR_KEY]}"
+        elif state == ERRORED:
+            params += f" | {_error_summary(trial)}"
         shown = f"{score:.4f}" if score is not None else "-"
         best = f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best -"
         print(

@@ -58,7 +58,15 @@ class Scheduler(_Strict):
 
 class Resources(_Strict):
     cpu: Annotated[float, Field(gt=0)] = 1
-    gpu: Annotated[float, Field(ge=0)] = 0
+    gpu: Annotated[float, Field(ge=0)] = 0  # a fraction packs trials onto one GPU; no trial uses several
+
+    @field_validator("gpu")
+    @classmethod
+    def _one_gpu_at_most(cls, value: float) -> float:
+        if value > 1:
+            raise ValueError("one GPU per trial at most (a trial trains on one GPU); allowed: 0 to 1, "
+                             "a fraction such as 0.5 packs several trials onto one GPU")
+        return value
 
 
 class Param(_Strict):

@@ -11,28 +11,50 @@ import gc
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import ray
 import torch
 from ray import tune
 
-from tune_upl.config import make_config
-from tune_upl.engine import Run, build_run, load_state, save_state, train_epoch
-from tune_upl.errors import DivergedError, OutOfMemory
-from tune_upl.layout import CHECKPOINT_FILE, DIVERGED_FLAG, EMBEDDINGS_FILE, ERROR_KEY, OOM_FLAG
+from tune_upl.config import TrialConfig, make_config
+from tune_upl.engine import (
+    Run, build_run, evaluated_split, is_out_of_memory, load_state, out_of_memory, save_state, train_epoch,
+)
+from tune_upl.errors import DivergedError, NoGPU, OutOfMemory
+from tune_upl.layout import CHECKPOINT_FILE, DIVERGED_FLAG, EMBEDDINGS_FILE, ERROR_KEY, NO_GPU_FLAG, OOM_FLAG
 
 # With `reuse_actors`, Ray waits this long (default 2 s) for the previous trial's thread to end before it hands
 # the worker to the next trial; past it the *next* trial fails ("reuse requires reset_config()"). Releasing a
 # stopped trial (its loaders, model and a gc pass) takes longer than 2 s on a busy node, so wait longer here.
 REUSE_WAIT_S = "120"
+# failures no retry can mend, and the flag each sets in the trial's last result (see layout.trial_state)
+STOPS = {DivergedError: DIVERGED_FLAG, OutOfMemory: OOM_FLAG, NoGPU: NO_GPU_FLAG}
 
 
-def worst_metrics(run: Run) -> dict[str, float]:
+def worst_metrics(cfg: TrialConfig, epoch: int) -> dict[str, float]:
     """Every retrieval metric at 0, its worst value: a stopped trial can never be selected."""
-    prefix = run.metric_prefix
-    names = [f"{prefix}_recall@{k}" for k in run.cfg.recalls] + [f"{prefix}_map@r", f"{prefix}_r_precision"]
-    return {"epoch": run.epoch + 1, **{name: 0.0 for name in names}}
+    prefix = evaluated_split(cfg)
+    names = [f"{prefix}_recall@{k}" for k in cfg.recalls] + [f"{prefix}_map@r", f"{prefix}_r_precision"]
+    return {"epoch": epoch, **{name: 0.0 for name in names}}
+
+
+def gpu_share() -> float:
+    """The GPU Ray gave this trial: the sum over its placement group's bundles (0 without one)."""
+    return float(tune.get_context().get_trial_resources().required_resources.get("GPU", 0.0))
+
+
+def stop_result(cfg: TrialConfig, run: Optional[Run], error: BaseException, node: str) -> Optional[dict[str, Any]]:
+    """The last result of a trial ended by a failure no retry can mend (the worst score, its flag, the
+    message), or None for an error Tune should retry. `run` is None when the failure came while building it."""
+    if is_out_of_memory(error) and not isinstance(error, OutOfMemory):
+        error = out_of_memory(cfg, run.device if run else cfg.device, error)
+    if type(error) not in STOPS:
+        return None
+    message = f"{error} (Ray node {node})" if isinstance(error, NoGPU) else str(error)
+    device = {"device": str(run.device)} if run else {}
+    return {**worst_metrics(cfg, (run.epoch if run else 0) + 1), STOPS[type(error)]: True, ERROR_KEY: message,
+            "node_id": node, **device}
 
 
 def fault_folder() -> Path:
@@ -51,13 +73,22 @@ def fault_folder() -> Path:
 def train_trial(config: dict[str, Any]) -> None:
     """Ray Tune entry point; `config` holds every TrialConfig field (fixed values and sampled ones).
 
-    With `reuse_actors` the next trial runs in this same process: everything a trial holds is released
-    when it returns (loader workers, the model, cached GPU memory)."""
+    A failure no retry can mend (a diverged loss, out of memory anywhere in the trial, a GPU torch cannot
+    see) ends the trial with the worst score, a flag and the message: Tune has no per-exception "do not
+    retry". With `reuse_actors` the next trial runs in this same process: everything a trial holds is
+    released when it returns (loader workers, the model, cached GPU memory)."""
     os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = REUSE_WAIT_S  # read by this worker when Tune reuses it
     cfg = make_config(config)
-    run = build_run(cfg)
+    node = ray.get_runtime_context().get_node_id()
+    run = None
     try:
-        _train(run)
+        run = build_run(cfg, gpu_share=gpu_share())
+        _train(run, node)
+    except RuntimeError as error:  # torch.OutOfMemoryError and the errors of STOPS are RuntimeErrors
+        result = stop_result(cfg, run, error, node)
+        if result is None:
+            raise  # retried by Tune (max_failures), from the last checkpoint
+        tune.report(result)
     finally:
         del run
         gc.collect()  # loader workers and CUDA tensors held in reference cycles go now, not at some later gc
@@ -65,24 +96,18 @@ def train_trial(config: dict[str, Any]) -> None:
             torch.cuda.empty_cache()
 
 
-def _train(run: Run) -> None:
+def _train(run: Run, node: str) -> None:
     cfg = run.cfg
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             run.load_state_dict(load_state(Path(folder) / CHECKPOINT_FILE))
     run.fault_dir = fault_folder()
-    node = ray.get_runtime_context().get_node_id()
     while run.epoch < cfg.num_epochs:
-        try:
-            metrics = train_epoch(run)
-        except (DivergedError, OutOfMemory) as error:
-            # hopeless for this configuration, harmless for the search: the worst score, a flag, stop
-            flag = DIVERGED_FLAG if isinstance(error, DivergedError) else OOM_FLAG
-            tune.report({**worst_metrics(run), flag: True, ERROR_KEY: str(error), "node_id": node})
-            return
+        metrics = train_epoch(run)
         with tempfile.TemporaryDirectory() as folder:
             save_state(run, Path(folder) / CHECKPOINT_FILE)
             if run.test_database is not None:
                 torch.save(run.test_database, Path(folder) / EMBEDDINGS_FILE)
-            tune.report({**metrics, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report({**metrics, "node_id": node, "device": str(run.device)},
+                        checkpoint=tune.Checkpoint.from_directory(folder))

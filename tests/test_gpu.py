@@ -1,0 +1,171 @@
+"""Trials use the GPU Ray gave them or fail at once saying so; out of memory anywhere ends only its trial;
+a packed trial is capped at its share of GPU memory; one node must hold a trial's CPUs and GPU together.
+
+The GPU is proven on this CPU machine by standing in for torch's CUDA checks, and by a Ray that declares
+a fake GPU (its trials' torch sees no CUDA)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from experiments import cli, result_rows
+
+from tune_upl.config import make_config
+from tune_upl.engine import build_run, claim_gpu, is_out_of_memory, resolve_device, train_epoch
+from tune_upl.errors import NoGPU, OutOfMemory
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_trial_given_a_gpu_it_cannot_see_fails_naming_the_node(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    for name in ("auto", "cuda", "cuda:1"):
+        with pytest.raises(NoGPU, match=rf"Ray gave this trial 0.5 GPU but torch on node {socket.gethostname()} "
+                                        r"sees no CUDA device \(CUDA_VISIBLE_DEVICES='3'"):
+            resolve_device(name, gpu_share=0.5)
+    assert resolve_device("cpu", gpu_share=0.5) == torch.device("cpu")  # asked for explicitly: honoured
+    assert resolve_device("auto", gpu_share=0) == torch.device("cpu")  # outside Ray (the train command)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto", gpu_share=0.5) == torch.device("cuda")
+
+
+def test_a_packed_trial_is_capped_at_its_share_and_its_peak_memory_starts_afresh(monkeypatch, tiny_values):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append(("cap", f, str(d))))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.append(("reset", str(d))))
+    claim_gpu(torch.device("cuda"), 0.25)
+    assert calls == [("cap", 0.25, "cuda"), ("reset", "cuda")]
+    calls.clear()
+    claim_gpu(torch.device("cuda:1"), 1.0)  # a whole GPU: no cap, a fresh peak all the same
+    assert calls == [("reset", "cuda:1")]
+    calls.clear()
+    run = build_run(make_config(tiny_values, device="cpu", feature_dim=16), gpu_share=0.5)
+    assert run.device == torch.device("cpu") and calls == []  # `device: cpu` touches no GPU
+
+
+@pytest.mark.parametrize("error, expected", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), True),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+    (RuntimeError("CUDA error: out of memory"), True),
+    (RuntimeError("a training step failed"), False),
+    (ValueError("out of memory"), False),
+])
+def test_out_of_memory_is_recognised_in_each_form_torch_raises_it(error, expected):
+    assert is_out_of_memory(error) is expected
+
+
+def test_a_cudnn_allocation_failure_in_training_is_out_of_memory(tiny_values, small_run):
+    run = small_run(make_config(tiny_values, num_epochs=1, feature_dim=16, batch_size=32))
+
+    def failing(images):
+        raise RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED")
+
+    run.forward = failing
+    with pytest.raises(OutOfMemory, match=r"out of memory with batch_size 32, backbone tiny, image_size 64 on cpu: "
+                                          r".*\(cuDNN error: CUDNN_STATUS_ALLOC_FAILED\)"):
+        train_epoch(run)
+
+
+def test_out_of_memory_anywhere_in_a_trial_ends_it_and_other_errors_are_retried(tiny_values):
+    from tune_upl.trainable import stop_result
+
+    cfg = make_config(tiny_values, feature_dim=16, batch_size=32)
+    evaluation = stop_result(cfg, None, RuntimeError("CUBLAS_STATUS_ALLOC_FAILED"), "n1")  # e.g. in `.to(device)`
+    assert evaluation["oom"] is True and evaluation["val_recall@1"] == 0.0 and evaluation["epoch"] == 1
+    assert evaluation["error"].startswith("out of memory with batch_size 32, backbone tiny, image_size 64")
+    no_gpu = stop_result(cfg, None, NoGPU("Ray gave this trial 1 GPU but ..."), "n1")
+    assert no_gpu["no_gpu"] is True and no_gpu["error"] == "Ray gave this trial 1 GPU but ... (Ray node n1)"
+    assert stop_result(cfg, None, RuntimeError("a training step failed"), "n1") is None
+
+
+def test_more_than_one_gpu_per_trial_is_refused_on_the_command_line(tmp_path):
+    out = cli("search", "--gpus-per-trial", "2", "--dry-run", "--storage", str(tmp_path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "resources.gpu = 2.0: one GPU per trial at most" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def gpu_search(ray_session, cache_dir, synthetic_root, tmp_path_factory):
+    """Two trials that Ray each gives half of the session's fake GPU: `device: auto` (must fail: its torch
+    sees no CUDA) and `device: cpu` (trains, and is counted as CPU time), with retries allowed."""
+    from tune_upl.experiment import Options, run_search
+    from tune_upl.report import write_report
+    from tune_upl.spec import parse_spec
+
+    spec = parse_spec({
+        "name": "gpuslot", "searcher": {"type": "grid"}, "scheduler": {"type": "fifo"}, "num_samples": 1,
+        "max_concurrent": 2, "max_failures": 2, "baseline": False, "final_seeds": 1,
+        "resources": {"cpu": 1, "gpu": 0.5},
+        "fixed": {"data_name": "synthetic", "backbone_type": "tiny", "image_size": 16, "num_epochs": 1,
+                  "warm_up": 0, "feature_dim": 16, "num_workers": 0},
+        "space": {"device": {"choice": ["auto", "cpu"]}},
+    })
+    experiment = run_search(spec, {"cache_dir": cache_dir}, Options(storage=tmp_path_factory.mktemp("runs")))
+    trials = {json.loads((p.parent / "params.json").read_text())["device"]: (p.parent, result_rows(p))
+              for p in (experiment / "grid").glob("*/result.json")}
+    return experiment, trials, write_report(experiment, tmp_path_factory.mktemp("reports")).read_text()
+
+
+def test_a_trial_given_a_gpu_without_cuda_ends_at_once_as_errored_not_retried(gpu_search):
+    experiment, trials, report = gpu_search
+    folder, rows = trials["auto"]
+    assert len(rows) == 1 and rows[0]["no_gpu"] is True and rows[0]["val_recall@1"] == 0.0
+    assert "sees no CUDA device (CUDA_VISIBLE_DEVICES=" in rows[0]["error"]
+    assert f"Ray node {rows[0]['node_id']}" in rows[0]["error"] and socket.gethostname() in rows[0]["error"]
+    assert not list(folder.glob("error*"))  # never raised, so never retried (max_failures 2)
+    line = next(line for line in report.splitlines() if f"| {folder.name} " in line)
+    assert "| errored " in line and "sees no CUDA device" in line
+
+
+def test_a_cpu_trial_with_a_gpu_share_trains_and_counts_as_cpu_hours(gpu_search):
+    experiment, trials, report = gpu_search
+    folder, rows = trials["cpu"]
+    assert [r["device"] for r in rows] == ["cpu"] and rows[-1]["val_recall@1"] > 0
+    final = [result_rows(p) for p in experiment.glob("*.final/*/result.json")]
+    assert [rows[-1]["device"] for rows in final] == ["cpu"]
+    hours = sum(r[-1]["time_total_s"] for r in [rows, *final]) / 3600
+    expected = (f"- accelerator-hours: 0.00 (0.5 GPU per trial, on CUDA); 2 runs trained on the CPU despite the "
+                f"GPU share and count as CPU-hours instead: {hours:.3f} (1 CPU per trial)")
+    assert expected in report
+
+
+CLUSTER = r'''
+import json, os
+os.environ["RAY_AUTH_MODE"] = "disabled"
+import ray
+from ray.cluster_utils import Cluster
+from tune_upl.errors import SpecError
+from tune_upl.search import check_resources
+from tune_upl.spec import parse_spec
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0})
+cluster.add_node(num_cpus=2, num_gpus=1)
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+found = {}
+for cpu in (3, 2):
+    try:
+        found[cpu] = check_resources(parse_spec({"name": "x", "resources": {"cpu": cpu, "gpu": 1}})).resources.gpu
+    except SpecError as error:
+        found[cpu] = str(error)
+print(json.dumps(found))
+ray.shutdown()
+cluster.shutdown()
+'''
+
+
+@pytest.mark.ray
+def test_a_real_two_node_cluster_refuses_a_trial_no_one_node_holds():
+    out = subprocess.run([sys.executable, "-c", CLUSTER], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found["2"] == 1  # the GPU node holds 2 CPUs and its GPU
+    assert found["3"].startswith("resources = 3 CPU + 1 GPU per trial: no node of this Ray cluster holds that")
+    assert "1 × 4 CPU + 0 GPU" in found["3"] and "1 × 2 CPU + 1 GPU" in found["3"]
