@@ -27,3 +27,24 @@ def result_rows(path: Path) -> list[dict[str, Any]]:
 def trial_results(folder: Path) -> dict[str, list[dict[str, Any]]]:
     """Every trial of one Tune experiment folder (a study, `<study>.final`, `grid`): its rows by trial id."""
     return {path.parent.name: result_rows(path) for path in folder.glob("*/result.json")}
+
+
+def on_cluster(body: str, head: dict[str, int], worker: dict[str, int], *args: str,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """`body` (Python, `sys.argv[1:]` = `args`) run in a fresh process against a two-node local Ray
+    `Cluster` (head and one worker node, fake GPUs allowed): its own Ray, apart from the session's."""
+    script = "\n".join([
+        "import os, sys",
+        'os.environ["RAY_AUTH_MODE"] = "disabled"',
+        "import ray",
+        "from ray.cluster_utils import Cluster",
+        f"cluster = Cluster(initialize_head=True, head_node_args={head!r})",
+        f"cluster.add_node(**{worker!r})",
+        "cluster.wait_for_nodes()",
+        'ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")',
+        body,
+        "ray.shutdown()",
+        "cluster.shutdown()",
+    ])
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "RAY_AUTH_MODE": "disabled"})

@@ -4,24 +4,21 @@ a packed trial is capped at its share of GPU memory; one node must hold a trial'
 The GPU is proven on this CPU machine by standing in for torch's CUDA checks, and by a Ray that declares
 a fake GPU (its trials' torch sees no CUDA)."""
 import json
-import os
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from experiments import cli, result_rows
+from experiments import cli, on_cluster, result_rows
 
 from tune_upl.config import make_config
-from tune_upl.engine import build_run, claim_gpu, is_out_of_memory, resolve_device, train_epoch
-from tune_upl.errors import NoGPU, OutOfMemory
-
-ROOT = Path(__file__).resolve().parents[1]
+from tune_upl.engine import build_run, train_epoch
+from tune_upl.errors import OutOfMemory
 
 
 def test_a_trial_given_a_gpu_it_cannot_see_fails_naming_the_node(monkeypatch):
+    from tune_upl.engine import resolve_device
+    from tune_upl.errors import NoGPU
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     for name in ("auto", "cuda", "cuda:1"):
@@ -35,6 +32,8 @@ def test_a_trial_given_a_gpu_it_cannot_see_fails_naming_the_node(monkeypatch):
 
 
 def test_a_packed_trial_is_capped_at_its_share_and_its_peak_memory_starts_afresh(monkeypatch, tiny_values):
+    from tune_upl.engine import claim_gpu
+
     calls = []
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append(("cap", f, str(d))))
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.append(("reset", str(d))))
@@ -57,6 +56,8 @@ def test_a_packed_trial_is_capped_at_its_share_and_its_peak_memory_starts_afresh
     (ValueError("out of memory"), False),
 ])
 def test_out_of_memory_is_recognised_in_each_form_torch_raises_it(error, expected):
+    from tune_upl.engine import is_out_of_memory
+
     assert is_out_of_memory(error) is expected
 
 
@@ -73,6 +74,7 @@ def test_a_cudnn_allocation_failure_in_training_is_out_of_memory(tiny_values, sm
 
 
 def test_out_of_memory_anywhere_in_a_trial_ends_it_and_other_errors_are_retried(tiny_values):
+    from tune_upl.errors import NoGPU
     from tune_upl.trainable import stop_result
 
     cfg = make_config(tiny_values, feature_dim=16, batch_size=32)
@@ -135,19 +137,12 @@ def test_a_cpu_trial_with_a_gpu_share_trains_and_counts_as_cpu_hours(gpu_search)
     assert expected in report
 
 
-CLUSTER = r'''
-import json, os
-os.environ["RAY_AUTH_MODE"] = "disabled"
-import ray
-from ray.cluster_utils import Cluster
+CHECK = r'''
+import json
 from tune_upl.errors import SpecError
 from tune_upl.search import check_resources
 from tune_upl.spec import parse_spec
 
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0})
-cluster.add_node(num_cpus=2, num_gpus=1)
-cluster.wait_for_nodes()
-ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
 found = {}
 for cpu in (3, 2):
     try:
@@ -155,15 +150,12 @@ for cpu in (3, 2):
     except SpecError as error:
         found[cpu] = str(error)
 print(json.dumps(found))
-ray.shutdown()
-cluster.shutdown()
 '''
 
 
 @pytest.mark.ray
 def test_a_real_two_node_cluster_refuses_a_trial_no_one_node_holds():
-    out = subprocess.run([sys.executable, "-c", CLUSTER], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    out = on_cluster(CHECK, {"num_cpus": 4, "num_gpus": 0}, {"num_cpus": 2, "num_gpus": 1}, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     found = json.loads(out.stdout.strip().splitlines()[-1])
     assert found["2"] == 1  # the GPU node holds 2 CPUs and its GPU
