@@ -28,6 +28,7 @@ from tune_upl.metrics import retrieval_metrics
 from tune_upl.models import MetricModel, build_model
 from tune_upl.errors import CheckpointError, DivergedError, OutOfMemory
 
+
 class ChannelsLastAdamP(AdamP):
     """adamp's AdamP flattens each weight with `.view`, which fails on channels-last conv weights (the default
     on a GPU) at the first step; `reshape` flattens both layouts in the same logical order."""
