@@ -1,4 +1,5 @@
-"""data suite: training images/s per loader worker (one process, one thread) on 500x375 JPEGs.
+"""data suite: training images/s per loader worker (one process, one thread) on 500x375 JPEGs, and the
+trial's own loader at the worker count a trial of `resources.cpu` N gets (`--trial_cpus`).
 
 Baselines in the same run: the raw archive read as the seed read it (PIL + its v1 transforms) and through
 torchvision's decoder + our uint8 transforms, against the prepared cache that trials read. The JPEGs are
@@ -11,13 +12,16 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
 from benchmarks.harness import Row, SuiteResult
+
+if TYPE_CHECKING:
+    from tune_upl.config import TrialConfig
 
 
 def best_rate(work: Callable[[], int], repeats: int) -> float:
@@ -60,6 +64,38 @@ def write_archive(root: Path, n: int, classes: int = 10, distinct: int = 60) -> 
     (root / "images.txt").write_text("\n".join(images) + "\n")
     (root / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
     return root
+
+
+def loader_rate(cfg: "TrialConfig", records: list, repeats: int) -> float:
+    """Images/s of the trial's own training loader (`make_loader`, its worker count, uint8 batches) over the
+    records, best of `repeats` epochs after one that starts the persistent workers."""
+    from tune_upl.data import ImageDataset, make_loader, train_transform
+
+    loader = make_loader(ImageDataset(records, train_transform(cfg.image_size)), cfg, train=True)
+    rate = 0.0
+    for epoch in range(repeats + 1):
+        start, seen = time.perf_counter(), 0
+        for images, _ in loader:
+            seen += len(images)
+        rate = max(rate, seen / (time.perf_counter() - start)) if epoch else rate
+    return rate
+
+
+def measure_loaders(args: argparse.Namespace, cfg: "TrialConfig", records: list, repeats: int) -> list[Row]:
+    """One row per `--trial_cpus` N: the loader at the worker count a trial of `resources.cpu` N gets
+    (num_threads N, num_workers auto), against the same loader without workers."""
+    batch = 16 if args.quick else 64
+    base = cfg.replace(batch_size=batch, num_workers=0, device=args.device)
+    serial = loader_rate(base, records, repeats)
+    rows = []
+    for cpus in sorted({int(c) for c in str(args.trial_cpus).split(",") if c.strip()}):
+        trial = base.replace(num_threads=cpus, num_workers="auto")
+        mb = batch * 3 * cfg.image_size ** 2 / 1e6
+        workers = trial.resolved_num_workers
+        rows.append(Row("data", f"make_loader, {workers} worker{'s' * (workers != 1)} (a trial of resources.cpu {cpus})",
+                        loader_rate(trial, records, repeats), "images/s", "make_loader, 0 workers (in the training "
+                        "process)", serial, note=f"batch {batch} uint8, {mb:.1f} MB a batch, {len(records)} images"))
+    return rows
 
 
 def measure(args: argparse.Namespace) -> SuiteResult:
@@ -106,6 +142,7 @@ def measure(args: argparse.Namespace) -> SuiteResult:
                 read(0)  # warm-up
             rates = {name: best_rate(lambda read=read: [read(i) for i in range(n)] and n, repeats)
                      for name, read in readers.items()}
+            loaders = measure_loaders(args, cfg, cached, repeats)
     finally:
         torch.set_num_threads(threads)
     shape = f"{n} JPEGs 500x375 q90 (mean {kb:.0f} KB), train transform at {args.image_size} px"
@@ -120,4 +157,7 @@ def measure(args: argparse.Namespace) -> SuiteResult:
             rates["cache"] >= 2.5 * rates["pil"]),
         Row("data", "prepare (decode, shrink to 256, write), one process", prepare_rate, "images/s"),
     ]
+    result.rows += loaders
+    result.notes.append("data: our transforms stop at uint8 (the model normalises its input on its own device), "
+                        "the seed's loader ends in normalised float32: four times the bytes a batch.")
     return result

@@ -146,6 +146,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=0, help="data: JPEGs (default 300, quick 40)")
     parser.add_argument("--image_size", "--image-size", type=int, default=224, help="data: crop size")
     parser.add_argument("--folder", help="data: a CUB-layout dataset to read (default: write one)")
+    parser.add_argument("--trial_cpus", "--trial-cpus", default="4",
+                        help="data: comma-separated resources.cpu of the trials whose loaders are timed (default 4)")
     parser.add_argument("--threads", type=int, default=0, help="train: torch threads (default: all)")
     parser.add_argument("--cache_dir", "--cache-dir", help="overhead: where the synthetic set is (default: temporary)")
     parser.add_argument("--record", action="store_true",

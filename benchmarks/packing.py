@@ -35,7 +35,7 @@ def measure(args: argparse.Namespace) -> SuiteResult:
         result.notes.append("packing needs a GPU (CUDA): this machine has none, so it measured nothing; run "
                             "`python -m benchmarks --suite packing --device cuda` on a GPU machine.")
         result.rows.append(Row("packing", "aggregate images/s of 1, 2, 4 processes on one GPU", float("nan"),
-                               "images/s", note="needs a GPU: not measured on this CPU-only machine"))
+                               "images/s", note="needs a GPU: prepared (scripts/gpu_bench.sh), unmeasured"))
         return result
     import multiprocessing
 

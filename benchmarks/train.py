@@ -27,9 +27,10 @@ def train_config(args: argparse.Namespace, backbone: str, image_size: int, batch
 
 
 def make_batches(cfg: Any, steps: int, num_classes: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`steps` fixed training batches of normalised-looking images and labels, on the CPU (as a loader gives)."""
+    """`steps` fixed training batches of uint8 RGB images and labels, on the CPU (as a loader gives them)."""
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=gen),
+    size = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
+    return [(torch.randint(0, 256, size, dtype=torch.uint8, generator=gen),
              torch.randint(0, num_classes, (cfg.batch_size,), generator=gen)) for _ in range(steps)]
 
 
@@ -62,7 +63,8 @@ def bare_rate(run: Any, batches: list) -> float:
         if run.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            similarities = model.head(model.net(images))
+            embeddings = model.net(images)
+        similarities = model.head(embeddings)  # float32, as the engine computes them
         loss = run.loss_fn(similarities, labels)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -113,6 +115,38 @@ def optimizer_step_share(cfg: Any, steps: int, num_classes: int = 50) -> dict[st
     return seconds
 
 
+def checkpoint_seconds(args: argparse.Namespace, repeats: int) -> Row:
+    """Seconds of `engine.save_state` (what a trial writes each epoch it checkpoints) for a resnet50 run with
+    AdamP's state, against `torch.save` of the model's weights alone; best of `repeats` each."""
+    import tempfile
+    from pathlib import Path
+
+    from tune_upl.engine import save_state
+
+    cfg = train_config(args, "resnet50", 64, 2)
+    batches = make_batches(cfg, 1, 10)
+    run = platform_run(cfg, batches, 10)
+    bare_rate(run, batches)  # one step: AdamP's two moments exist for every weight
+    run.train_loader = torch.utils.data.DataLoader(  # a trial's loader: its generator's state is saved too
+        torch.utils.data.TensorDataset(*batches[0]), batch_size=cfg.batch_size, generator=torch.Generator())
+    best, sizes = {"state": float("inf"), "weights": float("inf")}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "state.pt"
+        for _ in range(repeats):
+            for which in best:
+                sync(run.device)
+                start = time.perf_counter()
+                if which == "state":
+                    save_state(run, path)
+                else:
+                    torch.save(run.model.state_dict(), path)
+                best[which] = min(best[which], time.perf_counter() - start)
+                sizes[which] = path.stat().st_size / 2**20
+    return Row("train", f"engine.save_state, resnet50 + AdamP state, {args.device}", best["state"], "s",
+               "torch.save of the model's weights alone", best["weights"],
+               note=f"{sizes['state']:.0f} MB against {sizes['weights']:.0f} MB, to a local temporary folder")
+
+
 def measure(args: argparse.Namespace) -> SuiteResult:
     """The loop comparison per backbone case, the GPU precision rows on CUDA, and AdamP's step."""
     result = SuiteResult("train")
@@ -152,6 +186,7 @@ def measure(args: argparse.Namespace) -> SuiteResult:
     step_cfg = train_config(args, "resnet18" if not args.quick else "tiny", 112 if not args.quick else 64, 32)
     seconds = optimizer_step_share(step_cfg, 3 if args.quick else 6)
     extra = (seconds["adamp"] - seconds["adamw"]) / seconds["train_step"]
+    result.rows.append(checkpoint_seconds(args, 2 if args.quick else 5))
     result.rows.append(Row(
         "train", f"AdamP step minus AdamW step, share of a training step ({step_cfg.backbone_type})", 100 * extra,
         "%", target="<= 5% (else a sync-free AdamP)", met=extra <= 0.05,
@@ -164,6 +199,7 @@ def measure(args: argparse.Namespace) -> SuiteResult:
         "only be shown to help there (`--device cuda`), so none is added yet.")
     if not cuda:
         result.notes.append("the GPU rows (resnet50 batch 64: bf16 + channels_last against strict fp32 with "
-                            "TF32 off, and 2,000 images/s on an H100/H200) need `--device cuda`; not measured here.")
+                            "TF32 off, and 2,000 images/s on an H100/H200) need `--device cuda`: prepared "
+                            "(scripts/gpu_bench.sh), unmeasured.")
     torch.set_num_threads(threads)
     return result

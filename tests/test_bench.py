@@ -27,7 +27,8 @@ def test_top_depth_equals_stable_sort_with_ties(depth):
 
 def test_cpu_suites_quick(tmp_path):
     out = tmp_path / "perf.md"
-    argv = ["--suite", ",".join(harness.CPU_SUITES), "--quick", "--out", str(out), "--device", "cpu", "--images", "16"]
+    argv = ["--suite", ",".join(harness.CPU_SUITES), "--quick", "--out", str(out), "--device", "cpu", "--images", "16",
+            "--trial_cpus", "2"]
     results = {s.name: s for s in harness.run(argv)}
     assert set(results) == set(harness.CPU_SUITES)
     evaluation = results["eval"]
@@ -38,8 +39,12 @@ def test_cpu_suites_quick(tmp_path):
     assert any("needs a GPU" in note for note in results["packing"].notes)
     data = {row.measure: row.value for row in results["data"].rows}
     assert all(value > 0 for value in data.values())
+    loader = data["make_loader, 1 worker (a trial of resources.cpu 2)"]  # the trial's own loader, uint8 batches
+    assert loader > 0 and "uint8" in results["data"].rows[-1].note
     train = results["train"].rows[0]
     assert train.value > 0 and train.baseline_value > 0
+    save = next(row for row in results["train"].rows if row.measure.startswith("engine.save_state, resnet50"))
+    assert 0 < save.baseline_value < save.value and "MB against" in save.note  # AdamP's state: ~3x the weights
     text = out.read_text()
     for needle in ("# Performance", "command: python -m benchmarks", "cpu:", "gpu:", "torch ", "| eval |",
                    "| train |", "| data |", "needs a GPU"):

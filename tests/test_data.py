@@ -1,14 +1,15 @@
 """Class-disjoint splits read through the CUB layout, and the guard on the test classes."""
-import pytest
+import warnings
 
-import numpy as np
+import pytest
 import torch
+from torchvision.transforms import v2
 
 from tune_upl.archives import read_cub_layout
 from tune_upl.config import make_config
-from tune_upl.data import ImageDataset, SplitManager, eval_transform, load_records, train_transform
+from tune_upl.data import ImageDataset, SplitManager, eval_transform, load_records, make_loader, train_transform
 from tune_upl.errors import SplitAccessError
-from tune_upl.models import BNINCEPTION_MEAN, IMAGENET_MEAN, IMAGENET_STD
+from tune_upl.models import BACKBONES, BNINCEPTION_MEAN, IMAGENET_MEAN, IMAGENET_STD, build_model
 from tune_upl.prepare import decode_image_file
 
 
@@ -62,12 +63,20 @@ def test_records_come_from_the_cache_in_archive_order_with_the_source_pixels(rec
         assert torch.equal(cached, decode_image_file(records[i].path))
 
 
-def test_images_decode_to_normalised_tensors(records):
+def test_images_decode_to_uint8_tensors(records):
     train = ImageDataset(records[:8], train_transform(64))
     image, label = train[0]
-    assert image.shape == (3, 64, 64) and image.dtype == torch.float32 and label == 0
+    assert image.shape == (3, 64, 64) and image.dtype == torch.uint8 and label == 0
     test = ImageDataset(records[:8], eval_transform(64))
-    assert test[0][0].shape == (3, 64, 64) and abs(float(test[0][0].mean())) < 3
+    assert test[0][0].shape == (3, 64, 64) and test[0][0].dtype == torch.uint8
+
+
+def test_loader_batches_are_uint8_a_quarter_of_float32s_bytes(tiny_values, records):
+    cfg = make_config(tiny_values, batch_size=8)
+    images, labels = next(iter(make_loader(ImageDataset(records[:16], train_transform(64)), cfg, train=True)))
+    assert images.shape == (8, 3, 64, 64) and images.dtype == torch.uint8 and labels.shape == (8,)
+    as_float = images.float()
+    assert images.nbytes == 8 * 3 * 64 * 64 == as_float.nbytes // 4
 
 
 def test_eval_transform_scales_resize_and_crop_from_image_size():
@@ -77,16 +86,54 @@ def test_eval_transform_scales_resize_and_crop_from_image_size():
     # 224 -> Resize(256) + CenterCrop(224): a 256-high image keeps its scale, the centre is cut out
     flat = torch.zeros(3, 256, 320, dtype=torch.uint8)
     flat[:, 16:240, 48:272] = 255  # exactly the central 224 x 224
-    white = (1 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
-    assert np.allclose(eval_transform(224)(flat).amin(dim=(1, 2)).numpy(), white, atol=1e-4)  # no black border
+    assert int(eval_transform(224)(flat).min()) == 255  # no black border
 
 
-def test_bn_inception_input_is_bgr_0_255_minus_its_mean():
-    rgb = torch.tensor([200, 100, 50], dtype=torch.uint8).view(3, 1, 1).expand(3, 40, 40).contiguous()
-    out = eval_transform(32, "inception")(rgb)
-    expected = np.array([50 - BNINCEPTION_MEAN[0], 100 - BNINCEPTION_MEAN[1], 200 - BNINCEPTION_MEAN[2]])
-    assert np.allclose(out.mean(dim=(1, 2)).numpy(), expected, atol=1e-3)  # B, G, R; std 1
-    default = eval_transform(32)(rgb)  # any other backbone: ImageNet RGB in 0-1
-    expected = (np.array([200, 100, 50]) / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
-    assert np.allclose(default.mean(dim=(1, 2)).numpy(), expected, atol=1e-3)
-    assert train_transform(32, "inception")(rgb).shape == (3, 32, 32)
+def old_float_pipeline(image: torch.Tensor, norm) -> torch.Tensor:
+    """The loaders' former last steps (ToDtype + BGR flip + Normalize, on the CPU), for comparison."""
+    x = v2.ToDtype(torch.float32, scale=norm.unit_scale)(image)
+    return v2.Normalize(norm.mean, norm.std)(x.flip(-3) if norm.bgr else x)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "inception"])
+def test_the_model_normalises_uint8_input_as_the_old_float_pipeline_did(backbone):
+    """torchvision: RGB (x / 255 - mean) / std; BN-Inception: BGR, 0-255, minus its mean. On the model's own
+    device, in float32; the uint8 batch's memory format (channels-last on a GPU) is kept."""
+    batch = torch.randint(0, 256, (4, 3, 20, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    net = build_model(make_config(backbone_type=backbone, pretrained="none", feature_dim=8), 3).net
+    out = net.input_norm(batch)
+    x = batch.double()
+    if backbone == "inception":
+        direct = x.flip(1) - torch.tensor(BNINCEPTION_MEAN, dtype=torch.double).view(1, 3, 1, 1)
+    else:
+        mean, std = (torch.tensor(v, dtype=torch.double).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        direct = (x / 255 - mean) / std
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.double(), direct, atol=1e-5, rtol=0)
+    old = torch.stack([old_float_pipeline(image, BACKBONES[backbone].input) for image in batch])
+    assert torch.allclose(out, old, atol=1e-5, rtol=0)
+    last = net.input_norm(batch.contiguous(memory_format=torch.channels_last))
+    assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last, out)
+    assert "input_norm.mean" not in net.state_dict()  # checkpoints keep their keys
+    with pytest.raises(TypeError, match="takes uint8 RGB images"):
+        net(batch.float())
+
+
+def test_a_gpu_trial_without_loader_workers_warns_once_with_the_fix(tiny_values, records, monkeypatch):
+    """`resources.cpu: 1` gives num_threads 1, so `num_workers: auto` resolves to 0: on a GPU the decoding then
+    runs in series with every step. The GPU is stood in for by torch's CUDA check (no tensor moves)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    dataset = ImageDataset(records[:8], eval_transform(32))
+    one_cpu = make_config(tiny_values, num_workers="auto", num_threads=1)
+    assert one_cpu.resolved_num_workers == 0
+    with pytest.warns(UserWarning) as caught:
+        make_loader(dataset, one_cpu, train=True)
+        make_loader(dataset, one_cpu, train=False)  # the evaluation loader of the same trial: no second warning
+    assert len(caught) == 1
+    assert "0 loader workers" in str(caught[0].message) and "resources.cpu >= 2" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_loader(dataset, make_config(tiny_values, num_workers="auto", num_threads=2), train=True)
+        make_loader(dataset, make_config(tiny_values, device="cpu", num_workers=0), train=True)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        make_loader(dataset, one_cpu, train=True)  # auto device without a GPU: the CPU trains, no warning

@@ -73,7 +73,7 @@ def test_bf16_autocast_and_sgd_train_with_finite_float32_loss(tiny_values, small
     run = small_run(cfg, train_batches=2, eval_images=32)
     assert run.amp_dtype == torch.bfloat16 and isinstance(run.optimizer, torch.optim.SGD)
     seen = []
-    hook = run.model.head.register_forward_hook(lambda module, args, out: seen.append(args[0].dtype))
+    hook = run.model.net.backbone.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
     metrics = train_epoch(run)
     hook.remove()
     assert seen and all(dtype == torch.bfloat16 for dtype in seen)  # the network ran under bf16 autocast

@@ -8,12 +8,17 @@ from tune_upl.errors import ConfigError
 from tune_upl.models import BACKBONES, build_model
 
 
+def images(*shape: int) -> torch.Tensor:
+    """uint8 RGB images, as the loaders give them: the model normalises its input itself."""
+    return torch.randint(0, 256, shape, dtype=torch.uint8)
+
+
 def test_resnet50_without_weights_gives_feature_dim_embeddings():
     torch.manual_seed(0)
     model = build_model(make_config(backbone_type="resnet50", pretrained="none", feature_dim=128), num_classes=5)
     model.eval()
     with torch.no_grad():
-        emb = model(torch.randn(2, 3, 224, 224))
+        emb = model(images(2, 3, 224, 224))
         sims = model.head(emb)
     assert emb.shape == (2, 128) and sims.shape == (2, 5)
     assert torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
@@ -26,11 +31,11 @@ def test_frozen_batchnorm_statistics_do_not_move():
     model = build_model(cfg, num_classes=3).train()
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     before = bn.running_mean.clone()
-    model(torch.randn(4, 3, 32, 32))
+    model(images(4, 3, 32, 32))
     assert not bn.training and torch.equal(before, bn.running_mean)
     free = build_model(cfg.replace(freeze_bn=False), num_classes=3).train()
     bn = next(m for m in free.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    free(torch.randn(4, 3, 32, 32))
+    free(images(4, 3, 32, 32))
     assert not torch.equal(before, bn.running_mean)
 
 
@@ -55,7 +60,7 @@ def test_every_backbone_builds_without_weights_and_runs_forward(name, dim):
     model = build_model(make_config(backbone_type=name, pretrained="none", feature_dim=64), num_classes=4).eval()
     with torch.no_grad():
         maps = model.net.backbone(torch.randn(2, 3, 96, 96))
-        emb = model(torch.randn(2, 3, 96, 96))
+        emb = model(images(2, 3, 96, 96))
     assert emb.shape == (2, 64) and model.net.embedding.in_features == dim == BACKBONES[name].dim
     assert maps.shape[1] == dim  # the registry's feature size is the feature map's channel count
     assert torch.isfinite(emb).all() and torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
@@ -106,13 +111,13 @@ def _offline(*args, **kwargs):
 
 def test_pooling_and_layer_norm_options_change_the_embedding():
     torch.manual_seed(0)
-    images = torch.randn(2, 3, 32, 32)
+    batch = images(2, 3, 32, 32)
     outputs = {}
     for pooling, layer_norm in [("max", True), ("avg", True), ("avgmax", True), ("max", False)]:
         torch.manual_seed(1)  # same weights for every variant
         model = build_model(make_config(backbone_type="tiny", feature_dim=8, pooling=pooling, layer_norm=layer_norm), 3)
         with torch.no_grad():
-            features = model.eval().net.features(images)
+            features = model.eval().net.features(batch)
             outputs[(pooling, layer_norm)] = features
     maxed, averaged, both = outputs[("max", True)], outputs[("avg", True)], outputs[("avgmax", True)]
     assert not torch.allclose(maxed, averaged) and not torch.allclose(maxed, both)

@@ -18,7 +18,6 @@ from torchvision.transforms import v2
 
 from tune_upl.archives import split_halves
 from tune_upl.config import TrialConfig
-from tune_upl.models import BACKBONES, TORCHVISION_INPUT
 from tune_upl.prepare import PIXELS_FILE, decode_image_file, read_manifest
 from tune_upl.errors import ConfigError, DatasetError, SplitAccessError
 
@@ -114,39 +113,24 @@ class SplitManager:
 
 
 # ---------------------------------------------------------------- images and loaders
-class ToBGR(torch.nn.Module):
-    """RGB -> BGR on a (..., C, H, W) tensor: BN-Inception was trained on Caffe's BGR input."""
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return image.flip(-3)
-
-
-def _to_network_input(backbone_type: Optional[str]) -> list[torch.nn.Module]:
-    """uint8 -> float input of the backbone, as its registry entry says (BN-Inception: BGR 0-255 minus its
-    mean; the torchvision models: RGB in [0, 1], ImageNet mean and std)."""
-    norm = BACKBONES[backbone_type].input if backbone_type else TORCHVISION_INPUT
-    return [v2.ToDtype(torch.float32, scale=norm.unit_scale), *([ToBGR()] if norm.bgr else []),
-            v2.Normalize(norm.mean, norm.std)]
-
-
-def train_transform(image_size: int, backbone_type: Optional[str] = None) -> v2.Compose:
-    """RandomResizedCrop + horizontal flip (the seed's), on uint8 tensors: torchvision's fast path."""
+def train_transform(image_size: int) -> v2.Compose:
+    """RandomResizedCrop + horizontal flip (the seed's), on uint8 tensors: torchvision's fast path. The output
+    stays uint8 (a quarter of float32's bytes through the workers' shared memory); the model normalises it
+    on its own device (`models.InputNormalize`)."""
     return v2.Compose([
         v2.ToImage(),
         v2.RandomResizedCrop(image_size, antialias=True),
         v2.RandomHorizontalFlip(),
-        *_to_network_input(backbone_type),
         v2.ToPureTensor(),
     ])
 
 
-def eval_transform(image_size: int, backbone_type: Optional[str] = None) -> v2.Compose:
-    """Resize(256) + CenterCrop(224) at 224 px, scaled in proportion for other sizes."""
+def eval_transform(image_size: int) -> v2.Compose:
+    """Resize(256) + CenterCrop(224) at 224 px, scaled in proportion for other sizes; uint8 out, as above."""
     return v2.Compose([
         v2.ToImage(),
         v2.Resize(round(image_size * 256 / 224), antialias=True),
         v2.CenterCrop(image_size),
-        *_to_network_input(backbone_type),
         v2.ToPureTensor(),
     ])
 
@@ -197,9 +181,22 @@ def on_gpu(cfg: TrialConfig) -> bool:
     return cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
 
 
+def serial_loading_warning(cfg: TrialConfig) -> Optional[str]:
+    """Why a GPU trial may train slowly: with no loader worker, decoding runs in series with each step."""
+    if not on_gpu(cfg) or cfg.resolved_num_workers > 0:
+        return None
+    return (f"GPU trial with 0 loader workers (num_workers {cfg.num_workers}, {cfg.resolved_num_threads} CPU "
+            "threads): images are read and transformed in series with each training step; give the trial "
+            "resources.cpu >= 2 (num_workers auto takes all but one), or set num_workers")
+
+
 def make_loader(dataset: ImageDataset, cfg: TrialConfig, train: bool) -> DataLoader:
-    """Workers from the trial's CPUs (`num_workers: auto`), kept across epochs; pinned memory on a GPU."""
+    """Workers from the trial's CPUs (`num_workers: auto`), kept across epochs; pinned memory on a GPU.
+    The training loader of a GPU trial without workers warns once (`serial_loading_warning`)."""
     workers = cfg.resolved_num_workers
+    message = serial_loading_warning(cfg) if train else None
+    if message:
+        warnings.warn(message, stacklevel=2)
     generator = torch.Generator().manual_seed(cfg.seed)
     return DataLoader(
         dataset,

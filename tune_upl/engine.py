@@ -30,8 +30,20 @@ from tune_upl.metrics import retrieval_metrics
 from tune_upl.models import MetricModel, build_model
 from tune_upl.errors import CheckpointError, DivergedError, NoGPU, OutOfMemory
 
+
+class ChannelsLastAdamP(AdamP):
+    """adamp's AdamP flattens each weight with `.view`, which fails on channels-last conv weights (the default
+    on a GPU) at the first step; `reshape` flattens both layouts in the same logical order."""
+
+    def _channel_view(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.size(0), -1)
+
+    def _layer_view(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(1, -1)
+
+
 OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]] = {
-    "adamp": lambda groups, weight_decay: AdamP(groups, weight_decay=weight_decay),
+    "adamp": lambda groups, weight_decay: ChannelsLastAdamP(groups, weight_decay=weight_decay),
     "adamw": lambda groups, weight_decay: torch.optim.AdamW(groups, weight_decay=weight_decay),
     "sgd": lambda groups, weight_decay: torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay),
 }
@@ -204,9 +216,9 @@ def build_run(cfg: TrialConfig, gpu_share: float = 0.0) -> Run:
     device = resolve_device(cfg.device, gpu_share)
     claim_gpu(device, gpu_share)
     splits = SplitManager(load_records(cfg), cfg.protocol, cfg.val_fraction)
-    train_set = ImageDataset(splits.get("trainval" if cfg.final else "train"), train_transform(cfg.image_size, cfg.backbone_type))
+    train_set = ImageDataset(splits.get("trainval" if cfg.final else "train"), train_transform(cfg.image_size))
     eval_split = evaluated_split(cfg)
-    eval_set = ImageDataset(splits.get(eval_split, final=cfg.final), eval_transform(cfg.image_size, cfg.backbone_type))
+    eval_set = ImageDataset(splits.get(eval_split, final=cfg.final), eval_transform(cfg.image_size))
     return build_training(cfg, device, splits, train_set.num_classes, make_loader(train_set, cfg, train=True),
                           make_loader(eval_set, cfg, train=False), eval_split)
 
@@ -242,6 +254,7 @@ def build_training(cfg: TrialConfig, device: torch.device, splits: Optional[Spli
 
 
 def _to_device(run: Run, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images to the run's device (the model normalises them there, keeping channels-last)."""
     images = images.to(run.device, non_blocking=True)
     return images.contiguous(memory_format=torch.channels_last) if run.channels_last else images
 
@@ -270,9 +283,10 @@ def evaluate(run: Run, loader: DataLoader, prefix: str) -> dict[str, float]:
 
 def _step(run: Run, images: torch.Tensor, labels: torch.Tensor, poison: bool = False) -> torch.Tensor:
     """One optimisation step; returns the (float32) loss without waiting for it on the host."""
-    with _autocast(run):
-        similarities = run.model.head(run.forward(images))
-    loss = run.loss_fn(similarities, labels)  # every loss computes in float32
+    with _autocast(run):  # backbone and embedding layer; the L2 normalisation inside is float32
+        embeddings = run.forward(images)
+    similarities = run.model.head(embeddings)  # float32, outside autocast: not rounded to bf16/fp16 steps
+    loss = run.loss_fn(similarities, labels)
     if poison:  # inject_fault: nan
         loss = loss * float("nan")
     run.optimizer.zero_grad(set_to_none=True)
@@ -340,7 +354,7 @@ def train_epoch(run: Run) -> dict[str, float]:
 
 def final_test(run: Run) -> dict[str, float]:
     """Evaluate once on the test classes: the only place (besides protocol seed) they are read."""
-    test_set = ImageDataset(run.splits.get("test", final=True), eval_transform(run.cfg.image_size, run.cfg.backbone_type))
+    test_set = ImageDataset(run.splits.get("test", final=True), eval_transform(run.cfg.image_size))
     return evaluate(run, make_loader(test_set, run.cfg, train=False), "test")
 
 

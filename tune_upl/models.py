@@ -147,7 +147,7 @@ def build_googlenet(pretrained: bool) -> nn.Module:
 
 
 class BNInceptionFeatures(nn.Module):
-    """BN-Inception's convolutional trunk (1024-d); expects BGR input in 0-255 minus its mean (see data.py)."""
+    """BN-Inception's convolutional trunk (1024-d); expects BGR input in 0-255 minus its mean (`InputNormalize`)."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -204,19 +204,47 @@ def load_weights_file(module: nn.Module, path: str) -> None:
     del unexpected  # a full classifier checkpoint carries an fc layer the backbone no longer has
 
 
+class InputNormalize(nn.Module):
+    """uint8 RGB images [B, 3, H, W] -> the backbone's float input, as its `InputNorm` says, on the images' device.
+
+    Why in the model: the loaders then ship uint8 batches (a quarter of float32's bytes through shared memory
+    and to the GPU), and every caller (training, evaluation, retrieval, the benchmarks) feeds the model the
+    same kind of tensor, so none can forget or repeat the normalisation. The constants are non-persistent
+    buffers: they follow `.to(device)` and stay out of checkpoints, whose keys do not change. The input's
+    memory format (channels-last on a GPU) is kept."""
+
+    def __init__(self, norm: InputNorm):
+        super().__init__()
+        self.bgr = norm.bgr
+        scale = 255.0 if norm.unit_scale else 1.0  # (x / 255 - mean) / std == (x - 255 mean) / (255 std)
+        self.register_buffer("mean", torch.tensor(norm.mean).mul(scale).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(norm.std).mul(scale).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise TypeError(f"the model takes uint8 RGB images [B, 3, H, W] (the loaders' batches) and normalises "
+                            f"them itself; got {images.dtype} {list(images.shape)}")
+        x = images.float()
+        return ((x.flip(1) if self.bgr else x) - self.mean) / self.std
+
+
 class EmbeddingNet(nn.Module):
-    """Backbone + pooling + layer norm + bias-free linear embedding, L2-normalised."""
+    """Input normalisation + backbone + pooling + layer norm + bias-free linear embedding, L2-normalised.
+
+    The backbone and the embedding layer run under the caller's autocast; the L2 normalisation runs in
+    float32 with autocast off, so the cosine similarities after it are not rounded to bf16/fp16 steps."""
 
     def __init__(self, backbone: nn.Module, backbone_dim: int, feature_dim: int, pooling: str = "max",
-                 layer_norm: bool = True):
+                 layer_norm: bool = True, norm: InputNorm = TORCHVISION_INPUT):
         super().__init__()
+        self.input_norm = InputNormalize(norm)
         self.backbone = backbone
         self.pooling = pooling
         self.layer_norm = layer_norm
         self.embedding = nn.Linear(backbone_dim, feature_dim, bias=False)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        maps = self.backbone(images)
+        maps = self.backbone(self.input_norm(images))
         if self.pooling == "max":
             pooled = F.adaptive_max_pool2d(maps, 1)
         elif self.pooling == "avg":
@@ -227,18 +255,22 @@ class EmbeddingNet(nn.Module):
         return F.layer_norm(pooled, pooled.shape[-1:]) if self.layer_norm else pooled
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.embedding(self.features(images)), dim=-1)
+        x = self.embedding(self.features(images))
+        with torch.autocast(x.device.type, enabled=False):
+            return F.normalize(x.float(), dim=-1)
 
 
 class ProxyHead(nn.Module):
-    """One learnable proxy per training class; outputs cosine similarities [B, C]."""
+    """One learnable proxy per training class; outputs cosine similarities [B, C], always in float32 (autocast
+    off): under bf16 they would reach the loss in steps of ~0.004 near +-1, a quarter logit at scale 64."""
 
     def __init__(self, num_classes: int, feature_dim: int):
         super().__init__()
         self.proxies = nn.Parameter(F.normalize(torch.randn(num_classes, feature_dim), dim=-1))
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return embeddings @ F.normalize(self.proxies, dim=-1).t()
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return embeddings.float() @ F.normalize(self.proxies.float(), dim=-1).t()
 
 
 class MetricModel(nn.Module):
@@ -277,5 +309,5 @@ def build_model(cfg: TrialConfig, num_classes: int) -> MetricModel:
     backbone = entry.build(cfg.uses_pretrained_weights and not pretrained_file)
     if pretrained_file:  # library backbones wrap the library's model as `.net`, whose names weight files use
         load_weights_file(getattr(backbone, "net", backbone), cfg.pretrained)
-    net = EmbeddingNet(backbone, entry.dim, cfg.feature_dim, cfg.pooling, cfg.layer_norm)
+    net = EmbeddingNet(backbone, entry.dim, cfg.feature_dim, cfg.pooling, cfg.layer_norm, entry.input)
     return MetricModel(net, ProxyHead(num_classes, cfg.feature_dim), freeze_bn=cfg.bn_frozen)

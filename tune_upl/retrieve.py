@@ -159,7 +159,7 @@ def _embed_test_split(config: dict[str, Any], state_file: Path) -> dict[str, Any
     from tune_upl.engine import embed
 
     run = _restored_run(config, state_file)
-    transform = eval_transform(run.cfg.image_size, run.cfg.backbone_type)
+    transform = eval_transform(run.cfg.image_size)
     dataset = ImageDataset(run.splits.get("test", final=True), transform)
     embeddings, labels = embed(run, make_loader(dataset, run.cfg, train=False))
     return {"embeddings": embeddings.cpu(), "labels": labels.cpu(), "paths": [str(r.path) for r in dataset.records]}
@@ -215,7 +215,7 @@ def embed_image(db: Database, path: Path) -> torch.Tensor:
         image = decode_image_file(path)
     except (OSError, RuntimeError, ValueError) as error:
         raise ExperimentError(f"--query_img_name {path}: not a readable image ({error})") from None
-    batch = eval_transform(run.cfg.image_size, run.cfg.backbone_type)(image).unsqueeze(0)
+    batch = eval_transform(run.cfg.image_size)(image).unsqueeze(0)
     embeddings, _ = embed(run, [(batch, torch.zeros(1, dtype=torch.long))])
     return F.normalize(embeddings[0].float().cpu(), dim=-1)
 
