@@ -4,8 +4,8 @@ import torch
 
 from tune_upl.config import make_config
 from tune_upl.config import FIELD_HELP
-from tune_upl.errors import ConfigError
-from tune_upl.models import BACKBONES, build_model
+from tune_upl.errors import ConfigError, WeightsMissing
+from tune_upl.models import BACKBONES, build_model, imagenet_file
 
 
 def images(*shape: int) -> torch.Tensor:
@@ -95,18 +95,26 @@ def test_a_torchvision_weight_file_loads_by_its_own_parameter_names(tmp_path):
     assert model.freeze_bn  # a pretrained backbone keeps BatchNorm frozen under freeze_bn auto
 
 
-@pytest.mark.parametrize("name", ["resnet50", "inception"])
-def test_unreachable_imagenet_weights_name_the_file_and_folder(name, tmp_path, monkeypatch):
-    """Offline: the message says which file to place where (the hub folder is pointed at an empty one)."""
-    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _offline)
-    monkeypatch.setattr(torch.utils.model_zoo, "load_url", _offline)
-    with pytest.raises(ConfigError, match=rf"place the file \S+\.pth in {tmp_path}/hub/checkpoints by hand"):
-        build_model(make_config(backbone_type=name, pretrained="auto"), 3)
+@pytest.mark.parametrize("name", ["resnet50", "inception", "googlenet"])
+def test_a_missing_imagenet_file_is_named_and_never_downloaded(name, tmp_path, monkeypatch):
+    """Trials never download (the driver fetches before any trial): a missing file names itself, its URL, its
+    folder and the prepare command; the message holds no node-specific error."""
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_download)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_download)
+    file = tmp_path / BACKBONES[name].weights_url.rsplit("/", 1)[-1]
+    with pytest.raises(WeightsMissing) as caught:
+        build_model(make_config(backbone_type=name, pretrained="auto", weights_dir=str(tmp_path)), 3)
+    assert str(caught.value) == (
+        f"ImageNet weights missing: {name} needs {file.name} in {tmp_path} (from {BACKBONES[name].weights_url}; or "
+        f"run: python run_search.py prepare --backbone_type {name} --weights_dir {tmp_path}); or set pretrained "
+        "to none or a weights file")
+    assert imagenet_file(name, str(tmp_path)) == file
+    with pytest.raises(ConfigError, match="the tiny backbone has no ImageNet weights"):
+        imagenet_file("tiny", str(tmp_path))
 
 
-def _offline(*args, **kwargs):
-    raise OSError("network unreachable")
+def _no_download(*args, **kwargs):
+    raise AssertionError("a trial downloaded weights")
 
 
 def test_pooling_and_layer_norm_options_change_the_embedding():

@@ -64,3 +64,28 @@ def build_once(
                 if leftover.exists():
                     shutil.rmtree(leftover, ignore_errors=True)
     return root, True
+
+
+def build_file_once(path: Path, write: Callable[[Path], None]) -> bool:
+    """Make the file `path` unless it exists; returns whether it was made now.
+
+    `write(tmp)` writes the whole file at the temporary sibling `.<name>.tmp-*`, which is renamed into
+    place, so a reader (or a later call) never takes an interrupted download for a complete file. The
+    same `<name>.lock` discipline as `build_once`: two processes on one node write it once.
+    """
+    path = Path(path)
+    if path.is_file():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.parent / f".{path.name}.lock")):
+        if path.is_file():  # another process finished while we waited
+            return False
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+            stale.unlink(missing_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return True

@@ -2,8 +2,9 @@
 
 Every `TrialConfig` field is an option under its own name (`--feature_dim`) and its dash spelling
 (`--feature-dim`). This module is the one place that reads the environment (home folder, working
-directory, CPU count): it resolves them into fields and a `Paths` table (`$TUNE_UPL_CACHE` into
-`cache_dir`'s default), so nothing behind a `TrialConfig` looks at global state.
+directory, CPU count, cache variables): it resolves them into fields and a `Paths` table
+(`$TUNE_UPL_CACHE` into `cache_dir`'s default, torch's hub cache into `weights_dir`'s), so nothing behind a
+`TrialConfig` looks at global state.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 from tune_upl.config import FIELD_DEFAULTS, FIELD_HELP, FIELD_NAMES, Paths, is_path, make_config, validate_field
 from tune_upl.errors import (
     ConfigError, DatasetError, DivergedError, ExperimentError, OutOfMemory, SpecError, SplitAccessError, StorageError,
+    WeightsMissing,
 )
 from tune_upl.layout import PULLED_FOLDER, report_file
 
@@ -60,17 +62,26 @@ def absolute_path(value: str) -> str:
     return str(Path(value).expanduser().resolve())
 
 
+def torch_hub_checkpoints() -> str:
+    """The folder torch's hub caches downloaded weights in, found as `torch.hub.get_dir()` finds it (without
+    importing torch): $TORCH_HOME, else $XDG_CACHE_HOME/torch, else ~/.cache/torch; then hub/checkpoints."""
+    home = os.getenv("TORCH_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch"))
+    return os.path.join(os.path.expanduser(home), "hub", "checkpoints")
+
+
 def driver_paths(*sources: dict[str, Any]) -> Paths:
-    """The defaults of data_path and cache_dir ($TUNE_UPL_CACHE, else the field's own) and every path named
-    in `sources`, made absolute on this machine; planning applies them to each study."""
+    """The defaults of data_path, cache_dir ($TUNE_UPL_CACHE, else the field's own) and weights_dir (torch's
+    hub cache) and every path named in `sources`, made absolute on this machine; planning applies them to
+    each study."""
     defaults = {"data_path": FIELD_DEFAULTS["data_path"],
-                "cache_dir": os.environ.get("TUNE_UPL_CACHE") or FIELD_DEFAULTS["cache_dir"]}
+                "cache_dir": os.environ.get("TUNE_UPL_CACHE") or FIELD_DEFAULTS["cache_dir"],
+                "weights_dir": torch_hub_checkpoints()}
     named = sorted({v for values in sources for k, v in values.items() if is_path(k, v)})
     return Paths({k: absolute_path(v) for k, v in defaults.items()}, {v: absolute_path(v) for v in named})
 
 
 def with_paths(values: dict[str, Any]) -> dict[str, Any]:
-    """`values` with data_path and cache_dir filled in and every path absolute (one run, no spec)."""
+    """`values` with data_path, cache_dir and weights_dir filled in and every path absolute (one run, no spec)."""
     return driver_paths(values).apply(values)
 
 
@@ -84,11 +95,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = make_config(with_paths(config_overrides(args)))  # bad input is named before the engine loads
     from tune_upl.engine import build_run, final_test, train_epoch
     from tune_upl.prepare import prepare_dataset
+    from tune_upl.weights import ensure_weights
 
     start = time.perf_counter()
-    prepared = prepare_dataset(cfg)
+    prepared = prepare_dataset(cfg)  # data, then weights: the search driver's order
     if prepared.built:
         print(prepared.summary(cfg), flush=True)
+    ensure_weights([cfg])
     run = build_run(cfg, gpu_share=0)  # outside Ray: no GPU was given, `auto` takes one torch sees
     where = run.metric_prefix
     print(
@@ -200,12 +213,27 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
-    """Manifest and pixel cache of one dataset variant (the seed's data_utils.py)."""
-    from tune_upl.prepare import prepare_dataset
+WEIGHTS_FIELDS = ("backbone_type", "pretrained", "weights_dir")  # the prepare options that fetch weights
 
-    cfg = make_config(with_paths(config_overrides(args)))
-    print(prepare_dataset(cfg).summary(cfg))
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Manifest and pixel cache of one dataset variant (the seed's data_utils.py), and/or a backbone's ImageNet
+    weights: with backbone options only, the weights alone; with none or some dataset options, the data."""
+    from tune_upl.prepare import DATA_FIELDS, prepare_dataset
+
+    given = config_overrides(args)
+    cfg = make_config(with_paths(given))
+    if set(given) & set(WEIGHTS_FIELDS):
+        from tune_upl.models import weights_file
+        from tune_upl.weights import ensure_weights, needed_weights
+
+        ensure_weights([cfg])
+        if needed_weights([cfg]):
+            print(f"weights of {cfg.backbone_type}: {weights_file(cfg)}")
+        else:
+            print(f"no ImageNet weights to fetch for {cfg.backbone_type} with pretrained {cfg.pretrained}")
+    if not set(given) & set(WEIGHTS_FIELDS) or set(given) & set(DATA_FIELDS):
+        print(prepare_dataset(cfg).summary(cfg))
     return 0
 
 
@@ -291,10 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train one configuration and report Recall@K")
     add_config_options(train)
     train.set_defaults(handler=cmd_train)
-    prepare = commands.add_parser("prepare", help="prepare a dataset once: manifest and pre-resized image cache")
+    prepare = commands.add_parser("prepare", help="prepare a dataset once (manifest and pre-resized image cache), "
+                                                  "or fetch a backbone's ImageNet weights (--backbone_type)")
     from tune_upl.prepare import DATA_FIELDS
 
     add_config_options(prepare, DATA_FIELDS, "dataset options (TrialConfig fields)")
+    add_config_options(prepare, WEIGHTS_FIELDS, "weights options (TrialConfig fields): given, only the weights "
+                                                "are fetched, unless dataset options are given too")
     prepare.set_defaults(handler=cmd_prepare)
     return parser
 
@@ -309,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return handler(args)
-    except (ConfigError, SpecError, DatasetError, SplitAccessError, ExperimentError, StorageError,
+    except (ConfigError, SpecError, DatasetError, SplitAccessError, ExperimentError, StorageError, WeightsMissing,
             FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

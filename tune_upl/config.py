@@ -124,6 +124,13 @@ class TrialConfig:
     cache_dir: Annotated[str, Field(
         description="folder for generated and prepared data (default $TUNE_UPL_CACHE, else ~/.cache/tune_upl)",
     )] = "~/.cache/tune_upl"
+    weights_dir: Annotated[str, Field(
+        description=(
+            "folder of the published ImageNet weights files that pretrained auto reads, fetched there once before "
+            "any trial (default torch's hub cache: $TORCH_HOME, else $XDG_CACHE_HOME/torch, else ~/.cache/torch, "
+            "+ /hub/checkpoints)"
+        ),
+    )] = "~/.cache/torch/hub/checkpoints"
     crop: Annotated[Literal["uncropped", "cropped"], Field(
         description="image variant: uncropped (seed) or cropped to the bounding boxes (cub, car, synthetic)",
     )] = "uncropped"
@@ -251,7 +258,7 @@ class TrialConfig:
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrialConfig))
 FIELD_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(TrialConfig)}
-PATH_FIELDS = ("data_path", "cache_dir", "pretrained")  # made absolute on the driver: trials run elsewhere
+PATH_FIELDS = ("data_path", "cache_dir", "weights_dir", "pretrained")  # made absolute on the driver: trials run elsewhere
 NOT_PATHS = ("auto", "none")  # pretrained's values that name no file
 
 
@@ -262,10 +269,10 @@ def is_path(name: str, value: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Paths:
-    """The driver's paths: the defaults of data_path and cache_dir, and every path a spec or the command
-    line names, made absolute once by the command line (which alone reads the home folder, the working
-    directory and $TUNE_UPL_CACHE). Plain data, so an experiment keeps it and a resume plans the same
-    studies; empty, it changes nothing."""
+    """The driver's paths: the defaults of data_path, cache_dir and weights_dir, and every path a spec or
+    the command line names, made absolute once by the command line (which alone reads the home folder, the
+    working directory, $TUNE_UPL_CACHE and torch's cache variables). Plain data, so an experiment keeps it
+    and a resume plans the same studies; empty, it changes nothing."""
 
     defaults: dict[str, str] = dataclasses.field(default_factory=dict)  # below the spec's own values
     absolute: dict[str, str] = dataclasses.field(default_factory=dict)  # a path as written -> absolute

@@ -50,3 +50,25 @@ class NoGPU(RuntimeError):
     """Ray gave the trial a GPU but its torch sees no CUDA device: names the node and CUDA_VISIBLE_DEVICES
     (a CPU run there would be silently slow and counted as accelerator time)."""
 
+
+class WeightsMissing(RuntimeError):
+    """ImageNet weights files that are not on this machine (and, in the driver, could not be downloaded).
+
+    One message for all of them, built from node-independent facts only (file, URL, folder, the `prepare`
+    command), so the driver's error before any trial and a trial's error on a node say the same thing.
+    `missing`: (backbone, file path, URL) of each; `reason`: why downloading failed, when it was tried.
+    """
+
+    def __init__(self, missing: list[tuple[str, str, str]], reason: str = ""):
+        parts = []
+        for backbone, path, url in missing:
+            folder, _, name = path.rpartition("/")
+            parts.append(f"{backbone} needs {name} in {folder} (from {url}; or run: python run_search.py prepare "
+                         f"--backbone_type {backbone} --weights_dir {folder})")
+        tried = f" and could not be downloaded ({reason})" if reason else ""
+        super().__init__(f"ImageNet weights missing{tried}: {'; '.join(parts)}; or set pretrained to none or a "
+                         "weights file")
+        self.missing, self.reason = missing, reason
+
+    def __reduce__(self) -> tuple[type, tuple[list[tuple[str, str, str]], str]]:  # Ray pickles a trial's error
+        return type(self), (self.missing, self.reason)

@@ -37,7 +37,7 @@ from tune_upl.layout import (
     driver_lock_name,
     study_key,
 )
-from tune_upl.planning import Study, baseline_point, grid_points, plan_studies, prepare_data
+from tune_upl.planning import Study, baseline_point, grid_points, plan_studies, prepare_data, prepare_weights
 from tune_upl.search import check_resources, init_ray, logger_callbacks, run_final, run_study
 from tune_upl.spec import SearchSpec, parse_spec
 from tune_upl.storage import Remote
@@ -255,6 +255,7 @@ def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options, pa
                   "use --overwrite to run it again", flush=True)
             return experiment
         prepare_data(studies)
+        prepare_weights(studies)
         init_ray(options.address, options.verbose)
         spec = check_resources(spec, autoscaling=options.autoscaling, allow_cpu=options.allow_cpu)
         studies = plan_studies(spec, overrides, paths)

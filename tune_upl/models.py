@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tune_upl.errors import ConfigError
+from tune_upl.errors import ConfigError, WeightsMissing
 
 if TYPE_CHECKING:  # config validates names against BACKBONES: the dependency runs from config to here only
     from tune_upl.config import TrialConfig
@@ -40,12 +40,43 @@ CAFFE_BGR_INPUT = InputNorm(BNINCEPTION_MEAN, (1.0, 1.0, 1.0), unit_scale=False,
 
 
 @dataclass(frozen=True)
-class BackboneEntry:
-    """Everything the platform knows about one backbone, in one place: how to build it (with or without its
-    ImageNet weights), the channels of its feature map, its input normalisation, where its published weights
-    live, and its name in reports."""
+class Weights:
+    """A state dict read from a weights file, with the file's name for messages."""
 
-    build: Callable[[bool], nn.Module]
+    state: dict[str, torch.Tensor]
+    source: str
+
+    def load_into(self, module: nn.Module, optional: tuple[str, ...] = ()) -> None:
+        """Load into `module` strictly, by its own parameter names. Keys under an `optional` prefix (a
+        classifier the backbone drops anyway) may be missing; a tensor whose shape differs from the model's
+        only in size-1 dimensions (BN-Inception's published BatchNorm tensors are (1, C)) is reshaped."""
+        own = module.state_dict()
+        state = {}
+        for key, value in self.state.items():
+            if key in own and value.shape != own[key].shape:
+                if [d for d in value.shape if d != 1] != [d for d in own[key].shape if d != 1]:
+                    raise ConfigError(f"weights file {self.source}: {key} has shape {tuple(value.shape)}, the "
+                                      f"backbone needs {tuple(own[key].shape)}; is it this backbone's file?")
+                value = value.reshape(own[key].shape)
+            state[key] = value
+        missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")
+                   and not k.startswith(optional)]
+        unexpected = [k for k in state if k not in own]
+        if missing or unexpected:
+            raise ConfigError(f"weights file {self.source}: {len(missing)} keys of the backbone missing (e.g. "
+                              f"{missing[:3]}), {len(unexpected)} unknown (e.g. {unexpected[:3]}); "
+                              "is it this backbone's file?")
+        module.load_state_dict(state, strict=False)
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """Everything the platform knows about one backbone, in one place: how to build it (with the weights
+    read from a file, or without), the channels of its feature map, its input normalisation, where its
+    published weights live, and its name in reports. No builder downloads: `weights.py` fetches files
+    once, in the driver, before any trial."""
+
+    build: Callable[[Optional[Weights]], nn.Module]
     dim: int
     input: InputNorm
     weights_url: str  # the published ImageNet weights ("" for none)
@@ -61,30 +92,12 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
 TINY_CHANNELS = (3, 32, 64, 128, 256)
 
 
-def build_tiny(pretrained: bool) -> nn.Module:
+def build_tiny(weights: Optional[Weights]) -> nn.Module:
     """Four conv blocks (32-64-128-256 channels): trains in seconds on a CPU at 64 px."""
-    if pretrained:
-        raise ConfigError("TrialConfig.pretrained: the tiny backbone has no ImageNet weights; use none or a file")
-    return nn.Sequential(*[_conv_block(a, b) for a, b in zip(TINY_CHANNELS, TINY_CHANNELS[1:])])
-
-
-def _torchvision_weights(name: str, pretrained: bool) -> Any:
-    """The ImageNet weights enum of a torchvision model, or None."""
-    from torchvision import models
-
-    enum = {"resnet18": models.ResNet18_Weights, "resnet50": models.ResNet50_Weights,
-            "googlenet": models.GoogLeNet_Weights}[name]
-    return enum.IMAGENET1K_V1 if pretrained else None
-
-
-def _fetch(build: Callable[[], nn.Module], url: str) -> nn.Module:
-    """Build a model whose constructor may download weights; offline clusters get a hand-placement hint."""
-    try:
-        return build()
-    except Exception as error:
-        if isinstance(error, (ValueError, TypeError)):
-            raise
-        raise ConfigError(_download_help(url, error)) from None
+    net = nn.Sequential(*[_conv_block(a, b) for a, b in zip(TINY_CHANNELS, TINY_CHANNELS[1:])])
+    if weights:
+        weights.load_into(net)
+    return net
 
 
 class ResNetFeatures(nn.Module):
@@ -102,21 +115,23 @@ class ResNetFeatures(nn.Module):
         return x
 
 
-def _resnet(name: str, pretrained: bool) -> nn.Module:
+def _resnet(name: str, weights: Optional[Weights]) -> nn.Module:
     from torchvision import models
 
-    weights = _torchvision_weights(name, pretrained)
-    return ResNetFeatures(_fetch(lambda: getattr(models, name)(weights=weights), weights.url if weights else ""))
+    net = getattr(models, name)(weights=None)
+    if weights:
+        weights.load_into(net, optional=("fc.",))  # a classifier file carries fc; the backbone drops it
+    return ResNetFeatures(net)
 
 
-def build_resnet18(pretrained: bool) -> nn.Module:
+def build_resnet18(weights: Optional[Weights]) -> nn.Module:
     """torchvision ResNet18 (512-d feature map): a quick real backbone."""
-    return _resnet("resnet18", pretrained)
+    return _resnet("resnet18", weights)
 
 
-def build_resnet50(pretrained: bool) -> nn.Module:
+def build_resnet50(weights: Optional[Weights]) -> nn.Module:
     """torchvision ResNet50 (2048-d feature map), the seed's default."""
-    return _resnet("resnet50", pretrained)
+    return _resnet("resnet50", weights)
 
 
 class GoogLeNetFeatures(nn.Module):
@@ -137,12 +152,17 @@ class GoogLeNetFeatures(nn.Module):
         return x
 
 
-def build_googlenet(pretrained: bool) -> nn.Module:
+def build_googlenet(weights: Optional[Weights]) -> nn.Module:
+    """torchvision GoogLeNet built as `googlenet(weights=...)` builds it: its ImageNet weights were trained on
+    input it re-normalises itself (`transform_input`), and the published file carries the auxiliary heads,
+    which are dropped after loading. Without weights: no transform, no auxiliary heads."""
     from torchvision.models import googlenet
 
-    weights = _torchvision_weights("googlenet", pretrained)
-    net = _fetch(lambda: googlenet(weights=weights, aux_logits=False, init_weights=not pretrained),
-                 weights.url if weights else "")
+    if weights is None:
+        return GoogLeNetFeatures(googlenet(weights=None, aux_logits=False, init_weights=True))
+    net = googlenet(weights=None, aux_logits=True, transform_input=True, init_weights=False)
+    weights.load_into(net, optional=("aux1.", "aux2.", "fc."))
+    net.aux_logits, net.aux1, net.aux2 = False, None, None  # as torchvision does when aux_logits is not asked for
     return GoogLeNetFeatures(net)
 
 
@@ -158,22 +178,15 @@ class BNInceptionFeatures(nn.Module):
         return self.net.features(x)
 
 
-def build_inception(pretrained: bool) -> nn.Module:
-    """BN-Inception from `pretrainedmodels` (`pretrained='imagenet'`), as the seed and Proxy-Anchor use."""
+def build_inception(weights: Optional[Weights]) -> nn.Module:
+    """BN-Inception from `pretrainedmodels`, as the seed and Proxy-Anchor use. Its published file stores the
+    BatchNorm tensors as (1, C); `load_into` reshapes them, as Proxy-Anchor's code squeezes them."""
     import pretrainedmodels
 
-    url = pretrainedmodels.pretrained_settings["bninception"]["imagenet"]["url"]
-    net = _fetch(lambda: pretrainedmodels.bninception(num_classes=1000, pretrained="imagenet" if pretrained else None),
-                 url)
+    net = pretrainedmodels.bninception(num_classes=1000, pretrained=None)
+    if weights:
+        weights.load_into(net, optional=("last_linear.",))
     return BNInceptionFeatures(net)
-
-
-def _download_help(url: str, error: Exception) -> str:
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    return (
-        f"could not fetch ImageNet weights from {url} ({type(error).__name__}: {error}); "
-        f"place the file {url.rsplit('/', 1)[-1]} in {folder} by hand, or set pretrained to none or a file path"
-    )
 
 
 BACKBONES: dict[str, BackboneEntry] = {
@@ -189,19 +202,43 @@ BACKBONES: dict[str, BackboneEntry] = {
 }
 
 
-def load_weights_file(module: nn.Module, path: str) -> None:
-    """Load a state_dict saved with torch.save into the backbone; weights_only, so no code runs."""
-    file = Path(path).expanduser()
+def imagenet_file(backbone_type: str, weights_dir: str) -> Path:
+    """Where `pretrained: auto` reads a backbone's ImageNet weights: its published file name in weights_dir."""
+    url = BACKBONES[backbone_type].weights_url
+    if not url:
+        raise ConfigError(f"TrialConfig.pretrained: the {backbone_type} backbone has no ImageNet weights; "
+                          "use none or a file")
+    return Path(weights_dir).expanduser() / url.rsplit("/", 1)[-1]
+
+
+def weights_file(cfg: TrialConfig) -> Optional[Path]:
+    """The file a run's backbone weights come from, or None (pretrained none, or tiny under auto)."""
+    if not cfg.uses_pretrained_weights:
+        return None
+    if cfg.pretrained != "auto":
+        return Path(cfg.pretrained).expanduser()
+    return imagenet_file(cfg.backbone_type, cfg.weights_dir)
+
+
+def read_weights(cfg: TrialConfig) -> Optional[Weights]:
+    """The run's weights file, read with weights_only (no code in it runs); a missing ImageNet file is the
+    driver's error message (the trial never downloads), a missing own file a ConfigError."""
+    file = weights_file(cfg)
+    if file is None:
+        return None
     if not file.is_file():
-        raise ConfigError(f"TrialConfig.pretrained = {path!r}: no such file; allowed: auto, none or a weights file")
+        if cfg.pretrained == "auto":
+            raise WeightsMissing([(cfg.backbone_type, str(file), BACKBONES[cfg.backbone_type].weights_url)])
+        raise ConfigError(f"TrialConfig.pretrained = {cfg.pretrained!r}: no such file; "
+                          "allowed: auto, none or a weights file")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ConfigError(f"TrialConfig.pretrained = {path!r}: unreadable weights file ({error})") from None
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing:
-        raise ConfigError(f"TrialConfig.pretrained = {path!r}: missing keys for the backbone, e.g. {missing[:3]}")
-    del unexpected  # a full classifier checkpoint carries an fc layer the backbone no longer has
+        raise ConfigError(f"TrialConfig.pretrained = {cfg.pretrained!r}: unreadable weights file {file} ({error})"
+                          ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"weights file {file}: not a state dict (a mapping of names to tensors)")
+    return Weights(dict(state), str(file))
 
 
 class InputNormalize(nn.Module):
@@ -304,10 +341,7 @@ class MetricModel(nn.Module):
 
 def build_model(cfg: TrialConfig, num_classes: int) -> MetricModel:
     """Build backbone, head and proxies from the config; seeds must be set by the caller."""
-    pretrained_file = cfg.pretrained not in ("auto", "none")
     entry = BACKBONES[cfg.backbone_type]
-    backbone = entry.build(cfg.uses_pretrained_weights and not pretrained_file)
-    if pretrained_file:  # library backbones wrap the library's model as `.net`, whose names weight files use
-        load_weights_file(getattr(backbone, "net", backbone), cfg.pretrained)
+    backbone = entry.build(read_weights(cfg))  # library models load by the library's own parameter names
     net = EmbeddingNet(backbone, entry.dim, cfg.feature_dim, cfg.pooling, cfg.layer_norm, entry.input)
     return MetricModel(net, ProxyHead(num_classes, cfg.feature_dim), freeze_bn=cfg.bn_frozen)

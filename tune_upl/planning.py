@@ -1,6 +1,7 @@
 """Planning a search, apart from Ray: the studies a spec splits into, each study's space and fixed fields
 (its paths made absolute), the define-by-run space the searcher samples, the baseline point (the seed's
-recipe) and the grid's points. Also the driver's data preparation, which must happen before any trial.
+recipe) and the grid's points. Also the driver's data preparation and weights fetching, which must happen
+before any trial.
 
 Nothing here imports Ray: `--dry-run`, the benchmarks and the tests plan without starting it. The
 distributions and the `when` rule are `spec.Param`'s.
@@ -13,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from tune_upl.config import FIELD_DEFAULTS, Paths, make_config
+from tune_upl.config import FIELD_DEFAULTS, Paths, TrialConfig, make_config
 from tune_upl.errors import SpecError
 from tune_upl.layout import study_key
 from tune_upl.spec import Param, SearchSpec
@@ -125,3 +126,19 @@ def prepare_data(studies: list[Study]) -> None:
             prepared = prepare_dataset(cfg)
             if prepared.built:
                 print(prepared.summary(cfg), flush=True)
+
+
+def study_configs(study: Study) -> list[TrialConfig]:
+    """The study's fixed part with every backbone_type and pretrained value its space may choose (all
+    choices, whatever their `when`): what its trials can read."""
+    choices = [[(name, value) for value in study.space[name].choice or ()]
+               for name in ("backbone_type", "pretrained") if name in study.space and study.space[name].choice]
+    return [make_config({**study.base, **dict(combo)}) for combo in itertools.product(*choices)]
+
+
+def prepare_weights(studies: list[Study]) -> None:
+    """Fetch every ImageNet weights file a study's trials read, in the driver, before any trial starts: one
+    download per file, and offline one error naming every missing file instead of failing trials."""
+    from tune_upl.weights import ensure_weights  # torch: loaded only to fetch
+
+    ensure_weights([cfg for study in studies for cfg in study_configs(study)])
