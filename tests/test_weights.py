@@ -117,7 +117,7 @@ def test_published_weights_arrive_in_the_backbone(backbone, route, hub):
     if backbone == "googlenet":  # as torchvision builds it with weights: transform on, auxiliary heads gone
         assert net.transform_input and net.aux1 is None and net.aux2 is None and not net.aux_logits
     with torch.no_grad():
-        emb = model(torch.rand(2, 3, 64, 64))
+        emb = model(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
     assert emb.shape == (2, 8) and torch.isfinite(emb).all()
 
 
