@@ -74,7 +74,7 @@ def test_a_cudnn_allocation_failure_in_training_is_out_of_memory(tiny_values, sm
 
 
 def test_out_of_memory_anywhere_in_a_trial_ends_it_and_other_errors_are_retried(tiny_values):
-    from tune_upl.errors import NoGPU
+    from tune_upl.errors import NoGPU, WeightsMissing
     from tune_upl.trainable import stop_result
 
     cfg = make_config(tiny_values, feature_dim=16, batch_size=32)
@@ -83,6 +83,8 @@ def test_out_of_memory_anywhere_in_a_trial_ends_it_and_other_errors_are_retried(
     assert evaluation["error"].startswith("out of memory with batch_size 32, backbone tiny, image_size 64")
     no_gpu = stop_result(cfg, None, NoGPU("Ray gave this trial 1 GPU but ..."), "n1")
     assert no_gpu["no_gpu"] is True and no_gpu["error"] == "Ray gave this trial 1 GPU but ... (Ray node n1)"
+    no_file = stop_result(cfg, None, WeightsMissing([("resnet50", "/w/resnet50-0676ba61.pth", "https://x")]), "n2")
+    assert no_file["no_weights"] is True and no_file["val_recall@1"] == 0.0 and "(Ray node n2)" in no_file["error"]
     assert stop_result(cfg, None, RuntimeError("a training step failed"), "n1") is None
 
 
@@ -161,3 +163,4 @@ def test_a_real_two_node_cluster_refuses_a_trial_no_one_node_holds():
     assert found["2"] == 1  # the GPU node holds 2 CPUs and its GPU
     assert found["3"].startswith("resources = 3 CPU + 1 GPU per trial: no node of this Ray cluster holds that")
     assert "1 × 4 CPU + 0 GPU" in found["3"] and "1 × 2 CPU + 1 GPU" in found["3"]
+

@@ -21,19 +21,22 @@ from tune_upl.config import TrialConfig, make_config
 from tune_upl.engine import (
     Run, build_run, evaluated_split, is_out_of_memory, load_state, out_of_memory, save_state, train_epoch,
 )
-from tune_upl.errors import DivergedError, NoGPU, OutOfMemory
-from tune_upl.layout import CHECKPOINT_FILE, DIVERGED_FLAG, EMBEDDINGS_FILE, ERROR_KEY, NO_GPU_FLAG, OOM_FLAG
+from tune_upl.errors import DivergedError, NoGPU, OutOfMemory, WeightsMissing
+from tune_upl.layout import CHECKPOINT_FILE, DIVERGED_FLAG, EMBEDDINGS_FILE, ERROR_KEY, NO_GPU_FLAG, NO_WEIGHTS_FLAG, OOM_FLAG
 
 # With `reuse_actors`, Ray waits this long (default 2 s) for the previous trial's thread to end before it hands
 # the worker to the next trial; past it the *next* trial fails ("reuse requires reset_config()"). Releasing a
 # stopped trial (its loaders, model and a gc pass) takes longer than 2 s on a busy node, so wait longer here.
 REUSE_WAIT_S = "120"
-# failures no retry can mend, and the flag each sets in the trial's last result (see layout.trial_state)
-STOPS = {DivergedError: DIVERGED_FLAG, OutOfMemory: OOM_FLAG, NoGPU: NO_GPU_FLAG}
+# Failures no retry can mend, and the flag each sets in the trial's last result (see layout.trial_state): the
+# configuration's own (a diverged loss, out of memory) and the node's (a GPU torch cannot see, a missing
+# weights file: every attempt there fails the same way, so retrying only wastes the retries).
+STOPS = {DivergedError: DIVERGED_FLAG, OutOfMemory: OOM_FLAG, NoGPU: NO_GPU_FLAG, WeightsMissing: NO_WEIGHTS_FLAG}
 
 
 def worst_metrics(cfg: TrialConfig, epoch: int) -> dict[str, float]:
-    """Every retrieval metric at 0, its worst value: a stopped trial can never be selected."""
+    """Every retrieval metric at 0, its worst value: a stopped trial can never be selected. (A node's failure
+    scores 0 too: Ray's Optuna searcher cannot record a trial without a score as failed, only leave it running.)"""
     prefix = evaluated_split(cfg)
     names = [f"{prefix}_recall@{k}" for k in cfg.recalls] + [f"{prefix}_map@r", f"{prefix}_r_precision"]
     return {"epoch": epoch, **{name: 0.0 for name in names}}
@@ -51,7 +54,7 @@ def stop_result(cfg: TrialConfig, run: Optional[Run], error: BaseException, node
         error = out_of_memory(cfg, run.device if run else cfg.device, error)
     if type(error) not in STOPS:
         return None
-    message = f"{error} (Ray node {node})" if isinstance(error, NoGPU) else str(error)
+    message = f"{error} (Ray node {node})" if isinstance(error, (NoGPU, WeightsMissing)) else str(error)
     device = {"device": str(run.device)} if run else {}
     return {**worst_metrics(cfg, (run.epoch if run else 0) + 1), STOPS[type(error)]: True, ERROR_KEY: message,
             "node_id": node, **device}
