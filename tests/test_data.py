@@ -137,3 +137,17 @@ def test_a_gpu_trial_without_loader_workers_warns_once_with_the_fix(tiny_values,
         make_loader(dataset, make_config(tiny_values, device="cpu", num_workers=0), train=True)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         make_loader(dataset, one_cpu, train=True)  # auto device without a GPU: the CPU trains, no warning
+
+
+def test_the_driver_warns_before_any_trial_when_gpu_trials_get_no_loader_worker():
+    """A trial's own warning reaches only its Ray worker's log; the driver says it once per study, up front."""
+    from searches import small_demo
+    from tune_upl.planning import plan_studies, serial_loading
+
+    def warned(**resources):
+        spec = small_demo().model_copy(update={"resources": small_demo().resources.model_copy(update=resources)})
+        return serial_loading(spec, plan_studies(spec, {"cache_dir": "/x"}))
+
+    assert len(warned(cpu=1, gpu=0.5)) == 1 and "0 loader workers (resources.cpu 1" in warned(cpu=1, gpu=0.5)[0]
+    assert "give resources.cpu >= 2" in warned(cpu=1, gpu=1)[0]
+    assert warned(cpu=2, gpu=0.5) == [] and warned(cpu=1, gpu=0) == []  # a worker, or CPU trials

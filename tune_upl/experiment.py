@@ -37,7 +37,9 @@ from tune_upl.layout import (
     driver_lock_name,
     study_key,
 )
-from tune_upl.planning import Study, baseline_point, grid_points, plan_studies, prepare_data, prepare_weights
+from tune_upl.planning import (
+    Study, baseline_point, grid_points, plan_studies, prepare_data, prepare_weights, serial_loading,
+)
 from tune_upl.search import check_resources, init_ray, logger_callbacks, run_final, run_study
 from tune_upl.spec import SearchSpec, parse_spec
 from tune_upl.storage import Remote
@@ -259,6 +261,8 @@ def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options, pa
         init_ray(options.address, options.verbose)
         spec = check_resources(spec, autoscaling=options.autoscaling, allow_cpu=options.allow_cpu)
         studies = plan_studies(spec, overrides, paths)
+        for warning in serial_loading(spec, studies):
+            print(warning, flush=True)
         write_record(experiment, studies, spec)
         _publish(options, experiment, RECORD_FILE)
         for selection in _select_all(spec, studies, experiment, options, callbacks):

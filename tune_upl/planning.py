@@ -128,6 +128,24 @@ def prepare_data(studies: list[Study]) -> None:
                 print(prepared.summary(cfg), flush=True)
 
 
+def serial_loading(spec: SearchSpec, studies: list[Study]) -> list[str]:
+    """One warning per study whose GPU trials get no loader worker (`resources.cpu` 1 leaves none under
+    `num_workers: auto`): decoding then runs in series with each step. Said by the driver, before any trial,
+    because a trial's own warnings reach only its Ray worker log."""
+    if spec.resources.gpu == 0:
+        return []
+    warnings = []
+    for study in studies:
+        cfg = make_config(study.base)
+        if cfg.device != "cpu" and "num_workers" not in study.space and cfg.resolved_num_workers == 0:
+            warnings.append(
+                f"warning: study {study.key}: each GPU trial has 0 loader workers (resources.cpu "
+                f"{spec.resources.cpu:g}, num_workers {cfg.num_workers}), so images are decoded in series with "
+                "each training step; give resources.cpu >= 2 (num_workers auto takes all but one) or set num_workers"
+            )
+    return warnings
+
+
 def study_configs(study: Study) -> list[TrialConfig]:
     """The study's fixed part with every backbone_type and pretrained value its space may choose (all
     choices, whatever their `when`): what its trials can read."""
