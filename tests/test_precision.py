@@ -56,17 +56,26 @@ def test_channels_last_reaches_the_backbone_after_the_models_normalisation(tiny_
     assert formats and set(formats) == {(torch.float32, True)}
 
 
-def test_adamp_steps_channels_last_weights_as_it_steps_contiguous_ones():
-    """adamp's own AdamP fails on a channels-last conv weight (`.view`); channels-last is the GPU default."""
-    from tune_upl.engine import OPTIMIZERS
+def test_adamp_steps_channels_last_weights_as_the_package_steps_contiguous_ones():
+    """The `adamp` package's AdamP fails on a channels-last conv weight (`.view`); channels-last is the GPU
+    default. Ours (`optimizer: adamp`) steps it as the package steps the same weight stored contiguous."""
+    import adamp
+
+    from tune_upl.optim import OPTIMIZERS
 
     torch.manual_seed(0)
     plain = torch.nn.Conv2d(3, 8, 3)
     last = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
     last.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 8, 8)
-    for net, inputs in ((plain, x), (last, x.contiguous(memory_format=torch.channels_last))):
-        optimizer = OPTIMIZERS["adamp"]([{"params": list(net.parameters()), "lr": 1e-2}], 1e-4)
+    probe = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    probe(x.contiguous(memory_format=torch.channels_last)).sum().backward()
+    with pytest.raises(RuntimeError, match="view"):
+        adamp.AdamP(probe.parameters()).step()
+    for net, inputs, make in (
+            (plain, x, lambda groups: adamp.AdamP(groups, weight_decay=1e-4)),
+            (last, x.contiguous(memory_format=torch.channels_last), lambda groups: OPTIMIZERS["adamp"](groups, 1e-4))):
+        optimizer = make([{"params": list(net.parameters()), "lr": 1e-2}])
         for _ in range(3):
             optimizer.zero_grad()
             net(inputs).square().sum().backward()

@@ -73,7 +73,8 @@ class TrialConfig:
     )] = (1, 2, 4, 8)
     # --- optimiser and loss (seed recipe: AdamP, StepLR(5, 0.5), scale 32, margin 0.1) ---
     optimizer: Annotated[Literal["adamp", "adamw", "sgd"], Field(
-        description="adamp (seed), adamw or sgd (momentum 0.9); proxies always at proxy_lr",
+        description="adamp (seed; tune_upl.optim.AdamP, the package's update without host syncs), adamw or sgd "
+                    "(momentum 0.9); proxies always at proxy_lr",
     )] = "adamp"
     lr: Annotated[float, Field(
         gt=0, le=10,

@@ -19,7 +19,6 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from adamp import AdamP
 from torch.utils.data import DataLoader
 
 from tune_upl.config import TrialConfig
@@ -28,27 +27,8 @@ from tune_upl.data import ImageDataset, SplitManager, eval_transform, load_recor
 from tune_upl.losses import LOSS_PARAMETERS, build_loss
 from tune_upl.metrics import retrieval_metrics
 from tune_upl.models import MetricModel, build_model
+from tune_upl.optim import OPTIMIZERS
 from tune_upl.errors import CheckpointError, DivergedError, NoGPU, OutOfMemory
-
-
-class ChannelsLastAdamP(AdamP):
-    """adamp's AdamP flattens each weight with `.view`, which fails on channels-last conv weights (the default
-    on a GPU) at the first step; `reshape` flattens both layouts in the same logical order."""
-
-    def _channel_view(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.size(0), -1)
-
-    def _layer_view(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(1, -1)
-
-
-OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]] = {
-    "adamp": lambda groups, weight_decay: ChannelsLastAdamP(groups, weight_decay=weight_decay),
-    "adamw": lambda groups, weight_decay: torch.optim.AdamW(groups, weight_decay=weight_decay),
-    "sgd": lambda groups, weight_decay: torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay),
-}
-
-
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
