@@ -27,6 +27,11 @@ def masked_log1p_sum_exp(logits: torch.Tensor, mask: torch.Tensor, dim: int, mea
     return torch.logsumexp(torch.cat([zeros, masked], dim=dim), dim=dim)
 
 
+def label_mask(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[B, C] bool, True at each sample's class: `F.one_hot` without its range check (a host sync on a GPU)."""
+    return labels[:, None] == torch.arange(num_classes, device=labels.device)
+
+
 class UnifiedProxyLoss(nn.Module):
     """Proxy-anchored and/or sample-anchored proxy loss with sum or count-balanced (mean) aggregation.
 
@@ -51,12 +56,12 @@ class UnifiedProxyLoss(nn.Module):
         neg = masked_log1p_sum_exp(self.scale * (sims + self.margin), ~positive, dim, self.mean)
         if dim == 1:
             return pos.mean() + neg.mean()
-        with_positives = positive.any(dim=0)
-        return pos[with_positives].sum() / with_positives.sum().clamp(min=1) + neg.mean()
+        with_positives = positive.any(dim=0)  # a where, not pos[with_positives]: no host sync on a GPU
+        return torch.where(with_positives, pos, 0.0).sum() / with_positives.sum().clamp(min=1) + neg.mean()
 
     def forward(self, similarities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         sims = similarities.float()
-        positive = F.one_hot(labels, sims.shape[1]).bool()
+        positive = label_mask(labels, sims.shape[1])
         if self.anchor == "proxy":
             return self._term(sims, positive, dim=0)
         if self.anchor == "sample":
@@ -84,11 +89,11 @@ class ProxyNCALoss(nn.Module):
 
     def forward(self, similarities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self.scale * similarities.float()
-        positive = F.one_hot(labels, logits.shape[1]).bool()
+        positive = label_mask(labels, logits.shape[1])
         has_negative = (~positive).any(dim=1)
         # rows without negatives get finite stand-ins, so no -inf reaches logsumexp's gradient
         negatives = logits.masked_fill(positive, float("-inf")).where(has_negative[:, None], torch.zeros_like(logits))
-        terms = torch.logsumexp(negatives, dim=1) - logits[positive]
+        terms = torch.logsumexp(negatives, dim=1) - logits.gather(1, labels[:, None]).squeeze(1)
         return (terms * has_negative.float()).mean()
 
 
