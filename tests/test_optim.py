@@ -165,3 +165,22 @@ def _saved(state: dict):
     torch.save(state, buffer)
     buffer.seek(0)
     return buffer
+
+
+def test_weights_frozen_for_a_while_keep_their_own_bias_correction():
+    """Under warm-up the backbone gets no gradient while the proxies train, so their step counts differ (one
+    foreach pass per count here, the package's per-tensor corrections there)."""
+    gen = torch.Generator().manual_seed(3)
+    start = [torch.randn(shape, generator=gen) for shape in (SHAPES["conv"], SHAPES["proxies"], SHAPES["bias"])]
+    copies = {"ours": [t.clone().requires_grad_() for t in start], "package": [t.clone().requires_grad_() for t in start]}
+    optimizers = {"ours": optim.AdamP(copies["ours"], lr=1e-2, weight_decay=0.05),
+                  "package": adamp.AdamP(copies["package"], lr=1e-2, weight_decay=0.05)}
+    for k in range(12):
+        for which, tensors in copies.items():
+            for i, p in enumerate(tensors):
+                frozen = i != 1 and k < 4  # the conv weight and the bias wait 4 steps
+                p.grad = None if frozen else gradient(p, KINDS[k % 3], torch.Generator().manual_seed(10 * k + i))
+            optimizers[which].step()
+    assert [optimizers["ours"].state[p]["step"] for p in copies["ours"]] == [8, 12, 8]
+    for mine, package in zip(copies["ours"], copies["package"]):
+        assert float((mine - package).detach().norm() / package.detach().norm()) < 1e-6
