@@ -20,6 +20,6 @@ module each (its docstring says what it measures and how):
 Imports: the package's modules import only the standard library, numpy, torch, torchvision and PIL at import
 time; each suite imports what it measures when it runs, and the harness imports a suite's module only to run
 it. `data` and `train` use the platform's own code, which reads its configuration through `tune_upl.config`
-(pydantic) and, for `train`, `tune_upl.engine` (adamp); `eval` and `packing`'s message need neither;
-`overhead` and `search` import Ray.
+(pydantic) and, for `train`, `tune_upl.engine` and adamp (the AdamP row's before); `eval` and `packing`'s
+message need neither; `overhead` and `search` import Ray.
 """
