@@ -172,7 +172,7 @@ def test_weights_frozen_for_a_while_keep_their_own_bias_correction():
     foreach pass per count here, the package's per-tensor corrections there)."""
     gen = torch.Generator().manual_seed(3)
     start = [torch.randn(shape, generator=gen) for shape in (SHAPES["conv"], SHAPES["proxies"], SHAPES["bias"])]
-    copies = {"ours": [t.clone().requires_grad_() for t in start], "package": [t.clone().requires_grad_() for t in start]}
+    copies = {which: [t.clone().requires_grad_() for t in start] for which in ("ours", "package")}
     optimizers = {"ours": optim.AdamP(copies["ours"], lr=1e-2, weight_decay=0.05),
                   "package": adamp.AdamP(copies["package"], lr=1e-2, weight_decay=0.05)}
     for k in range(12):
