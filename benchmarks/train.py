@@ -213,9 +213,10 @@ def measure(args: argparse.Namespace) -> SuiteResult:
              f"AdamW {1e3 * seconds['adamw']:.1f} ms, training step {1e3 * seconds['train_step']:.0f} ms"))
     result.notes.append(
         "AdamP row: on a CPU a host synchronisation costs nothing, so this figure is AdamP's extra arithmetic "
-        "over AdamW. Ours computes both projections (channel and layer) and keeps one with `torch.where` "
-        "instead of asking the host which (the package: a `.max() < bound` once or twice per weight tensor, 56 "
-        "syncs a resnet50 step); its gain, steps that never drain a GPU's queue, shows on a GPU alone.")
+        "over AdamW. Ours computes both views' projections from four reductions per weight and keeps one "
+        "with `torch.where` instead of asking the host which (the package: a `.max() < bound` once or twice "
+        "per weight tensor, 56 syncs a resnet50 step); that gain, a step that never drains a GPU's queue, "
+        "shows on a GPU alone.")
     if not cuda:
         result.notes.append("the GPU rows (resnet50 batch 64: bf16 + channels_last against strict fp32 with "
                             "TF32 off, and 2,000 images/s on an H100/H200) need `--device cuda`: prepared "
