@@ -31,9 +31,10 @@ def _full_sort(sims: torch.Tensor, rows: torch.Tensor, depth: int, out: torch.Te
         out[part] = _stable_order(sims[part], depth)
 
 
-def _small(sims: torch.Tensor, depth: int) -> torch.Tensor:
-    """Too few columns for blocks to pay: `topk` of `depth + 1`, its first `depth` reordered by (-value,
-    index); a row with a tie across the cut is sorted in full, since topk may have picked the wrong ones."""
+def top_depth_by_topk(sims: torch.Tensor, depth: int) -> torch.Tensor:
+    """The same order for rows too narrow for blocks to pay (and the method before them): `topk` of
+    `depth + 1`, its first `depth` reordered by (-value, index); a row with a tie across the cut is sorted
+    in full, since topk may have picked the wrong ones."""
     if depth >= sims.shape[1]:
         return _stable_order(sims, depth)
     values, indices = torch.topk(sims, depth + 1, dim=1)  # sorted; one more, to see a tie at the cut
@@ -74,7 +75,7 @@ def top_depth(sims: torch.Tensor, depth: int) -> torch.Tensor:
     num_rows, n = sims.shape
     m = n // BLOCK  # blocks of BLOCK columns
     if n // BLOCK ** 2 < depth or depth < 1:
-        return _small(sims, depth)
+        return top_depth_by_topk(sims, depth)
     blocks = _block_max(sims)  # (rows, m)
     supers = _block_max(blocks)  # (rows, m // BLOCK): disjoint groups of columns
     # the depth-th largest super-block maximum: depth disjoint groups hold a value >= it
