@@ -79,7 +79,7 @@ def top_depth(sims: torch.Tensor, depth: int) -> torch.Tensor:
     blocks = _block_max(sims)  # (rows, m)
     supers = _block_max(blocks)  # (rows, m // BLOCK): disjoint groups of columns
     # the depth-th largest super-block maximum: depth disjoint groups hold a value >= it
-    bound = torch.kthvalue(supers, supers.shape[1] - depth + 1, dim=1, keepdim=True).values
+    bound = torch.topk(supers, depth, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
     # candidate blocks: those whose maximum reaches the bound (a block below it holds no candidate)
     block_rows, block_ids = (blocks >= bound).nonzero(as_tuple=True)
     heavy = torch.bincount(block_rows, minlength=num_rows) > MAX_BLOCKS * depth + 64
@@ -90,7 +90,8 @@ def top_depth(sims: torch.Tensor, depth: int) -> torch.Tensor:
     # every column of those blocks (flat positions in `sims`), values below the bound dropped
     flat = ((block_rows * n + block_ids)[:, None] + torch.arange(BLOCK, device=sims.device) * m).view(-1)
     values = sims.view(-1).index_select(0, flat)
-    above = (values >= bound.view(-1).index_select(0, block_rows).repeat_interleave(BLOCK)).nonzero().squeeze(1)
+    above = (values.view(-1, BLOCK) >= bound.view(-1).index_select(0, block_rows)[:, None]).view(-1)
+    above = above.nonzero().squeeze(1)
     flat, values = flat[above], values[above]
     padded, padded_cols = _ragged(flat // n, flat % n, values, num_rows, n)
     if BLOCK * m < n:  # the columns in no block
