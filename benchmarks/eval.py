@@ -1,11 +1,23 @@
-"""eval suite: time and peak extra memory of Recall@K + MAP@R (`metrics.retrieval_metrics`, row chunks and an
-exact top-k) against the naive full N x N similarity matrix, sorted, and against the implementation before
-it (row chunks, each fully sorted); and whether the three results are equal.
+"""eval suite: time and peak extra memory of Recall@K + MAP@R + R-precision (`metrics.retrieval_metrics`)
+beside a dedicated k-NN library, faiss's exact flat inner-product index (`faiss.IndexFlatIP`, what
+pytorch-metric-learning's AccuracyCalculator uses), and whether the results are equal to the naive full
+N x N similarity matrix, sorted.
 
-Both baselines are written here, apart from the platform's code: each computes every query's neighbour
+Rows, per size:
+- ours: `retrieval_metrics` from embeddings to RetrievalResult (normalise, products, neighbours, scores);
+- faiss: `index.add(x); index.search(x, depth + 1)` on the normalised float32 embeddings (x made before the
+  timer), the search alone, not the scoring of its neighbours: the neighbours a k-NN library gives, at the
+  depth our metrics read (the largest k or R, plus the query itself). Its neighbours (self removed) are then
+  scored apart, untimed, to say whether its results equal ours. faiss is a benchmark-only dependency: the
+  platform never imports it; without it the suite says so in one line;
+- the previous `retrieval_metrics` (row chunks, `topk` of whole rows, ties repaired by sorting), and the
+  naive N x N sort, run once each: the reference for "equal" and for memory.
+Ours and faiss run `--repeats` times (3, quick 1) alternately; each row is the best.
+
+The baselines are written here, apart from the platform's code: each computes every query's neighbour
 order and scores it with `naive_scores`, the definitions applied to whole orders. Its means are summed over
-the same 1024-row blocks as `retrieval_metrics` sums its chunks, so equal orders give bit-equal results and
-"equal" means equal. Imports only torch and `tune_upl.metrics` (no pydantic, no Ray).
+the same 1024-query blocks as `retrieval_metrics` sums them, so equal orders give bit-equal results and
+"equal" means equal. Imports only torch, `tune_upl.metrics` and, where installed, faiss (no pydantic, no Ray).
 """
 from __future__ import annotations
 
@@ -131,7 +143,9 @@ def naive_metrics(emb: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]) 
 
 
 def previous_metrics(emb: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]) -> RetrievalResult:
-    """The implementation before this benchmark: row chunks, each fully sorted (stable)."""
+    """The implementation before this one: row chunks, `topk` of whole rows with ties repaired by sorting."""
+    from tune_upl.neighbours import top_depth_by_topk
+
     normed = F.normalize(emb.float(), dim=-1)
     depth = neighbour_depth(labels, ks)
     orders = []
@@ -139,53 +153,108 @@ def previous_metrics(emb: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
         rows = torch.arange(start, min(start + CHUNK_SIZE, len(labels)), device=emb.device)
         sims = normed[rows] @ normed.t()
         sims[torch.arange(len(rows), device=emb.device), rows] = float("-inf")
-        orders.append(torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :depth].clone())
+        orders.append(top_depth_by_topk(sims, depth))
     return naive_scores(torch.cat(orders), labels, ks)
 
 
+def first_neighbours(x: torch.Tensor) -> torch.Tensor:
+    """Each row's nearest other row (the first of equal ones: argmax returns the first maximum), in chunks."""
+    found = []
+    for start in range(0, len(x), CHUNK_SIZE):
+        sims = x[start:start + CHUNK_SIZE] @ x.t()
+        sims[:, start:start + CHUNK_SIZE].diagonal().fill_(float("-inf"))
+        found.append(sims.argmax(dim=1))
+    return torch.cat(found)
+
+
+def timed(method, device: torch.device) -> tuple[Any, float, Optional[float]]:
+    """A call's result, seconds and peak extra memory (MB)."""
+    with PeakMemory(device) as peak:
+        start = time.perf_counter()
+        found = method()
+        sync(device)
+        seconds = time.perf_counter() - start
+    gc.collect()
+    return found, seconds, peak.extra_mb
+
+
 def measure(args: argparse.Namespace) -> SuiteResult:
-    """Each size: the three implementations' time, peak extra memory and results, side by side."""
+    """Each size: ours and faiss alternately (best of `--repeats`), then the previous and the naive once."""
+    from benchmarks import knn_peer
     from tune_upl.metrics import retrieval_metrics
 
     result = SuiteResult("eval")
     device = torch.device(args.device)
+    faiss, loaded = knn_peer.load() if device.type == "cpu" else (None, "faiss-cpu is compared on --device cpu only")
+    result.notes.append(loaded)
+    repeats = args.repeats or (1 if args.quick else 3)
     sizes = ((1000, 98), (3000, 100)) if args.quick else ((8131, 98), (20000, 200))
     ks = (1, 2, 4, 8)
-    methods = {
-        "naive": naive_metrics,
-        "previous": previous_metrics,
-        "current": lambda emb, labels, ks: retrieval_metrics(emb, labels, ks, CHUNK_SIZE),
-    }
     for n, classes in sizes:
         emb, labels = clustered_embeddings(n, 512, classes, device)
-        seen: dict[str, Any] = {}
-        timing: dict[str, float] = {}
+        depth = neighbour_depth(labels, ks)
+        x = F.normalize(emb.float(), dim=-1).cpu().contiguous()
+        seconds: dict[str, float] = {}
         memory: dict[str, Optional[float]] = {}
-        for name, method in methods.items():
-            with PeakMemory(device) as peak:
-                start = time.perf_counter()
-                seen[name] = method(emb, labels, ks)
-                sync(device)
-                timing[name] = time.perf_counter() - start
-            memory[name] = peak.extra_mb
-            gc.collect()
+        seen: dict[str, Any] = {}
+        methods = {"current": lambda: retrieval_metrics(emb, labels, ks, CHUNK_SIZE)}
+        if faiss is not None:
+            methods["faiss"] = lambda: knn_peer.search(faiss, x, depth)
+        for _ in range(repeats):
+            for name, method in methods.items():
+                seen[name], took, extra = timed(method, device)
+                seconds[name] = min(seconds.get(name, took), took)
+                memory[name] = extra if memory.get(name) is None else max(memory[name], extra or 0.0)
+        for name, method in (("previous", previous_metrics), ("naive", naive_metrics)):
+            seen[name], seconds[name], memory[name] = timed(lambda: method(emb, labels, ks), device)
         equal = seen["current"] == seen["naive"] == seen["previous"]
-        result.details[n] = {name: r for name, r in seen.items()}
-        result.details.setdefault("equal", []).append(equal)
         label = f"N = {n:,}, d = 512, {classes} classes"
-        result.rows += [
-            Row("eval", f"time, {label}", timing["current"], "s", "naive N x N", timing["naive"],
-                "<= 1.2x naive", timing["current"] <= 1.2 * timing["naive"],
-                note=f"previous chunked full sort: {timing['previous']:.2f} s"),
-            Row("eval", f"peak extra memory, {label}", memory["current"] if memory["current"] is not None else float("nan"),
-                "MB", "naive N x N", memory["naive"], "<= 15% of naive at N = 20,000",
-                (memory["current"] <= 0.15 * memory["naive"]) if (n == 20000 and None not in (memory["current"], memory["naive"])) else None,
-                note=f"previous chunked full sort: {fmt(memory['previous'])} MB; the N x N float32 matrix alone: "
-                     f"{n * n * 4 / 2**20:,.0f} MB"
-                     + (f" ({memory['current'] / (n * n * 4 / 2**20):.1%} of it)" if memory["current"] else "")),
-            Row("eval", f"results equal to naive (Recall@1,2,4,8, MAP@R, R-precision), {label}", float(equal), "bool",
-                target="equal", met=equal,
-                note=f"Recall@1 {seen['current'].recall[1]:.4f}, MAP@R {seen['current'].map_at_r:.4f}"),
-        ]
-        del emb, labels
+        result.details[n] = {name: found for name, found in seen.items() if name != "faiss"}
+        result.details.setdefault("equal", []).append(equal)
+        result.rows += _rows(label, n, depth, seconds, memory, seen, equal, repeats)
+        if faiss is not None:
+            result.rows += _peer_rows(label, depth, x, labels.cpu(), ks, seconds, memory, seen)
+        del emb, labels, x
     return result
+
+
+def _rows(label: str, n: int, depth: int, seconds: dict, memory: dict, seen: dict, equal: bool,
+          repeats: int) -> list[Row]:
+    """Ours beside the previous implementation and the naive sort: time, memory, equal results."""
+    current = seen["current"]
+    matrix_mb = n * n * 4 / 2**20
+    return [
+        Row("eval", f"time, retrieval_metrics (Recall@1,2,4,8, MAP@R, R-precision; depth {depth}), {label}",
+            seconds["current"], "s", "previous (topk of whole rows)", seconds["previous"], "-", None,
+            note=f"best of {repeats}; naive N x N sort: {seconds['naive']:.2f} s"),
+        Row("eval", f"peak extra memory, {label}", memory["current"] if memory["current"] is not None else float("nan"),
+            "MB", "naive N x N", memory["naive"], "<= 15% of naive at N = 20,000",
+            (memory["current"] <= 0.15 * memory["naive"]) if (n == 20000 and None not in (memory["current"], memory["naive"])) else None,
+            note=f"previous: {fmt(memory['previous'])} MB; the N x N float32 matrix alone: {matrix_mb:,.0f} MB"
+                 + (f" ({memory['current'] / matrix_mb:.1%} of it)" if memory["current"] else "")),
+        Row("eval", f"results equal to naive and previous (Recall@1,2,4,8, MAP@R, R-precision), {label}",
+            float(equal), "bool", target="equal", met=equal,
+            note=f"Recall@1 {current.recall[1]:.4f}, MAP@R {current.map_at_r:.4f}"),
+    ]
+
+
+def _peer_rows(label: str, depth: int, x: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...], seconds: dict, memory: dict,
+               seen: dict) -> list[Row]:
+    """Ours against faiss's flat index: time (the target), its memory, and whether its neighbours score the same."""
+    from benchmarks import knn_peer
+
+    neighbours = knn_peer.without_self(seen["faiss"][1], depth)
+    peer = naive_scores(neighbours.to(labels.device), labels, ks)
+    ours = seen["current"]
+    same_first = int((neighbours[:, 0] == first_neighbours(x)).sum())
+    ratio = seconds["current"] / seconds["faiss"]
+    return [
+        Row("eval", f"time, ours against faiss IndexFlatIP add + search at depth {depth + 1} (search only, "
+            f"no scoring), {label}", seconds["current"], "s", "faiss IndexFlatIP", seconds["faiss"],
+            "<= 1.15x the flat index at N = 20,000", (ratio <= 1.15) if len(x) == 20000 else None,
+            note=f"faiss peak extra memory {fmt(memory['faiss'])} MB, ours {fmt(memory['current'])} MB"),
+        Row("eval", f"faiss's neighbours scored: results equal to ours, {label}", float(peer == ours), "bool",
+            target="-", met=None,
+            note=f"top-1 neighbour equal for {same_first:,} of {len(neighbours):,} queries; faiss Recall@1 {peer.recall[1]:.4f}, MAP@R {peer.map_at_r:.4f} (ties and last-bit roundings "
+                 f"may order equal-looking neighbours differently)"),
+    ]

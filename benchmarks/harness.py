@@ -148,6 +148,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--folder", help="data: a CUB-layout dataset to read (default: write one)")
     parser.add_argument("--trial_cpus", "--trial-cpus", default="4",
                         help="data: comma-separated resources.cpu of the trials whose loaders are timed (default 4)")
+    parser.add_argument("--repeats", type=int, default=0,
+                        help="eval: timed runs of ours and the k-NN peer, the best kept (default 3, quick 1)")
     parser.add_argument("--threads", type=int, default=0, help="train: torch threads (default: all)")
     parser.add_argument("--cache_dir", "--cache-dir", help="overhead: where the synthetic set is (default: temporary)")
     parser.add_argument("--record", action="store_true",

@@ -4,10 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 
-from benchmarks import harness, search
+from benchmarks import harness, knn_peer, search
 from tune_upl.metrics import top_depth
 
 HEAVY = ("ray", "optuna", "pydantic", "adamp")
@@ -36,6 +37,9 @@ def test_cpu_suites_quick(tmp_path):
     for n, found in evaluation.details.items():
         if n != "equal":
             assert found["current"] == found["naive"] == found["previous"]
+    peer = [row for row in evaluation.rows if "faiss" in row.measure]
+    assert len(peer) == 4 and peer[0].baseline_value > 0  # two sizes: time against the flat index, equal scores
+    assert "top-1 neighbour equal for 3,000 of 3,000" in peer[3].note
     assert any("needs a GPU" in note for note in results["packing"].notes)
     data = {row.measure: row.value for row in results["data"].rows}
     assert all(value > 0 for value in data.values())
@@ -49,6 +53,17 @@ def test_cpu_suites_quick(tmp_path):
     for needle in ("# Performance", "command: python -m benchmarks", "cpu:", "gpu:", "torch ", "| eval |",
                    "| train |", "| data |", "needs a GPU"):
         assert needle in text
+
+
+def test_knn_peer_missing_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError
+    faiss, line = knn_peer.load()
+    assert faiss is None and "faiss is not installed" in line and "\n" not in line
+
+
+def test_knn_peer_neighbours_drop_the_query_wherever_it_is():
+    found = numpy.array([[0, 4, 2], [3, 1, 0], [1, 3, 0]])  # query 1 ranked second (a tie); query 2 absent
+    assert knn_peer.without_self(found, 2).tolist() == [[4, 2], [3, 0], [1, 3]]
 
 
 def test_light_suites_import_no_search_libraries(tmp_path):

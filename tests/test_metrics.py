@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tune_upl.metrics import recall_at_k, retrieval_metrics
+from tune_upl.metrics import recall_at_k, retrieval_metrics, top_depth
 
 
 def brute_force(emb, labels, ks):
@@ -75,3 +75,53 @@ def test_map_at_r_literal():
     assert result.num_queries == 3 and result.num_excluded == 1
     assert result.map_at_r == pytest.approx((0.5 + 0.5 + 0.25) / 3)
     assert result.r_precision == pytest.approx(0.5)
+
+
+def stable_top(sims, depth):
+    return torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :depth]
+
+
+@pytest.mark.parametrize("depth", [1, 5])
+def test_block_bound_path_equals_stable_sort(depth):
+    """Wide rows (the block-bound path of `top_depth`): ties inside the top and across the cut, rows tied
+    everywhere (sorted in full), -inf, columns past the last block, and rows without ties."""
+    gen = torch.Generator().manual_seed(depth)
+    n = 64 * depth + 64 * 3 + 5  # 5 columns in no block
+    sims = torch.randint(0, 6, (40, n), generator=gen).float()  # exact ties at every depth
+    sims[:4] = 0.5  # tied everywhere: more candidate blocks than the bound allows
+    sims[4, -3:] = 9.0  # the largest values in the columns past the last block
+    sims[5, :] = float("-inf")
+    sims[5, 7] = 1.0
+    sims[6] = torch.rand(n, generator=gen)  # no ties
+    sims[7, ::2] = 5.0  # half the row tied at its maximum
+    assert sims.shape[1] // 64 >= depth  # the block path, not the small-matrix fallback
+    assert torch.equal(top_depth(sims, depth), stable_top(sims, depth))
+
+
+def tie_heavy(n=700, classes=120, seed=0):
+    """Duplicated points, points on a coarse integer grid (many equal similarities), and singleton classes."""
+    gen = torch.Generator().manual_seed(seed)
+    grid = torch.randint(-1, 2, (n - 100, 6), generator=gen).float()
+    grid[grid.abs().sum(1) == 0] = 1.0
+    emb = torch.cat([grid, grid[:100]])  # exact duplicates of the first 100
+    labels = torch.arange(n) % classes
+    labels[-3:] = torch.tensor([1000, 1001, 1002])  # classes of one image: excluded
+    return emb, labels
+
+
+def test_equals_full_sort_bit_for_bit_at_any_chunk_size():
+    """The same floats as sorting every row in full (stable), whatever the chunk size: MAP@R's sums are
+    taken over fixed blocks of queries, not over chunks."""
+    from benchmarks.eval import naive_metrics
+
+    emb, labels = tie_heavy()
+    ks = (1, 2, 4, 8)
+    expected = naive_metrics(emb, labels, ks)
+    assert expected.num_excluded == 3 and 0 < expected.map_at_r < expected.r_precision < 1
+    for chunk_size in (1, 7, 128, 1000):
+        assert retrieval_metrics(emb, labels, ks, chunk_size) == expected, chunk_size
+    spread = torch.randn(900, 32, generator=torch.Generator().manual_seed(1))  # real-valued: no ties
+    labels = torch.arange(900) % 60
+    expected = naive_metrics(spread, labels, ks)
+    for chunk_size in (7, 1024):
+        assert retrieval_metrics(spread, labels, ks, chunk_size) == expected, chunk_size

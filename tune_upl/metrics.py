@@ -2,7 +2,8 @@
 
 Memory is N x chunk_size, never N x N, so 20,000 test images at d = 512 evaluate on a small GPU.
 The query itself is never its own neighbour; ties are broken by ascending reference index (a top-k whose
-ties are resolved exactly, see `top_depth`), so results do not depend on the device or the chunk size.
+ties are resolved exactly, see `neighbours.top_depth`), so results do not depend on the chunk size (nor on
+the device, where its matrix product gives the same floats).
 A query whose class has no other image has nothing to retrieve: it is excluded from every mean and counted.
 
 Recall@K is the fraction of queries with a same-class image among their k nearest; MAP@R and
@@ -17,6 +18,10 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+
+from tune_upl.neighbours import top_depth
+
+SUM_BLOCK = 1024  # queries per partial sum of MAP@R and R-precision (see `_block_sums`)
 
 
 @dataclass(frozen=True)
@@ -35,68 +40,57 @@ class RetrievalResult:
         return {**named, f"{prefix}_map@r": self.map_at_r, f"{prefix}_r_precision": self.r_precision}
 
 
-def top_depth(sims: torch.Tensor, depth: int) -> torch.Tensor:
-    """Indices of the `depth` largest entries of each row, ordered by (-value, index): a stable sort's first
-    `depth` columns, exactly, without sorting whole rows.
-
-    `topk` picks `depth + 1` values; the first `depth` are reordered by ascending index, then stably by
-    value, so ties inside the top keep index order. A row whose `depth`-th and `depth + 1`-th values are
-    equal (a tie across the boundary) is sorted in full, since topk may have picked the wrong ones of the
-    tie. Extra memory is a few `depth`-wide columns, instead of a full sort's values and int64 indices
-    (3x the similarities)."""
-    if depth >= sims.shape[1]:
-        return torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :depth]
-    values, indices = torch.topk(sims, depth + 1, dim=1)  # sorted; one more, to see a tie at the boundary
-    tied = values[:, depth] == values[:, depth - 1]
-    indices, by_index = indices[:, :depth].sort(dim=1)
-    values = values[:, :depth].gather(1, by_index)
-    indices = indices.gather(1, values.sort(dim=1, descending=True, stable=True).indices)
-    if bool(tied.any()):
-        rows = tied.nonzero().squeeze(1)
-        indices[rows] = torch.sort(sims[rows], dim=1, descending=True, stable=True).indices[:, :depth]
-    return indices
+def _block_sums(per_query: torch.Tensor, valid: torch.Tensor) -> float:
+    """Sum over valid queries, taken in blocks of SUM_BLOCK queries and the block sums added in order: the
+    same float64 operations whatever the chunk size, so chunking never changes a result's last bit."""
+    sums = [per_query[s:s + SUM_BLOCK][valid[s:s + SUM_BLOCK]].sum() for s in range(0, len(per_query), SUM_BLOCK)]
+    return sum(torch.stack(sums).tolist()) if sums else 0.0
 
 
 def retrieval_metrics(
     embeddings: torch.Tensor, labels: torch.Tensor, ks: Iterable[int], chunk_size: int = 1024
 ) -> RetrievalResult:
-    """Recall@K, MAP@R and R-precision by exact cosine k-NN over all other images."""
+    """Recall@K, MAP@R and R-precision by exact cosine k-NN over all other images.
+
+    Per-query figures stay on the device; the host reads them once, at the end (one sync on a GPU)."""
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
     emb = F.normalize(embeddings.float(), dim=-1)
-    n = emb.shape[0]
-    _, dense = torch.unique(labels.to(emb.device), return_inverse=True)
+    n, device = emb.shape[0], emb.device
+    _, dense = torch.unique(labels.to(device), return_inverse=True)
     others = torch.bincount(dense)[dense] - 1  # R: other images of each query's class
+    valid = others > 0
     depth = max(1, min(max(ks[-1], int(others.max()) if n else 1), n - 1))
-    hits = {k: 0 for k in ks}
-    map_sum = rp_sum = 0.0
-    counted = 0
-    ranks = torch.arange(1, depth + 1, device=emb.device)
+    first_hit = torch.empty(n, dtype=torch.long, device=device)  # rank - 1 of the first same-class neighbour
+    average_precision = torch.empty(n, dtype=torch.float64, device=device)
+    r_precision = torch.empty(n, dtype=torch.float64, device=device)
+    ranks = torch.arange(1, depth + 1, device=device)
+    sims_buffer = torch.empty(min(max(chunk_size, 2), n), n, device=device)  # reused: no page faults per chunk
     for start in range(0, n, chunk_size):
-        rows = torch.arange(start, min(start + chunk_size, n), device=emb.device)
-        sims = emb[rows] @ emb.t()
-        sims[torch.arange(len(rows), device=emb.device), rows] = float("-inf")  # never match yourself
+        stop = min(start + chunk_size, n)
+        # a lone row (chunk_size 1, or the last chunk) goes with the row before it: BLAS computes a one-row
+        # product as a matrix-vector product, whose roundings differ, and would break ties differently
+        first = max(0, min(start, stop - 2))
+        sims = torch.matmul(emb[first:stop], emb.t(), out=sims_buffer[:stop - first])[start - first:]
+        sims[:, start:stop].diagonal().fill_(float("-inf"))  # never match yourself
         order = top_depth(sims, depth)  # each row's first `depth` neighbours by (-similarity, index)
-        del sims
-        relevant = dense[order] == dense[rows, None]
-        r = others[rows]
-        valid = r > 0
-        counted += int(valid.sum())
-        first_hit = torch.where(relevant.any(dim=1), relevant.float().argmax(dim=1), torch.full_like(rows, n))
-        for k in ks:
-            hits[k] += int(((first_hit < k) & valid).sum())
-        within_r = ranks[None, :] <= r[:, None]
-        rel_r = relevant & within_r
+        relevant = dense[order] == dense[start:stop, None]
+        first_hit[start:stop] = torch.where(relevant.any(dim=1), relevant.float().argmax(dim=1), n)
+        r = others[start:stop]
+        rel_r = relevant & (ranks[None, :] <= r[:, None])
         precision_at_i = rel_r.cumsum(dim=1).double() / ranks[None, :]
         r_safe = r.clamp(min=1).double()
-        map_sum += float(((precision_at_i * rel_r).sum(dim=1) / r_safe)[valid].sum())
-        rp_sum += float((rel_r.sum(dim=1).double() / r_safe)[valid].sum())
+        average_precision[start:stop] = (precision_at_i * rel_r).sum(dim=1) / r_safe
+        r_precision[start:stop] = rel_r.sum(dim=1).double() / r_safe
+    del sims_buffer
+    counted = int(valid.sum())
+    hits = ((first_hit[None, :] < torch.tensor(ks, device=device)[:, None]) & valid).sum(dim=1).tolist()
     mean = (lambda total: total / counted) if counted else (lambda total: 0.0)
     return RetrievalResult(
-        recall={k: mean(hits[k]) for k in ks},
-        map_at_r=mean(map_sum),
-        r_precision=mean(rp_sum),
+        recall={k: mean(h) for k, h in zip(ks, hits)},
+        map_at_r=mean(_block_sums(average_precision, valid)),
+        r_precision=mean(_block_sums(r_precision, valid)),
         num_queries=counted,
         num_excluded=n - counted,
     )
