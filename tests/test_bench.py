@@ -1,5 +1,6 @@
 """The benchmark suites (`python -m benchmarks`): every CPU suite runs quickly and writes its report;
 the eval suite's three implementations agree; the exact top-k equals a stable sort."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,7 @@ def test_cpu_suites_quick(tmp_path):
     assert train.value > 0 and train.baseline_value > 0
     save = next(row for row in results["train"].rows if row.measure.startswith("engine.save_state, resnet50"))
     assert 0 < save.baseline_value < save.value and "MB against" in save.note  # AdamP's state: ~3x the weights
+    assert re.search(r"; \d+\.\d\d% of a resnet50 epoch of CUB under protocol val \(\d+ s: 4690 images", save.note)
     text = out.read_text()
     for needle in ("# Performance", "command: python -m benchmarks", "cpu:", "gpu:", "torch ", "| eval |",
                    "| train |", "| data |", "needs a GPU"):

@@ -65,7 +65,10 @@ def _kill_when(command, ready, limit=300):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_killed_search_resumes_to_exactly_num_samples_trials(tmp_path, cache_dir):
-    spec, runs = write_spec(tmp_path), tmp_path / "runs"
+    # a checkpoint every epoch, so that a resumed trial continues from its last reported epoch (by default it
+    # repeats the epochs since its last checkpoint: tests/test_faults.py checks how those are counted)
+    spec = write_spec(tmp_path, fixed={**MINI["fixed"], "checkpoint_every": 1})
+    runs = tmp_path / "runs"
     base = [sys.executable, "run_search.py", "--storage", str(runs), "--reports-dir", str(tmp_path),
             "--cache-dir", cache_dir]
     # 1. killed after the first trial result

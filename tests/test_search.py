@@ -24,6 +24,61 @@ def test_every_trial_ran_and_reported_each_epoch(demo_search):
     assert max(len(rows) for rows in trials.values()) == 2  # ASHA lets the best finish
 
 
+def test_checkpoints_at_rungs_and_the_last_epoch_only_the_selected_trial_keeps_them(demo_search):
+    """ASHA (grace 1, factor 2) over 2 epochs decides at epoch 1: a checkpoint there and at the last epoch,
+    none at other epochs; after selection only the selected trial and the final runs still hold one."""
+    spec, experiment, _ = demo_search
+    trials = trial_results(experiment / "main")
+    for rows in trials.values():
+        assert [r["checkpoint_dir_name"] is not None for r in rows] == [True] * len(rows)  # epochs 1 (rung), 2 (last)
+        assert json.loads((experiment / "main" / rows[0]["trial_id"] / "params.json").read_text())[
+            "checkpoint_epochs"] == [1]
+    selected = json.loads((experiment / "main" / SELECTION_FILE).read_text())["trial_id"]
+    holding = {p.parent.parent.name for p in (experiment / "main").glob("*/checkpoint_*/state.pt")}
+    assert holding == {selected}
+    for tid, rows in trial_results(experiment / "main.final").items():
+        assert len(list((experiment / "main.final" / tid).glob("checkpoint_*/test_embeddings.pt"))) == 1
+
+
+def test_rung_epochs_are_those_where_rays_asha_decides():
+    """Planning's rung epochs equal the epochs at which Ray's own `_Bracket` records a result for a rung."""
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    from tune_upl.planning import rung_epochs
+
+    class Trial:
+        trial_id = "t"
+
+    for grace, factor, max_t in [(1, 2, 4), (1, 2, 20), (2, 3, 20), (1, 4, 100), (3, 2.5, 30), (1, 10, 1000), (5, 2, 5)]:
+        bracket, decided = _Bracket(grace, max_t, factor, 0), []
+        for epoch in range(1, max_t + 1):
+            before = sum(len(recorded) for _, recorded in bracket._rungs)
+            bracket.on_result(Trial(), epoch, 1.0)
+            if sum(len(recorded) for _, recorded in bracket._rungs) > before and epoch < max_t:
+                decided.append(epoch)
+        assert rung_epochs(grace, factor, max_t) == tuple(decided), (grace, factor, max_t)
+    assert rung_epochs(1, 2, 20) == (1, 2, 4, 8, 16) and rung_epochs(3, 2.5, 30) == (3, 8, 19)
+    assert rung_epochs(1, 10, 1000) == (1, 10, 100)  # Ray's int(log 1000 / log 10) is 2: no rung at 1000
+
+
+def test_a_trial_checkpoints_at_its_rungs_every_few_epochs_its_last_and_new_bests_under_seed():
+    from tune_upl.config import make_config
+    from tune_upl.trainable import checkpoint_due
+
+    def due(cfg, scores):
+        history = [{"epoch": e, "test_recall@1": v} for e, v in enumerate(scores, 1)]
+        return [e for e in range(1, len(scores) + 1) if checkpoint_due(cfg, history[:e])]
+
+    scores = [0.1, 0.3, 0.2, 0.3, 0.5, 0.4, 0.4, 0.6, 0.05, 0.1, 0.1, 0.1]
+    val = make_config(num_epochs=12, checkpoint_epochs="1,2,4,8", checkpoint_every=5)
+    assert due(val, scores) == [1, 2, 4, 5, 8, 10, 12]
+    seed = val.replace(protocol="seed", checkpoint_epochs=(), checkpoint_every=100)
+    assert due(seed, scores) == [1, 2, 5, 8, 12]  # strictly better than every earlier epoch, and the last
+    assert due(seed.replace(checkpoint_best="test_recall@1:min"), scores) == [1, 9, 12]
+    assert due(seed.replace(checkpoint_best="none"), scores) == [12]
+    assert due(val.replace(final=True, checkpoint_epochs=()), scores) == [5, 10, 12]
+
+
 def test_report_numbers_equal_the_raw_results(demo_search):
     spec, experiment, report = demo_search
     text = report.read_text()

@@ -161,6 +161,27 @@ class TrialConfig:
     seed: Annotated[int, Field(ge=0, description="training seed: numpy, torch, loader shuffling (seed: 1)")] = 1
     device: Annotated[str, Field(description="auto (cuda when available), cpu, cuda or cuda:N")] = "auto"
     num_threads: Annotated[int, Field(ge=0, description="torch CPU threads; 0 = every CPU this process may use")] = 0
+    # --- checkpoints: when a trial saves its state (a save of resnet50 + AdamP is ~300 MB) ---
+    checkpoint_every: Annotated[int, Field(
+        ge=1,
+        description=(
+            "epochs between regular checkpoints (also at checkpoint_epochs and the last epoch); a resumed or "
+            "retried trial repeats the epochs since its last one"
+        ),
+    )] = 5
+    checkpoint_epochs: Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(
+        description=(
+            "more epochs to checkpoint, comma-separated: the driver sets ASHA's rung epochs, where a trial "
+            "may be stopped"
+        ),
+    )] = ()
+    checkpoint_best: Annotated[str, Field(
+        pattern=r"^(none|(val|test)_(recall@[1-9][0-9]*|map@r|r_precision)(:min)?)$",
+        description=(
+            "protocol seed: also checkpoint every epoch that improves this metric (:min when lower is better), "
+            "since retrieve loads the test-selected epoch's model; the driver sets the objective; none: off"
+        ),
+    )] = "test_recall@1"
     # --- drills: make a run fail on purpose, to test retries and reports (never in a real search) ---
     inject_fault: Annotated[Literal["none", "raise", "exit", "nan", "oom"], Field(
         description=(
@@ -174,7 +195,7 @@ class TrialConfig:
         description="how many attempts of a trial fail before a retry succeeds (a large number: it keeps failing)",
     )] = 1
 
-    @field_validator("recalls", mode="before")
+    @field_validator("recalls", "checkpoint_epochs", mode="before")
     @classmethod
     def _parse_recalls(cls, value: Any) -> Any:
         if isinstance(value, str):  # the seed's spelling: --recalls 1,2,4,8

@@ -24,7 +24,7 @@ from filelock import FileLock, Timeout
 
 from tune_upl.atomic import write_json
 from tune_upl.config import Paths
-from tune_upl.final import Selection, save_selection, select
+from tune_upl.final import Selection, load_selection, save_selection, select
 from tune_upl.layout import (
     COMPLETE_FILE,
     FINAL_SUFFIX,
@@ -42,7 +42,7 @@ from tune_upl.planning import (
 )
 from tune_upl.search import check_resources, init_ray, logger_callbacks, run_final, run_study
 from tune_upl.spec import SearchSpec, parse_spec
-from tune_upl.storage import Remote
+from tune_upl.storage import Remote, prune_checkpoints
 from tune_upl.errors import ExperimentError
 
 PACKAGES = ("torch", "torchvision", "ray", "optuna", "numpy", "pydantic", "adamp", "pillow")
@@ -221,23 +221,56 @@ def _tune_root(options: Options, experiment: Path) -> Optional[str]:
     return options.remote.experiment_uri(experiment.name) if options.remote else None
 
 
+def _selected(spec: SearchSpec, selection: Selection, experiment: Path, options: Options, study: str,
+              saved: bool = False) -> Selection:
+    """Save a study's selection (unless `saved`), say it, and delete the checkpoints of the other trials of
+    its group in Tune experiment `study` (keep_checkpoints: selected). Idempotent, so a resume redoes it."""
+    if not saved:
+        save_selection(selection, experiment / selection.key)
+        _publish(options, experiment, f"{selection.key}/{SELECTION_FILE}")
+    print(f"selected trial {selection.trial_id} of {selection.key} (epoch {selection.epoch}, "
+          f"{spec.objective.metric} {selection.objective[spec.objective.metric]:.4f})", flush=True)
+    if spec.keep_checkpoints == "selected":
+
+        def keep(trial_id: str, params: dict[str, Any]) -> bool:
+            return trial_id == selection.trial_id or any(params.get(k) != v for k, v in selection.group.items())
+
+        root = _tune_root(options, experiment) or str(experiment)
+        prune_checkpoints(f"{root}/{study}", keep)
+    return selection
+
+
 def _select_all(spec: SearchSpec, studies: list[Study], experiment: Path, options: Options,
                 callbacks: tuple[Any, ...]) -> list[Selection]:
-    """Run every study's search (resuming where a folder holds one) and select on the objective."""
+    """Run every study's search (resuming where a folder holds one), select on the objective, save each
+    selection and prune. A study whose selection is saved is done: a resume does not restore it (its
+    errored trials would be resumed from checkpoints that pruning deleted)."""
     root = _tune_root(options, experiment)
     if spec.searcher.type == "grid":
+        points = spec.study_points()
+        saved = [load_selection(experiment / study_key(point)) for point in points]
+        if all(saved):
+            return [_selected(spec, s, experiment, options, GRID_STUDY, saved=True) for s in saved if s]
         grid = Study(GRID_STUDY, {}, studies[0].base, studies[0].space)
         results = run_study(spec, grid, experiment, options.verbose, callbacks, tune_root=root)
-        return [select(spec, results, study_key(point), point) for point in spec.study_points()]
+        picked = [select(spec, results, study_key(point), point) for point in points]
+        for selection in picked:  # every study's selection is saved before any is pruned
+            save_selection(selection, experiment / selection.key)
+            _publish(options, experiment, f"{selection.key}/{SELECTION_FILE}")
+        return [_selected(spec, s, experiment, options, GRID_STUDY, saved=True) for s in picked]
     selections = []
     for index, study in enumerate(studies, 1):
+        done = load_selection(experiment / study.key)
+        if done is not None:
+            selections.append(_selected(spec, done, experiment, options, study.key, saved=True))
+            continue
         print(f"study {index}/{len(studies)} {study.key}: {spec.num_samples} trials, {spec.searcher.type} + "
               f"{spec.scheduler.type}, objective {spec.objective.metric} ({spec.objective.mode})", flush=True)
         try:
             results = run_study(spec, study, experiment, options.verbose, callbacks, tune_root=root)
         finally:
             _publish(options, experiment, OPTUNA_FILE)
-        selections.append(select(spec, results, study.key, {}))
+        selections.append(_selected(spec, select(spec, results, study.key, {}), experiment, options, study.key))
     return selections
 
 
@@ -266,10 +299,6 @@ def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options, pa
         write_record(experiment, studies, spec)
         _publish(options, experiment, RECORD_FILE)
         for selection in _select_all(spec, studies, experiment, options, callbacks):
-            save_selection(selection, experiment / selection.key)
-            _publish(options, experiment, f"{selection.key}/{SELECTION_FILE}")
-            print(f"selected trial {selection.trial_id} of {selection.key} (epoch {selection.epoch}, "
-                  f"{spec.objective.metric} {selection.objective[spec.objective.metric]:.4f})", flush=True)
             if spec.protocol == "val":
                 seeds = f"{spec.final_seeds} seed{'' if spec.final_seeds == 1 else 's'}"
                 print(f"final stage {selection.key}{FINAL_SUFFIX}: {seeds} on all training "

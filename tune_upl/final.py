@@ -9,13 +9,15 @@ the result, as in the seed.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from tune_upl.atomic import write_json
 from tune_upl.layout import SELECTION_FILE
+from tune_upl.results import last_per_epoch
 from tune_upl.spec import SearchSpec
 
 if TYPE_CHECKING:  # a Tune result grid is only passed in: selecting needs no Ray of its own
@@ -46,9 +48,10 @@ def select(spec: SearchSpec, results: tune.ResultGrid, key: str, group: dict[str
     ]
     if not candidates:
         raise RuntimeError(f"no trial of study {key} reported {metric}; see the trial errors under {results.experiment_path}")
+    frames = {id(r): last_per_epoch(r.metrics_dataframe) for r in candidates}  # retried epochs: the last row
     pick = max if mode == "max" else min
-    best = pick(candidates, key=lambda r: pick(r.metrics_dataframe[metric]))
-    frame = best.metrics_dataframe
+    best = pick(candidates, key=lambda r: pick(frames[id(r)][metric]))
+    frame = frames[id(best)]
     row = frame.loc[frame[metric].idxmax() if mode == "max" else frame[metric].idxmin()]
     test = {k: float(row[k]) for k in frame.columns if k.startswith("test_")} if spec.protocol == "seed" else {}
     return Selection(
@@ -66,6 +69,12 @@ def select(spec: SearchSpec, results: tune.ResultGrid, key: str, group: dict[str
 def save_selection(selection: Selection, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / SELECTION_FILE, asdict(selection))
+
+
+def load_selection(folder: Path) -> Optional[Selection]:
+    """The study's saved selection, or None before it is selected (a resume does not search it again)."""
+    path = folder / SELECTION_FILE
+    return Selection(**json.loads(path.read_text())) if path.is_file() else None
 
 
 def final_seeds(spec: SearchSpec, selection: Selection) -> list[int]:

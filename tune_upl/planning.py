@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from tune_upl.config import FIELD_DEFAULTS, Paths, TrialConfig, make_config
 from tune_upl.errors import SpecError
 from tune_upl.layout import study_key
@@ -67,9 +69,38 @@ def plan_studies(spec: SearchSpec, overrides: dict[str, Any], paths: Paths = Pat
             space[name] = param
         for name in space:
             base.pop(name, None)
+        base.update(checkpoint_plan(spec, base, space, {**spec.fixed, **point, **overrides}))
         make_config(base)  # every study's fixed part must be a valid config on its own
         studies.append(Study(study_key(point), point, base, space))
     return studies
+
+
+def max_epochs(base: dict[str, Any], space: dict[str, Param]) -> int:
+    """A study's longest trial: its `num_epochs`, or the largest a searched `num_epochs` can take (ASHA's max_t)."""
+    return int(base["num_epochs"] if "num_epochs" not in space else space["num_epochs"].largest())
+
+
+def rung_epochs(grace_period: int, reduction_factor: float, max_t: int) -> tuple[int, ...]:
+    """The epochs at which Ray 2.60's ASHA (one bracket) may stop a trial, below max_t: its milestones
+    grace_period * reduction_factor**k, computed as `_Bracket` does (numpy's logs, int() of the count), each
+    decided by the first result at or past it, so at the milestone rounded up."""
+    count = int(np.log(max_t / grace_period) / np.log(reduction_factor) + 1)
+    milestones = (grace_period * reduction_factor ** k for k in range(count))
+    return tuple(sorted({math.ceil(m) for m in milestones if math.ceil(m) < max_t}))
+
+
+def checkpoint_plan(spec: SearchSpec, base: dict[str, Any], space: dict[str, Param],
+                    given: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint fields the driver sets for a study's trials, unless the spec or command line gives them:
+    ASHA's rung epochs (a trial stopped there keeps its state), and under protocol seed the objective, whose
+    every new best epoch is checkpointed (retrieve loads the selected epoch's model)."""
+    plan: dict[str, Any] = {}
+    if spec.scheduler.type == "asha" and "checkpoint_epochs" not in {**given, **space}:
+        max_t = max_epochs(base, space)
+        plan["checkpoint_epochs"] = rung_epochs(spec.scheduler.grace_period, spec.scheduler.reduction_factor, max_t)
+    if spec.protocol == "seed" and "checkpoint_best" not in {**given, **space}:
+        plan["checkpoint_best"] = spec.objective.metric + (":min" if spec.objective.mode == "min" else "")
+    return plan
 
 
 def define_space(trial: Any, space: dict[str, Param], base: dict[str, Any]) -> dict[str, Any]:

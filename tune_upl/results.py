@@ -116,8 +116,23 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
-def _trials_of(folder: Path) -> list[tuple[Any, pd.DataFrame]]:
-    """Each trial Tune knows in this experiment folder, with its per-epoch results."""
+def last_per_epoch(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per epoch, in order: the last one reported. A trial restored from a checkpoint older than its
+    last result (a retry, a resume) runs and reports the epochs since that checkpoint again."""
+    if "training_iteration" not in frame:
+        return frame
+    frame = frame.drop_duplicates("training_iteration", keep="last")
+    return frame.sort_values("training_iteration", kind="stable").reset_index(drop=True)
+
+
+def paid_hours(frame: pd.DataFrame) -> float:
+    """Hours a trial ran: every reported epoch's own time, the repeated ones too (they were paid for). Not
+    the last `time_total_s`: Tune rewinds it to the checkpoint's when it restores a trial."""
+    return float(frame["time_this_iter_s"].sum()) / 3600 if "time_this_iter_s" in frame else 0.0
+
+
+def _trials_of(folder: Path) -> list[tuple[Any, pd.DataFrame, float]]:
+    """Each trial Tune knows in this experiment folder, with its results (the last row per epoch) and hours."""
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(str(folder))
@@ -127,9 +142,7 @@ def _trials_of(folder: Path) -> list[tuple[Any, pd.DataFrame]]:
         frame = frames.get(trial.trial_id, pd.DataFrame())
         if frame.empty:  # no result yet, or Ray could not parse a file being written: read it leniently
             frame = read_results(Path(trial.path) / RESULT_FILE)
-        if "training_iteration" in frame:
-            frame = frame.sort_values("training_iteration", kind="stable").reset_index(drop=True)
-        found.append((trial, frame))
+        found.append((trial, last_per_epoch(frame), paid_hours(frame)))
     return found
 
 
@@ -141,10 +154,6 @@ def _state(trial: Any, frame: pd.DataFrame, epochs: int) -> str:
     state = trial_state(trial.status, _last_result(trial, frame), trial.config.get("num_epochs"))
     # Tune saves a running trial as pending, so its folder cannot tell running from interrupted
     return UNFINISHED if state in (PENDING, RUNNING) and epochs else state
-
-
-def _hours(frame: pd.DataFrame) -> float:
-    return float(frame["time_total_s"].max()) / 3600 if "time_total_s" in frame and len(frame) else 0.0
 
 
 def _device(frame: pd.DataFrame) -> Optional[str]:
@@ -172,7 +181,7 @@ def trial_rows(experiment: Path, spec: dict[str, Any], searched: list[str],
     rows, epochs = [], []
     order = 0
     for folder in study_folders(experiment):
-        for trial, frame in _trials_of(folder):
+        for trial, frame, hours in _trials_of(folder):
             config = trial.config
             key = (study_key({k: config.get(k) for k in spec["studies"]}) if folder.name == GRID_STUDY
                    else folder.name)
@@ -189,7 +198,7 @@ def trial_rows(experiment: Path, spec: dict[str, Any], searched: list[str],
                 "epochs": epochs_run,
                 "objective": float(scores[best]) if best is not None else math.nan,
                 "best_epoch": int(frame.loc[best, "training_iteration"]) if best is not None else 0,
-                "hours": _hours(frame),
+                "hours": hours,
                 "trained_on": _device(frame),  # not `device`: a searched field may have that name
                 "start": start,
                 "end": end,
@@ -224,7 +233,7 @@ def final_rows(experiment: Path, keys: list[str]) -> pd.DataFrame:
         folder = experiment / (key + FINAL_SUFFIX)
         if not list(folder.glob(TUNE_STATE_PATTERN)):
             continue
-        for trial, frame in _trials_of(folder):
+        for trial, frame, hours in _trials_of(folder):
             last = _clean(frame.iloc[-1].to_dict()) if not frame.empty else {}
             start, end = _start_end(frame)
             rows.append({
@@ -233,7 +242,7 @@ def final_rows(experiment: Path, keys: list[str]) -> pd.DataFrame:
                 "seed": trial.config.get("seed"),
                 "state": _state(trial, frame, int(last.get("training_iteration", 0))),
                 "epochs": int(last.get("training_iteration", 0)),
-                "hours": _hours(frame),
+                "hours": hours,
                 "trained_on": _device(frame),  # not `device`: a searched field may have that name
                 "start": start,
                 "end": end,

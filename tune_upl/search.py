@@ -22,7 +22,7 @@ from tune_upl.final import Selection, final_param_space, final_seeds
 from tune_upl.layout import (
     COMPLETED, ERROR_KEY, ERRORED, FINAL_SUFFIX, OPTUNA_FILE, STOPPED_EARLY, error_line, trial_state,
 )
-from tune_upl.planning import Study, baseline_point, define_space, grid_points
+from tune_upl.planning import Study, baseline_point, define_space, grid_points, max_epochs
 from tune_upl.spec import SearchSpec
 from tune_upl.errors import SpecError
 
@@ -60,14 +60,11 @@ def make_searcher(spec: SearchSpec, study: Study, database: Optional[Path] = Non
 def make_scheduler(spec: SearchSpec, study: Study) -> tune.schedulers.TrialScheduler:
     if spec.scheduler.type == "fifo":
         return tune.schedulers.FIFOScheduler()
-    max_epochs = study.base.get("num_epochs")
-    if max_epochs is None:  # num_epochs itself is searched: the largest budget it can take
-        max_epochs = study.space["num_epochs"].largest()
     return tune.schedulers.ASHAScheduler(
         time_attr="training_iteration",
         metric=spec.objective.metric,
         mode=spec.objective.mode,
-        max_t=int(max_epochs),
+        max_t=max_epochs(study.base, study.space),  # planning's rung_epochs are this scheduler's
         grace_period=spec.scheduler.grace_period,
         reduction_factor=spec.scheduler.reduction_factor,
     )

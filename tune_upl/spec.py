@@ -162,6 +162,8 @@ class SearchSpec(_Strict):
     final_seeds: Annotated[int, Field(ge=1)] = 3  # protocol val: retraining seeds of the selection
     max_failures: Annotated[int, Field(ge=0)] = 1
     checkpoints_to_keep: Annotated[int, Field(ge=1)] = 1  # best by the objective, per trial (plus the latest)
+    # selected: once a study is selected, its other trials' checkpoints are deleted; all: every trial keeps them
+    keep_checkpoints: Literal["all", "selected"] = "selected"
     baseline: bool = True
     reuse_actors: bool = True  # a trial reuses the finished one's worker process (saves ~4 s a trial)
     studies: dict[str, list[Any]] = {}

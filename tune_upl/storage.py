@@ -5,12 +5,14 @@ With a URI, Tune writes the trial folders and checkpoints there itself. The driv
 the record, the selections, the Optuna database, `COMPLETE`) are written to a local mirror folder first
 (SQLite and atomic renames need a local disk) and pushed to the URI right after each write; `pull` brings an
 experiment back down: its driver files before a resume (on this machine or another one), and everything but
-the search's checkpoints for a report.
+the search's checkpoints for a report. `prune_checkpoints` deletes the checkpoints of a study's unselected
+trials, on a folder or a URI alike.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tune_upl.errors import StorageError
-from tune_upl.layout import MIRRORS_FOLDER
+from tune_upl.layout import CHECKPOINT_PREFIX, MIRRORS_FOLDER, PARAMS_FILE
 
 SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -107,3 +109,38 @@ class Remote:
             copied += 1
         return copied
 
+
+
+def open_location(location: str) -> tuple[Any, str]:
+    """(pyarrow.fs.FileSystem, path inside it) of a local folder or a URI: the layer Ray Tune writes through."""
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(location if is_uri(location) else str(Path(location).resolve()))
+
+
+def prune_checkpoints(study: str, keep: Callable[[str, dict[str, Any]], bool]) -> int:
+    """Delete the checkpoint folders of every trial in the Tune experiment `study` (a folder or a URI) that
+    `keep(trial_id, params)` refuses; returns how many were deleted. On a URI each is a delete of the objects
+    under its prefix, through pyarrow as Tune itself writes them. Idempotent: a trial without any is skipped."""
+    import pyarrow.fs as pafs
+
+    fs, base = open_location(study)
+    deleted = 0
+    for trial in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
+        if trial.type != pafs.FileType.Directory:
+            continue
+        checkpoints = [c.path for c in fs.get_file_info(pafs.FileSelector(trial.path))
+                       if c.type == pafs.FileType.Directory and c.base_name.startswith(CHECKPOINT_PREFIX)]
+        if not checkpoints:
+            continue
+        params_path = f"{trial.path}/{PARAMS_FILE}"
+        params = {}
+        if fs.get_file_info(params_path).type == pafs.FileType.File:
+            with fs.open_input_stream(params_path) as source:
+                params = json.loads(source.read())
+        if keep(trial.base_name, params):
+            continue
+        for path in checkpoints:
+            fs.delete_dir(path)
+            deleted += 1
+    return deleted

@@ -1,8 +1,9 @@
 """The Ray Tune function trainable: one trial = one `TrialConfig` trained epoch by epoch.
 
-After every epoch it reports the epoch's metrics with a checkpoint (model, optimiser, scheduler, epoch,
-RNG states); when Tune restarts the trial (a failure, or a resumed search) it continues at the next
-epoch from `ray.tune.get_checkpoint()`. Only the Tune API from `ray.tune` is used (in Ray 2.60
+After every epoch it reports the epoch's metrics; at some epochs (`checkpoint_due`) with a checkpoint
+(model, optimiser, scheduler, epoch, RNG states, the metrics so far). When Tune restarts the trial (a
+failure, or a resumed search) it continues after its last checkpoint from `ray.tune.get_checkpoint()`,
+so the epochs since then run (and are reported) again. Only the Tune API from `ray.tune` is used (in Ray 2.60
 `ray.train.report` raises inside a Tune trial). The data were prepared by the driver; a trial only reads.
 """
 from __future__ import annotations
@@ -40,6 +41,22 @@ def worst_metrics(cfg: TrialConfig, epoch: int) -> dict[str, float]:
     prefix = evaluated_split(cfg)
     names = [f"{prefix}_recall@{k}" for k in cfg.recalls] + [f"{prefix}_map@r", f"{prefix}_r_precision"]
     return {"epoch": epoch, **{name: 0.0 for name in names}}
+
+
+def checkpoint_due(cfg: TrialConfig, history: list[dict[str, float]]) -> bool:
+    """Whether the epoch just trained (the last of `history`) saves a checkpoint: its last epoch, ASHA's rung
+    epochs (a trial stopped there keeps its state), every `checkpoint_every` epochs, and under protocol seed
+    each epoch that improves `checkpoint_best` (retrieve needs the test-selected epoch's model). Not every
+    epoch: a save of resnet50 with AdamP's state is ~300 MB."""
+    epoch = int(history[-1]["epoch"])
+    if epoch == cfg.num_epochs or epoch in cfg.checkpoint_epochs or epoch % cfg.checkpoint_every == 0:
+        return True
+    if cfg.protocol != "seed" or cfg.final or cfg.checkpoint_best == "none":
+        return False
+    metric, _, mode = cfg.checkpoint_best.partition(":")
+    sign = -1.0 if mode == "min" else 1.0
+    earlier = [sign * m[metric] for m in history[:-1] if metric in m]
+    return metric in history[-1] and (not earlier or sign * history[-1][metric] > max(earlier))
 
 
 def gpu_share() -> float:
@@ -108,9 +125,12 @@ def _train(run: Run, node: str) -> None:
     run.fault_dir = fault_folder()
     while run.epoch < cfg.num_epochs:
         metrics = train_epoch(run)
+        result = {**metrics, "node_id": node, "device": str(run.device)}
+        if not checkpoint_due(cfg, run.history):
+            tune.report(result)
+            continue
         with tempfile.TemporaryDirectory() as folder:
             save_state(run, Path(folder) / CHECKPOINT_FILE)
             if run.test_database is not None:
                 torch.save(run.test_database, Path(folder) / EMBEDDINGS_FILE)
-            tune.report({**metrics, "node_id": node, "device": str(run.device)},
-                        checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))
