@@ -62,6 +62,7 @@ def measure(args: argparse.Namespace) -> SuiteResult:
                 train_epoch(run)
         inline = (time.perf_counter() - start) / trials
         tuned: dict[bool, float] = {}
+        processes: dict[bool, int] = {}  # distinct worker processes the trials ran in (Tune's `pid`)
         errors = 0
         started = time.perf_counter()
         with RaySession():
@@ -78,6 +79,7 @@ def measure(args: argparse.Namespace) -> SuiteResult:
                 grid = tuner.fit()
                 tuned[reuse] = (time.perf_counter() - start) / trials
                 errors += sum(r.error is not None for r in grid)
+                processes[reuse] = len({r.metrics.get("pid") for r in grid})
         torch.set_num_threads(threads)
     for reuse in (False, True):
         per_trial = tuned[reuse] - inline
@@ -87,6 +89,7 @@ def measure(args: argparse.Namespace) -> SuiteResult:
                 f"epoch(s), one at a time)", tuned[reuse], "s", "the same training in this process", inline),
             Row("overhead", f"fixed overhead per trial, {label}", per_trial, "s",
                 target="<= 6 s (10% of a 60-second trial)", met=per_trial <= 6.0,
-                note=f"ray.init once: {ray_init:.1f} s (not counted); trial errors: {errors}"),
+                note=f"ray.init once: {ray_init:.1f} s (not counted); trial errors: {errors}; "
+                     f"worker processes: {processes[reuse]}"),
         ]
     return result
