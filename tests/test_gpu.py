@@ -155,6 +155,7 @@ print(json.dumps(found))
 '''
 
 
+@pytest.mark.slow  # ~10 s for two Ray nodes; the rule itself is tested in milliseconds on node lists (test_search.py)
 @pytest.mark.ray
 def test_a_real_two_node_cluster_refuses_a_trial_no_one_node_holds():
     out = on_cluster(CHECK, {"num_cpus": 4, "num_gpus": 0}, {"num_cpus": 2, "num_gpus": 1}, timeout=300)

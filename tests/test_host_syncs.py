@@ -4,19 +4,20 @@ call (which creates the optimiser's state) and on the next. The one exception is
 reads `found_inf` once a step to decide whether to skip it.
 
 A resnet50 case takes 1-2 s on one core (two steps, the optimiser over 25M weights): the default run steps
-it with the recipe's loss under every optimiser (the losses see only [B, C] similarities, the same on any
-backbone, and `tiny` runs every pair); the slow run adds resnet50's remaining pairs."""
+the recipe's step (proxy_anchor, adamp: AdamP's projection over every resnet50 weight shape; the losses see only
+[B, C] similarities, the same on any backbone, and `tiny` runs every pair); the slow run adds resnet50's
+remaining pairs."""
 import pytest
 
 from syncs import step_run, step_syncs
 from tune_upl.losses import LOSSES
 from tune_upl.optim import OPTIMIZERS
 
-RECIPE_LOSS = "proxy_anchor"
+RECIPE = ("proxy_anchor", "adamp")
 CASES = [pytest.param("tiny", loss, optimizer, id=f"tiny-{loss}-{optimizer}")
          for loss in LOSSES for optimizer in OPTIMIZERS] + [
     pytest.param("resnet50", loss, optimizer, id=f"resnet50-{loss}-{optimizer}",
-                 marks=() if loss == RECIPE_LOSS else pytest.mark.slow)
+                 marks=() if (loss, optimizer) == RECIPE else pytest.mark.slow)
     for loss in LOSSES for optimizer in OPTIMIZERS]
 
 
@@ -32,7 +33,7 @@ def test_a_training_step_makes_no_host_sync(backbone, loss, optimizer):
 def test_fp16_makes_one_sync_a_step_the_grad_scalers_found_inf():
     """fp16's GradScaler skips a step whose gradients overflowed: it reads `found_inf` on the host (`.item()`),
     once per step. bf16 (the GPU default where native) has no scaler and no sync."""
-    run, images, labels = step_run("tiny", RECIPE_LOSS, "adamp", amp="fp16")
+    run, images, labels = step_run("tiny", RECIPE[0], RECIPE[1], amp="fp16")
     assert run.scaler is not None
     counts = [step_syncs(run, images, labels).ops for _ in range(2)]
     assert counts == [["aten._local_scalar_dense.default"]] * 2

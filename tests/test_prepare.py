@@ -236,7 +236,10 @@ def test_prepare_command_uses_tune_upl_cache_and_exits_2_on_bad_input(archives, 
     assert bad.stderr.strip() == "error: TrialConfig.crop = 'tight': Input should be 'uncropped' or 'cropped'"
 
 
-@pytest.mark.parametrize("name", ["cub", "car", "folder"])
+# one search per format costs ~13 s each in the Ray group: cub in the default run (each format's reading and
+# preparing is tested above in seconds), car and folder in the slow run
+@pytest.mark.parametrize("name", ["cub", pytest.param("car", marks=[pytest.mark.slow, pytest.mark.ray]),
+                                  pytest.param("folder", marks=[pytest.mark.slow, pytest.mark.ray])])
 def test_one_trial_search_prepares_and_trains_on_each_format(ray_session, archives, tmp_path, name):
     from tune_upl.experiment import Options, run_search
     from tune_upl.layout import FINAL_SUFFIX
