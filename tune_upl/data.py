@@ -181,20 +181,21 @@ def on_gpu(cfg: TrialConfig) -> bool:
     return cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
 
 
-def serial_loading_warning(cfg: TrialConfig) -> Optional[str]:
-    """Why a GPU trial may train slowly: with no loader worker, decoding runs in series with each step."""
-    if not on_gpu(cfg) or cfg.resolved_num_workers > 0:
+def serial_loading_warning(cfg: TrialConfig, gpu: bool) -> Optional[str]:
+    """Why a GPU trial may train slowly: with no loader worker, decoding runs in series with each step. One
+    message for the `train` command (`gpu`: torch sees one) and the search driver (`gpu`: the spec asks for one)."""
+    if not gpu or cfg.device == "cpu" or cfg.resolved_num_workers > 0:
         return None
-    return (f"GPU trial with 0 loader workers (num_workers {cfg.num_workers}, {cfg.resolved_num_threads} CPU "
-            "threads): images are read and transformed in series with each training step; give the trial "
-            "resources.cpu >= 2 (num_workers auto takes all but one), or set num_workers")
+    return (f"0 loader workers (resources.cpu {cfg.resolved_num_threads}, num_workers {cfg.num_workers}) for a GPU "
+            "trial: images are read and transformed in series with each training step; give resources.cpu >= 2 "
+            "(num_workers auto takes all but one), or set num_workers")
 
 
 def make_loader(dataset: ImageDataset, cfg: TrialConfig, train: bool) -> DataLoader:
     """Workers from the trial's CPUs (`num_workers: auto`), kept across epochs; pinned memory on a GPU.
     The training loader of a GPU trial without workers warns once (`serial_loading_warning`)."""
     workers = cfg.resolved_num_workers
-    message = serial_loading_warning(cfg) if train else None
+    message = serial_loading_warning(cfg, on_gpu(cfg)) if train else None
     if message:
         warnings.warn(message, stacklevel=2)
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -163,18 +163,11 @@ def serial_loading(spec: SearchSpec, studies: list[Study]) -> list[str]:
     """One warning per study whose GPU trials get no loader worker (`resources.cpu` 1 leaves none under
     `num_workers: auto`): decoding then runs in series with each step. Said by the driver, before any trial,
     because a trial's own warnings reach only its Ray worker log."""
-    if spec.resources.gpu == 0:
-        return []
-    warnings = []
-    for study in studies:
-        cfg = make_config(study.base)
-        if cfg.device != "cpu" and "num_workers" not in study.space and cfg.resolved_num_workers == 0:
-            warnings.append(
-                f"warning: study {study.key}: each GPU trial has 0 loader workers (resources.cpu "
-                f"{spec.resources.cpu:g}, num_workers {cfg.num_workers}), so images are decoded in series with "
-                "each training step; give resources.cpu >= 2 (num_workers auto takes all but one) or set num_workers"
-            )
-    return warnings
+    from tune_upl.data import serial_loading_warning  # torch: loaded only by a driver about to run trials
+
+    found = ((study, serial_loading_warning(make_config(study.base), spec.resources.gpu > 0)) for study in studies
+             if "num_workers" not in study.space)
+    return [f"warning: study {study.key}: {message}" for study, message in found if message]
 
 
 def study_configs(study: Study) -> list[TrialConfig]:

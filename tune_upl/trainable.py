@@ -23,6 +23,7 @@ from tune_upl.engine import (
     Run, build_run, evaluated_split, is_out_of_memory, load_state, out_of_memory, save_state, train_epoch,
 )
 from tune_upl.errors import DivergedError, NoGPU, OutOfMemory, WeightsMissing
+from tune_upl.metrics import RetrievalResult
 from tune_upl.layout import CHECKPOINT_FILE, DIVERGED_FLAG, EMBEDDINGS_FILE, ERROR_KEY, NO_GPU_FLAG, NO_WEIGHTS_FLAG, OOM_FLAG
 
 # With `reuse_actors`, Ray waits this long (default 2 s) for the previous trial's thread to end before it hands
@@ -38,9 +39,8 @@ STOPS = {DivergedError: DIVERGED_FLAG, OutOfMemory: OOM_FLAG, NoGPU: NO_GPU_FLAG
 def worst_metrics(cfg: TrialConfig, epoch: int) -> dict[str, float]:
     """Every retrieval metric at 0, its worst value: a stopped trial can never be selected. (A node's failure
     scores 0 too: Ray's Optuna searcher cannot record a trial without a score as failed, only leave it running.)"""
-    prefix = evaluated_split(cfg)
-    names = [f"{prefix}_recall@{k}" for k in cfg.recalls] + [f"{prefix}_map@r", f"{prefix}_r_precision"]
-    return {"epoch": epoch, **{name: 0.0 for name in names}}
+    zero = RetrievalResult({k: 0.0 for k in cfg.recalls}, 0.0, 0.0, num_queries=0, num_excluded=0)
+    return {"epoch": epoch, **zero.as_metrics(evaluated_split(cfg))}  # the names every epoch reports
 
 
 def checkpoint_due(cfg: TrialConfig, history: list[dict[str, float]]) -> bool:
