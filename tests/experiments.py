@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,9 +24,12 @@ def result_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def trial_results(folder: Path) -> dict[str, list[dict[str, Any]]]:
-    """Every trial of one Tune experiment folder (a study, `<study>.final`, `grid`): its rows by trial id."""
-    return {path.parent.name: result_rows(path) for path in folder.glob("*/result.json")}
+def trial_results(folder: Path, final: Optional[bool] = None) -> dict[str, list[dict[str, Any]]]:
+    """Every trial of one Tune experiment folder (`trials`, `grid`, `<study>.final`): its rows by folder name
+    (the trial id; `<id>.final` for a final run in `trials`); with `final`, only the final runs or only
+    the search trials (by their `params.json`)."""
+    return {path.parent.name: result_rows(path) for path in folder.glob("*/result.json")
+            if final is None or bool(json.loads((path.parent / "params.json").read_text()).get("final")) == final}
 
 
 def on_cluster(body: str, head: dict[str, int], worker: dict[str, int], *args: str,

@@ -29,7 +29,7 @@ def test_half_gpu_trials_run_two_at_once_on_each_of_two_nodes(tmp_path, cache_di
     out = on_cluster(SEARCH, node, node, cache_dir, str(tmp_path))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     spans = defaultdict(list)  # node -> [(start, end)] of its trials
-    for rows in trial_results(tmp_path / "packed" / "main").values():
+    for rows in trial_results(tmp_path / "packed" / "trials", final=False).values():
         start = rows[0]["timestamp"] - rows[0]["time_this_iter_s"]
         spans[rows[0]["node_id"]].append((start, rows[-1]["timestamp"]))
     assert len(spans) == 2 and sorted(len(v) for v in spans.values()) == [2, 2]

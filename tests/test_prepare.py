@@ -242,7 +242,6 @@ def test_prepare_command_uses_tune_upl_cache_and_exits_2_on_bad_input(archives, 
                                   pytest.param("folder", marks=[pytest.mark.slow, pytest.mark.ray])])
 def test_one_trial_search_prepares_and_trains_on_each_format(ray_session, archives, tmp_path, name):
     from tune_upl.experiment import Options, run_search
-    from tune_upl.layout import FINAL_SUFFIX
     from tune_upl.spec import parse_spec
 
     data_path = archives / ("tree" if name == "folder" else "data")
@@ -258,9 +257,9 @@ def test_one_trial_search_prepares_and_trains_on_each_format(ray_session, archiv
     experiment = run_search(spec, {"cache_dir": str(cache)}, Options(storage=tmp_path / "runs"))
     assert len(list((cache / "prepared").glob(f"{name}-*-40-*/prepared.json"))) == 1  # prepared by the driver
 
-    def results(folder):
-        return [row for rows in trial_results(experiment / folder).values() for row in rows]
+    def results(final):
+        return [row for rows in trial_results(experiment / "trials", final=final).values() for row in rows]
 
-    trial, final = results("main"), results("main" + FINAL_SUFFIX)
+    trial, final = results(False), results(True)
     assert len(trial) == 1 and 0 < trial[0]["val_recall@1"] <= 1
     assert len(final) == 1 and 0 < final[0]["test_recall@1"] <= 1

@@ -44,8 +44,8 @@ def mean_std(values):
 def test_report_tables_equal_the_raw_results(demo_search):
     spec, experiment, report = demo_search
     text = report.read_text()
-    finals = [rows[-1] for rows in trial_results(experiment / "main.final").values()]
-    trials = trial_results(experiment / "main")
+    finals = [rows[-1] for rows in trial_results(experiment / "trials", final=True).values()]
+    trials = trial_results(experiment / "trials", final=False)
     assert len(finals) == 2 and len(trials) == 3
     dim = json.loads((experiment / "main" / "selection.json").read_text())["config"]["feature_dim"]
     # benchmark: R@1..R@8, then MAP@R and R-precision, mean ± std over the final seeds
@@ -70,7 +70,7 @@ def test_report_tables_equal_the_raw_results(demo_search):
                        f"{hours:.3f}"]
     parts = [f"{n} {state}" for n, state in ((completed, "completed"), (3 - completed, "stopped early")) if n]
     assert f"- trials: 3 ({', '.join(parts)})" in text
-    final_hours = sum(rows[-1]["time_total_s"] for rows in trial_results(experiment / "main.final").values()) / 3600
+    final_hours = sum(rows[-1]["time_total_s"] for rows in trial_results(experiment / "trials", final=True).values()) / 3600
     assert f"- final stage: 2 runs, {final_hours:.2f} h ({60 * final_hours:.1f} min)" in text
     # the baseline (seed recipe) against the selection, and the leaderboard's epochs
     selected = json.loads((experiment / "main" / "selection.json").read_text())["trial_id"]
@@ -91,9 +91,9 @@ def test_report_figures_are_linked_pngs_and_importance_says_it_has_too_few_trial
         assert (report.parent / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", link
     assert "## Not drawn" not in text
     # which of the two importance notes is right follows from the trials that ran all their epochs
-    complete = [tid for tid, rows in trial_results(experiment / "main").items()
+    complete = [tid for tid, rows in trial_results(experiment / "trials", final=False).items()
                 if rows[-1]["training_iteration"] == spec.fixed["num_epochs"]]
-    configs = [json.loads((experiment / "main" / tid / "params.json").read_text()) for tid in complete]
+    configs = [json.loads((experiment / "trials" / tid / "params.json").read_text()) for tid in complete]
     varied = any(len({str(c.get(name)) for c in configs}) > 1 for name in spec.space)
     too_few = f"**Too few trials for these importances to mean anything**: `main` has {len(complete)} complete trials"
     no_importance = "No importance for `main`: fewer than two trials ran all their epochs"
@@ -110,16 +110,19 @@ def _interrupt(experiment, target):
     shutil.copytree(experiment, target)
     (target / "COMPLETE").unlink()
     (target / "main" / "selection.json").unlink()
-    shutil.rmtree(target / "main.final")
-    state_file = next((target / "main").glob("experiment_state-*.json"))
+    finals = {name.removesuffix(".final") for name in trial_results(target / "trials", final=True)}
+    for name in finals:
+        shutil.rmtree(target / "trials" / f"{name}.final")
+    state_file = next((target / "trials").glob("experiment_state-*.json"))
     state = json.loads(state_file.read_text())
+    state["trial_data"] = [e for e in state["trial_data"] if json.loads(e[0])["trial_id"] not in finals]
     entry = next(e for e in state["trial_data"]
-                 if len(trial_results(target / "main")[json.loads(e[0])["trial_id"]]) == 2)
+                 if len(trial_results(target / "trials", final=False)[json.loads(e[0])["trial_id"]]) == 2)
     trial = json.loads(entry[0])
     trial["status"] = "RUNNING"
     entry[0] = json.dumps(trial)
     state_file.write_text(json.dumps(state))
-    result = target / "main" / trial["trial_id"] / "result.json"
+    result = target / "trials" / trial["trial_id"] / "result.json"
     first, second = result.read_text().splitlines()[:2]
     result.write_text(first + "\n" + second[: len(second) // 2])
     return trial["trial_id"]
@@ -235,7 +238,7 @@ def test_retrieval_grid_frames_a_known_case(tmp_path):
 def test_retrieve_command_finds_and_embeds_queries(demo_search, tmp_path, capsys):
     _, experiment, _ = demo_search
     storage = str(experiment.parent)
-    first = min((experiment / "main.final").glob("*/params.json"), key=lambda p: json.loads(p.read_text())["seed"])
+    first = min((experiment / "trials").glob("*.final/params.json"), key=lambda p: json.loads(p.read_text())["seed"])
     saved = torch.load(next(first.parent.glob("checkpoint_*/test_embeddings.pt")), weights_only=True)
     index = 7
     tail = "/".join(Path(saved["paths"][index]).parts[-3:])

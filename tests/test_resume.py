@@ -73,17 +73,17 @@ def test_killed_search_resumes_to_exactly_num_samples_trials(tmp_path, cache_dir
             "--cache-dir", cache_dir]
     # 1. killed after the first trial result
     _kill_when(base + ["--space", str(spec)],
-               lambda: any(rows for rows in trial_results(runs / "mini" / "main").values()))
-    before = trial_results(runs / "mini" / "main")
+               lambda: any(rows for rows in trial_results(runs / "mini" / "trials", final=False).values()))
+    before = trial_results(runs / "mini" / "trials", final=False)
     assert 1 <= sum(map(len, before.values())) and len(before) <= 3
     # 2. resumed, then killed again during the final stage
     _kill_when(base + ["--resume", "--name", "mini"],
-               lambda: any(rows for rows in trial_results(runs / "mini" / "main.final").values()))
+               lambda: any(rows for rows in trial_results(runs / "mini" / "trials", final=True).values()))
     # 3. resumed to the end
     out = subprocess.run(base + ["--resume", "--name", "mini"], cwd=ROOT, capture_output=True, text=True,
                          timeout=600, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    after = trial_results(runs / "mini" / "main")
+    after = trial_results(runs / "mini" / "trials", final=False)
     assert len(after) == 3  # exactly num_samples trials, none added by the restarts
     for trial_id, rows in after.items():
         epochs = [r["training_iteration"] for r in rows]
@@ -91,9 +91,9 @@ def test_killed_search_resumes_to_exactly_num_samples_trials(tmp_path, cache_dir
         assert len(epochs) - len(set(epochs)) <= 1  # at most the epoch in flight at the kill ran twice
     for trial_id, rows in before.items():  # the interrupted trial continued from its checkpoint
         assert after[trial_id][: len(rows)] == rows
-    lrs = [json.loads((runs / "mini" / "main" / t / "params.json").read_text())["lr"] for t in after]
+    lrs = [json.loads((runs / "mini" / "trials" / t / "params.json").read_text())["lr"] for t in after]
     assert lrs.count(1e-4) == 1, lrs  # the recipe (baseline) ran once: a resume does not enqueue it again
-    finals = trial_results(runs / "mini" / "main.final")
+    finals = trial_results(runs / "mini" / "trials", final=True)
     assert len(finals) == 2 and all("test_recall@1" in rows[-1] for rows in finals.values())
     assert (runs / "mini" / "COMPLETE").is_file()
     report = (tmp_path / "mini.md").read_text()
@@ -110,7 +110,7 @@ def test_sigint_before_the_first_result_saves_state_and_resume_completes(tmp_pat
     proc = subprocess.Popen(base + ["--space", str(spec)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     start = time.time()
-    while not list((runs / "mini" / "main").glob("*/params.json")):  # a trial started, no result yet
+    while not list((runs / "mini" / "trials").glob("*/params.json")):  # a trial started, no result yet
         assert proc.poll() is None and time.time() - start < 300
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)  # as Ctrl-C or SLURM's --signal would, to the driver
@@ -122,4 +122,4 @@ def test_sigint_before_the_first_result_saves_state_and_resume_completes(tmp_pat
     out = subprocess.run(base + ["--resume", "--name", "mini"], cwd=ROOT, capture_output=True, text=True,
                          timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert len(trial_results(runs / "mini" / "main")) == 2 and (runs / "mini" / "COMPLETE").is_file()
+    assert len(trial_results(runs / "mini" / "trials", final=False)) == 2 and (runs / "mini" / "COMPLETE").is_file()

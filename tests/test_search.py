@@ -9,14 +9,13 @@ from searches import SAMPLES, small_demo
 
 from tune_upl.layout import SELECTION_FILE
 from tune_upl.planning import plan_studies
-from tune_upl.search import make_searcher
 from tune_upl.spec import parse_spec
 from tune_upl.errors import SpecError
 
 
 def test_every_trial_ran_and_reported_each_epoch(demo_search):
     spec, experiment, _ = demo_search
-    trials = trial_results(experiment / "main")
+    trials = trial_results(experiment / "trials", final=False)
     assert len(trials) == SAMPLES
     for rows in trials.values():
         assert [r["training_iteration"] for r in rows] == list(range(1, len(rows) + 1))
@@ -28,16 +27,17 @@ def test_checkpoints_at_rungs_and_the_last_epoch_only_the_selected_trial_keeps_t
     """ASHA (grace 1, factor 2) over 2 epochs decides at epoch 1: a checkpoint there and at the last epoch,
     none at other epochs; after selection only the selected trial and the final runs still hold one."""
     spec, experiment, _ = demo_search
-    trials = trial_results(experiment / "main")
+    trials = trial_results(experiment / "trials", final=False)
     for rows in trials.values():
         assert [r["checkpoint_dir_name"] is not None for r in rows] == [True] * len(rows)  # epochs 1 (rung), 2 (last)
-        assert json.loads((experiment / "main" / rows[0]["trial_id"] / "params.json").read_text())[
+        assert json.loads((experiment / "trials" / rows[0]["trial_id"] / "params.json").read_text())[
             "checkpoint_epochs"] == [1]
     selected = json.loads((experiment / "main" / SELECTION_FILE).read_text())["trial_id"]
-    holding = {p.parent.parent.name for p in (experiment / "main").glob("*/checkpoint_*/state.pt")}
+    holding = {p.parent.parent.name for p in (experiment / "trials").glob("*/checkpoint_*/state.pt")
+               if not p.parent.parent.name.endswith(".final")}
     assert holding == {selected}
-    for tid, rows in trial_results(experiment / "main.final").items():
-        assert len(list((experiment / "main.final" / tid).glob("checkpoint_*/test_embeddings.pt"))) == 1
+    for tid, rows in trial_results(experiment / "trials", final=True).items():
+        assert len(list((experiment / "trials" / tid).glob("checkpoint_*/test_embeddings.pt"))) == 1
 
 
 def test_rung_epochs_are_those_where_rays_asha_decides():
@@ -82,7 +82,7 @@ def test_a_trial_checkpoints_at_its_rungs_every_few_epochs_its_last_and_new_best
 def test_report_numbers_equal_the_raw_results(demo_search):
     spec, experiment, report = demo_search
     text = report.read_text()
-    trials = trial_results(experiment / "main")
+    trials = trial_results(experiment / "trials", final=False)
     best = {tid: max(r["val_recall@1"] for r in rows) for tid, rows in trials.items()}
     for tid, value in best.items():
         row = next(line for line in text.splitlines() if f"| {tid} " in line)
@@ -91,7 +91,7 @@ def test_report_numbers_equal_the_raw_results(demo_search):
     selection = json.loads((experiment / "main" / SELECTION_FILE).read_text())
     assert selection["trial_id"] == max(best, key=best.get)
     assert selection["objective"]["val_recall@1"] == pytest.approx(best[selection["trial_id"]])
-    finals = trial_results(experiment / "main.final")
+    finals = trial_results(experiment / "trials", final=True)
     r1 = [rows[-1]["test_recall@1"] for rows in finals.values()]
     assert len(r1) == 2
     mean, std = 100 * statistics.mean(r1), 100 * statistics.stdev(r1)
@@ -102,12 +102,12 @@ def test_report_numbers_equal_the_raw_results(demo_search):
 
 def test_test_classes_evaluated_only_after_selection(demo_search):
     _, experiment, _ = demo_search
-    trials = trial_results(experiment / "main")
+    trials = trial_results(experiment / "trials", final=False)
     assert not any(k.startswith("test_") for rows in trials.values() for r in rows for k in r)
     selection = json.loads((experiment / "main" / SELECTION_FILE).read_text())
     assert selection["selected_at"] >= max(r["timestamp"] for rows in trials.values() for r in rows)
-    finals = trial_results(experiment / "main.final")
-    seeds = sorted(json.loads((experiment / "main.final" / tid / "params.json").read_text())["seed"] for tid in finals)
+    finals = trial_results(experiment / "trials", final=True)
+    seeds = sorted(json.loads((experiment / "trials" / tid / "params.json").read_text())["seed"] for tid in finals)
     assert seeds == [selection["config"]["seed"] + 1, selection["config"]["seed"] + 2]
     for rows in finals.values():
         assert [r["training_iteration"] for r in rows] == [1, 2]
@@ -116,19 +116,26 @@ def test_test_classes_evaluated_only_after_selection(demo_search):
         assert rows[0]["timestamp"] >= selection["selected_at"] - 1
 
 
-def test_same_sampler_seed_proposes_the_same_first_configurations(demo_search):
+def test_same_sampler_seed_proposes_the_same_first_configurations(demo_search, tmp_path):
+    from tune_upl.multistudy import StudySearcher
+
     spec, experiment, _ = demo_search
     study = plan_studies(spec, {"cache_dir": "/x"})[0]
 
-    def proposals():
-        searcher = make_searcher(spec, study)
-        return [{k: v for k, v in searcher.suggest(f"t{i}").items() if k in spec.space} for i in range(SAMPLES)]
+    def proposals(folder):
+        folder.mkdir()
+        searcher = StudySearcher(spec, [study], folder)
+        found = []
+        for i in range(SAMPLES):
+            found.append({k: v for k, v in searcher.suggest(f"t{i}").items() if k in spec.space})
+            searcher.on_trial_complete(f"t{i}", {"val_recall@1": 0.5, "training_iteration": 1})
+        return found
 
-    first, second = proposals(), proposals()
+    first, second = proposals(tmp_path / "a"), proposals(tmp_path / "b")
     assert first == second
     assert first[0] == {"lr": 1e-4, "scale": 32, "feature_dim": 512, "margin": 0.1}  # the baseline: seed recipe
-    ran = [{k: json.loads((experiment / "main" / tid / "params.json").read_text())[k] for k in spec.space}
-           for tid in trial_results(experiment / "main")]
+    ran = [{k: json.loads((experiment / "trials" / tid / "params.json").read_text())[k] for k in spec.space}
+           for tid in trial_results(experiment / "trials", final=False)]
     assert sorted(map(str, ran)) == sorted(map(str, first))
 
 

@@ -84,13 +84,14 @@ def test_a_search_on_s3_completes_and_reports_from_another_machine(s3, tmp_path,
               "--reports_dir", str(tmp_path / "reports"))
     assert out.returncode == 0, out.stderr[-3000:]
     remote = Remote(uri)
-    files = remote._files("mini")
+    files = remote.files("mini")
     for name in ("search_spec.json", "record.json", "COMPLETE", "optuna.db", "main/selection.json"):
         assert name in files, (name, files)
     results = [f for f in files if f.endswith("/result.json")]
-    assert len([f for f in results if f.startswith("main/")]) == 2  # the two trials, written by Tune to S3
-    assert len([f for f in results if f.startswith("main.final/")]) == 2  # two final seeds
-    assert any(f.startswith("main.final/") and f.endswith("test_embeddings.pt") for f in files)
+    finals = [f for f in results if f.split("/")[1].endswith(".final")]
+    assert len(results) - len(finals) == 2  # the two trials, written by Tune to S3
+    assert len(finals) == 2  # two final seeds
+    assert any(f.split("/")[1].endswith(".final") and f.endswith("test_embeddings.pt") for f in files)
     selection = json.loads((mirror_root(uri, cache_dir) / "mini" / "main" / "selection.json").read_text())
     assert selection["config"]["num_epochs"] == 2
     assert "test R@1" in (tmp_path / "reports" / "mini.md").read_text()  # the final runs' results reached it

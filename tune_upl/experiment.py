@@ -1,15 +1,18 @@
 """An experiment folder's life: start, refuse or resume; one driver at a time; a record of what ran; and
-the order of work (search each study, select on the objective, final stage, mark complete).
+the order of work (every study's search and final runs in one Tune run, or the grid then its final
+stages; prune; mark complete).
 
-Layout under `<storage>/<name>/` (the names are `tune_upl.layout`'s): `search_spec.json` (the spec, the
-command-line overrides and the driver's paths: a resume reads it and plans the same studies), `record.json` (code version, packages,
-hardware, class lists), one Tune experiment per study (`<study>/`, or `grid/`), each with
-`selection.json` beside it, one Tune experiment per final stage (`<study>.final/`), and `COMPLETE` once
-everything has run. With `--storage` a URI (s3://, gs://), Tune's folders are written there and the
+Layout under `<storage>/<name>/` (the names and the full layout are `tune_upl.layout`'s):
+`search_spec.json` (the spec, the command-line overrides and the driver's paths: a resume reads it and
+plans the same studies), `record.json` (code version, packages, hardware, class lists), `optuna.db`,
+`<study>/selection.json`, the Tune experiment `trials/` (or `grid/` and `<study>.final/`), and
+`COMPLETE` once everything has run. With `--storage` a URI (s3://, gs://), Tune's folders are written there and the
 driver's files to a local mirror, each pushed to the URI when written (`tune_upl.storage`).
 """
 from __future__ import annotations
 
+import fnmatch
+import functools
 import json
 import platform
 import shutil
@@ -24,15 +27,16 @@ from filelock import FileLock, Timeout
 
 from tune_upl.atomic import write_json
 from tune_upl.config import Paths
-from tune_upl.final import Selection, load_selection, save_selection, select
+from tune_upl.final import Selection, final_stage_line, load_selection, save_selection, select, selected_line
 from tune_upl.layout import (
     COMPLETE_FILE,
-    FINAL_SUFFIX,
     GRID_STUDY,
     OPTUNA_FILE,
     RECORD_FILE,
+    RUN_FOLDER,
     SELECTION_FILE,
     SPEC_FILE,
+    TUNE_STATE_PATTERN,
     driver_file,
     driver_lock_name,
     study_key,
@@ -40,9 +44,11 @@ from tune_upl.layout import (
 from tune_upl.planning import (
     Study, baseline_point, grid_points, plan_studies, prepare_data, prepare_weights, serial_loading,
 )
-from tune_upl.search import check_resources, init_ray, logger_callbacks, run_final, run_study
+from tune_upl.search import (
+    check_resources, init_ray, logger_callbacks, run_final, run_grid, run_studies, trials_at_once,
+)
 from tune_upl.spec import SearchSpec, parse_spec
-from tune_upl.storage import Remote, prune_checkpoints
+from tune_upl.storage import Remote, prune_checkpoints, push_file
 from tune_upl.errors import ExperimentError
 
 PACKAGES = ("torch", "torchvision", "ray", "optuna", "numpy", "pydantic", "adamp", "pillow")
@@ -75,9 +81,17 @@ def load_saved_spec(experiment: Path) -> tuple[SearchSpec, dict[str, Any], Paths
 
 def describe(spec: SearchSpec, studies: list[Study]) -> str:
     """What a search would run (`--dry-run`): studies, trials, epochs, resources."""
+    per_trial = f"each {spec.resources.cpu:g} CPU + {spec.resources.gpu:g} GPU"
+    if spec.searcher.type == "grid":
+        at_once = f"{spec.max_concurrent} trials at once, {per_trial}"
+    else:  # the cluster is not known before Ray starts: its size may lower this (search.trials_at_once)
+        total = trials_at_once(spec, len(studies))
+        cap = f", capped by max_concurrent_total {spec.max_concurrent_total}" if spec.max_concurrent_total else ""
+        at_once = (f"all {len(studies)} stud{'y' if len(studies) == 1 else 'ies'} in one run: up to {total} trials at "
+                   f"once ({spec.max_concurrent} per study{cap}), {per_trial}: {total * spec.resources.gpu:g} GPUs "
+                   f"for {total} at once")
     lines = [f"experiment {spec.name}: {spec.searcher.type} + {spec.scheduler.type}, objective "
-             f"{spec.objective.metric} ({spec.objective.mode}), protocol {spec.protocol}, "
-             f"{spec.max_concurrent} trials at once, each {spec.resources.cpu:g} CPU + {spec.resources.gpu:g} GPU"]
+             f"{spec.objective.metric} ({spec.objective.mode}), protocol {spec.protocol}, {at_once}"]
     if spec.searcher.type == "grid":
         grid = Study(GRID_STUDY, {}, studies[0].base, studies[0].space)
         lines.append(f"  grid: {len(grid_points(spec, grid)) * spec.num_samples} trials")
@@ -97,8 +111,7 @@ def _publish(options: Options, experiment: Path, *relative: str) -> None:
     """Push driver files of the local folder to the remote storage (nothing to do for a local one)."""
     if options.remote:
         for name in relative:
-            if (experiment / name).is_file():
-                options.remote.push(experiment, name)
+            push_file(options.remote, experiment, name)
 
 
 def open_experiment(spec: SearchSpec, overrides: dict[str, Any], options: Options,
@@ -221,57 +234,84 @@ def _tune_root(options: Options, experiment: Path) -> Optional[str]:
     return options.remote.experiment_uri(experiment.name) if options.remote else None
 
 
-def _selected(spec: SearchSpec, selection: Selection, experiment: Path, options: Options, study: str,
-              saved: bool = False) -> Selection:
-    """Save a study's selection (unless `saved`), say it, and delete the checkpoints of the other trials of
-    its group in Tune experiment `study` (keep_checkpoints: selected). Idempotent, so a resume redoes it."""
-    if not saved:
-        save_selection(selection, experiment / selection.key)
-        _publish(options, experiment, f"{selection.key}/{SELECTION_FILE}")
-    print(f"selected trial {selection.trial_id} of {selection.key} (epoch {selection.epoch}, "
-          f"{spec.objective.metric} {selection.objective[spec.objective.metric]:.4f})", flush=True)
-    if spec.keep_checkpoints == "selected":
-
-        def keep(trial_id: str, params: dict[str, Any]) -> bool:
-            return trial_id == selection.trial_id or any(params.get(k) != v for k, v in selection.group.items())
-
-        root = _tune_root(options, experiment) or str(experiment)
-        prune_checkpoints(f"{root}/{study}", keep)
-    return selection
+def _prune(spec: SearchSpec, options: Options, experiment: Path, folder: str, selections: list[Selection]) -> None:
+    """keep_checkpoints: selected: delete the checkpoints of every search trial in Tune experiment `folder`
+    but the selected ones (final runs keep theirs). Idempotent, so a resume redoes it."""
+    if spec.keep_checkpoints != "selected":
+        return
+    chosen = {s.trial_id for s in selections}
+    root = _tune_root(options, experiment) or str(experiment)
+    prune_checkpoints(f"{root}/{folder}", lambda trial_id, params: trial_id in chosen or bool(params.get("final")))
 
 
-def _select_all(spec: SearchSpec, studies: list[Study], experiment: Path, options: Options,
-                callbacks: tuple[Any, ...]) -> list[Selection]:
-    """Run every study's search (resuming where a folder holds one), select on the objective, save each
-    selection and prune. A study whose selection is saved is done: a resume does not restore it (its
-    errored trials would be resumed from checkpoints that pruning deleted)."""
+def _save(options: Options, experiment: Path, selection: Selection) -> None:
+    save_selection(selection, experiment / selection.key)
+    _publish(options, experiment, f"{selection.key}/{SELECTION_FILE}")
+
+
+def _run_grid(spec: SearchSpec, studies: list[Study], experiment: Path, options: Options,
+              callbacks: tuple[Any, ...]) -> None:
+    """The grid: one Tuner over every point, a selection per study, then one Tuner per final stage. Once
+    every selection is saved the grid is done: a resume does not restore it (its errored trials would be
+    resumed from checkpoints that pruning deleted)."""
     root = _tune_root(options, experiment)
-    if spec.searcher.type == "grid":
-        points = spec.study_points()
-        saved = [load_selection(experiment / study_key(point)) for point in points]
-        if all(saved):
-            return [_selected(spec, s, experiment, options, GRID_STUDY, saved=True) for s in saved if s]
+    points = spec.study_points()
+    picked = [load_selection(experiment / study_key(point)) for point in points]
+    if not all(picked):
         grid = Study(GRID_STUDY, {}, studies[0].base, studies[0].space)
-        results = run_study(spec, grid, experiment, options.verbose, callbacks, tune_root=root)
+        results = run_grid(spec, grid, experiment, options.verbose, callbacks, tune_root=root)
         picked = [select(spec, results, study_key(point), point) for point in points]
         for selection in picked:  # every study's selection is saved before any is pruned
-            save_selection(selection, experiment / selection.key)
-            _publish(options, experiment, f"{selection.key}/{SELECTION_FILE}")
-        return [_selected(spec, s, experiment, options, GRID_STUDY, saved=True) for s in picked]
-    selections = []
-    for index, study in enumerate(studies, 1):
-        done = load_selection(experiment / study.key)
-        if done is not None:
-            selections.append(_selected(spec, done, experiment, options, study.key, saved=True))
-            continue
-        print(f"study {index}/{len(studies)} {study.key}: {spec.num_samples} trials, {spec.searcher.type} + "
-              f"{spec.scheduler.type}, objective {spec.objective.metric} ({spec.objective.mode})", flush=True)
-        try:
-            results = run_study(spec, study, experiment, options.verbose, callbacks, tune_root=root)
-        finally:
-            _publish(options, experiment, OPTUNA_FILE)
-        selections.append(_selected(spec, select(spec, results, study.key, {}), experiment, options, study.key))
-    return selections
+            _save(options, experiment, selection)
+    for selection in picked:
+        print(selected_line(spec, selection), flush=True)
+    _prune(spec, options, experiment, GRID_STUDY, picked)
+    if spec.protocol == "val":
+        for selection in picked:
+            print(final_stage_line(spec, selection.key), flush=True)
+            run_final(spec, selection, experiment, options.verbose, callbacks, tune_root=root)
+
+
+def _run_studies(spec: SearchSpec, studies: list[Study], experiment: Path, options: Options,
+                 callbacks: tuple[Any, ...]) -> None:
+    """TPE or random: every study's search and final runs in one Tune run (`tune_upl.multistudy`), as many
+    trials at once as the cluster holds; then the search trials' checkpoints are pruned."""
+    import ray
+
+    at_once = trials_at_once(spec, len(studies), None if options.autoscaling else ray.cluster_resources())
+    gpus = f", {at_once * spec.resources.gpu:g} GPUs" if spec.resources.gpu else ""
+    print(f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} in one run: {spec.num_samples} trials each, "
+          f"{spec.searcher.type} + {spec.scheduler.type}, objective {spec.objective.metric} ({spec.objective.mode}); "
+          f"up to {at_once} trials at once ({spec.max_concurrent} per study{gpus})", flush=True)
+    publish = functools.partial(push_file, options.remote, experiment) if options.remote else None
+    try:
+        run_studies(spec, studies, experiment, options.verbose, at_once, callbacks,
+                    tune_root=_tune_root(options, experiment), publish=publish)
+    finally:
+        _publish(options, experiment, OPTUNA_FILE)
+    selections = [load_selection(experiment / study.key) for study in studies]
+    missing = [study.key for study, selection in zip(studies, selections) if selection is None]
+    if missing:
+        raise ExperimentError(f"no trial of stud{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)} reported "
+                              f"{spec.objective.metric}, so nothing could be selected; the trial errors are in the "
+                              f"report (python run_search.py report --name {spec.name})")
+    _prune(spec, options, experiment, RUN_FOLDER, [s for s in selections if s is not None])
+
+
+def refuse_old_layout(spec: SearchSpec, experiment: Path, remote: Optional[Remote]) -> None:
+    """An experiment started before all studies shared one run has a Tune experiment per study: --resume
+    cannot continue it in the new layout (its searchers' states are per study)."""
+    if spec.searcher.type == "grid":
+        return
+    states = remote.files(experiment.name) if remote else [str(p.relative_to(experiment)) for p in experiment.glob("*/*")]
+    old = sorted({f.split("/")[0] for f in states if fnmatch.fnmatch(f.split("/")[-1], TUNE_STATE_PATTERN)
+                  and f.count("/") == 1 and f.split("/")[0] != RUN_FOLDER})
+    if old:
+        raise ExperimentError(
+            f"--resume: experiment {spec.name} was written by an older tune_upl, one Tune run per study ({', '.join(old)}), "
+            "which this version cannot continue; `report` still reads it; start it again with --overwrite "
+            "(the old folder is kept) or under another --name"
+        )
 
 
 def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options, paths: Paths = Paths()) -> Path:
@@ -285,6 +325,8 @@ def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options, pa
             options.remote.check()
             sync_down(options.remote, options.storage / spec.name)
         experiment, complete = open_experiment(spec, overrides, options, paths)
+        if options.resume:
+            refuse_old_layout(spec, experiment, options.remote)
         if complete:
             print(f"experiment {spec.name} is complete already (in {experiment}); "
                   "use --overwrite to run it again", flush=True)
@@ -298,13 +340,10 @@ def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options, pa
             print(warning, flush=True)
         write_record(experiment, studies, spec)
         _publish(options, experiment, RECORD_FILE)
-        for selection in _select_all(spec, studies, experiment, options, callbacks):
-            if spec.protocol == "val":
-                seeds = f"{spec.final_seeds} seed{'' if spec.final_seeds == 1 else 's'}"
-                print(f"final stage {selection.key}{FINAL_SUFFIX}: {seeds} on all training "
-                      "classes, each tested once after its last epoch", flush=True)
-                run_final(spec, selection, experiment, options.verbose, callbacks,
-                          tune_root=_tune_root(options, experiment))
+        if spec.searcher.type == "grid":
+            _run_grid(spec, studies, experiment, options, callbacks)
+        else:
+            _run_studies(spec, studies, experiment, options, callbacks)
         (experiment / COMPLETE_FILE).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
         _publish(options, experiment, COMPLETE_FILE)
         return experiment

@@ -3,8 +3,9 @@
 Selection reads Tune's results only (never the Optuna study, which marks resumed trials as failed) and
 picks, per study, the trial whose best epoch is best on the objective. Under protocol `val` the selected
 configuration is then retrained from scratch on all training classes with `final_seeds` seeds, each
-tested once after its last epoch: a Tune experiment of its own (`<study>.final`), resumable like the
-search. Under protocol `seed` there is no final stage: the test metrics of the test-selected epoch are
+tested once after its last epoch: trials of the same Tune run as the search under TPE or random (the
+searcher of `tune_upl.multistudy` suggests them), a Tune experiment of its own (`<study>.final`) after
+a grid. Under protocol `seed` there is no final stage: the test metrics of the test-selected epoch are
 the result, as in the seed.
 """
 from __future__ import annotations
@@ -15,8 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+import pandas as pd
+
 from tune_upl.atomic import write_json
-from tune_upl.layout import SELECTION_FILE
+from tune_upl.layout import FINAL_SUFFIX, SELECTION_FILE
 from tune_upl.results import last_per_epoch
 from tune_upl.spec import SearchSpec
 
@@ -39,19 +42,22 @@ class Selection:
 
 
 def select(spec: SearchSpec, results: tune.ResultGrid, key: str, group: dict[str, Any]) -> Selection:
-    """The trial with the best objective over its epochs among those matching `group`."""
+    """The trial with the best objective over its epochs among those of a Tune result grid matching `group`."""
+    trials = [(r.config, r.metrics_dataframe) for r in results
+              if r.metrics_dataframe is not None and all(r.config.get(k) == v for k, v in group.items())]
+    return select_trials(spec, trials, key, group, where=str(results.experiment_path))
+
+
+def select_trials(spec: SearchSpec, trials: list[tuple[dict[str, Any], pd.DataFrame]], key: str,
+                  group: dict[str, Any], where: str = "the trial folders") -> Selection:
+    """The trial with the best objective over its epochs: `trials` are (config, its results, a row per
+    reported epoch with `trial_id` and `training_iteration`)."""
     metric, mode = spec.objective.metric, spec.objective.mode
-    candidates = [
-        r for r in results
-        if r.metrics_dataframe is not None and metric in r.metrics_dataframe
-        and all(r.config.get(k) == v for k, v in group.items())
-    ]
+    candidates = [(config, last_per_epoch(frame)) for config, frame in trials if metric in frame]  # retried epochs: the last row
     if not candidates:
-        raise RuntimeError(f"no trial of study {key} reported {metric}; see the trial errors under {results.experiment_path}")
-    frames = {id(r): last_per_epoch(r.metrics_dataframe) for r in candidates}  # retried epochs: the last row
+        raise RuntimeError(f"no trial of study {key} reported {metric}; see the trial errors under {where}")
     pick = max if mode == "max" else min
-    best = pick(candidates, key=lambda r: pick(frames[id(r)][metric]))
-    frame = frames[id(best)]
+    config, frame = pick(candidates, key=lambda c: pick(c[1][metric]))
     row = frame.loc[frame[metric].idxmax() if mode == "max" else frame[metric].idxmin()]
     test = {k: float(row[k]) for k in frame.columns if k.startswith("test_")} if spec.protocol == "seed" else {}
     return Selection(
@@ -60,10 +66,21 @@ def select(spec: SearchSpec, results: tune.ResultGrid, key: str, group: dict[str
         trial_id=str(row["trial_id"]),
         epoch=int(row["training_iteration"]),
         objective={metric: float(row[metric])},
-        config=dict(best.config),
+        config=dict(config),
         test_selected=test,
         selected_at=time.time(),
     )
+
+
+def selected_line(spec: SearchSpec, selection: Selection) -> str:
+    metric = spec.objective.metric
+    return (f"selected trial {selection.trial_id} of {selection.key} (epoch {selection.epoch}, "
+            f"{metric} {selection.objective[metric]:.4f})")
+
+
+def final_stage_line(spec: SearchSpec, key: str) -> str:
+    seeds = f"{spec.final_seeds} seed{'' if spec.final_seeds == 1 else 's'}"
+    return f"final stage {key}{FINAL_SUFFIX}: {seeds} on all training classes, each tested once after its last epoch"
 
 
 def save_selection(selection: Selection, folder: Path) -> None:

@@ -5,11 +5,13 @@ A leaf module (standard library only): the report, the retrieval tool and the co
 files here without importing the code that wrote them (and with it Ray and torch).
 
 Under `<storage>/<name>/`: `search_spec.json` (the resolved spec and overrides: a resume reads it),
-`record.json` (code version, packages, hardware, class lists), `optuna.db` (each TPE study's Optuna
-storage), one Tune experiment per study (`<study>/`, or `grid/`), each with `selection.json` beside it,
-one Tune experiment per final stage (`<study>.final/`), and `COMPLETE` once everything has run. Each
-trial folder (named by its trial id) holds Tune's `params.json`, `result.json` and `checkpoint_*/`
-folders, each checkpoint our `state.pt` (and, for a final run, `test_embeddings.pt`).
+`record.json` (code version, packages, hardware, class lists), `optuna.db` (each study's Optuna study),
+`<study>/selection.json` per study once it is selected, and `COMPLETE` once everything has run. Under TPE
+or random, every trial of every study, its final runs included, is in one Tune experiment, `trials/`
+(a final run's folder is `<trial id>.final`). A grid is one Tune experiment, `grid/`, and one per final
+stage, `<study>.final/` (as every experiment was before the one-run layout). Each trial folder (named by
+its trial id) holds Tune's `params.json`, `result.json` and `checkpoint_*/` folders, each checkpoint our
+`state.pt` (and, for a final run, `test_embeddings.pt`).
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ RECORD_FILE = "record.json"
 COMPLETE_FILE = "COMPLETE"
 OPTUNA_FILE = "optuna.db"  # each TPE study's Optuna storage, in the experiment's local folder
 SELECTION_FILE = "selection.json"  # in each study's folder
-FINAL_SUFFIX = ".final"  # the final stage of study `<key>` runs in `<key>.final`
+FINAL_SUFFIX = ".final"  # a grid's final stage of study `<key>` runs in `<key>.final`; a final run's folder in RUN_FOLDER
+RUN_FOLDER = "trials"  # the one Tune experiment of a TPE or random search: every study's trials and final runs
 GRID_STUDY = "grid"  # the one Tune experiment of a grid search
 MAIN_STUDY = "main"  # the one study of a spec without `studies`
 
@@ -61,7 +64,7 @@ def driver_file(relative: str) -> bool:
 def report_file(relative: str) -> bool:
     """What a report and the retrieval tool need: all but the search's checkpoints (final models are kept)."""
     parts = relative.split("/")
-    return not any(p.startswith(CHECKPOINT_PREFIX) for p in parts) or parts[0].endswith(FINAL_SUFFIX)
+    return not any(p.startswith(CHECKPOINT_PREFIX) for p in parts) or any(p.endswith(FINAL_SUFFIX) for p in parts[:2])
 
 
 # ---------------------------------------------------------------- a trial's state

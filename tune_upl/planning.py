@@ -103,13 +103,23 @@ def checkpoint_plan(spec: SearchSpec, base: dict[str, Any], space: dict[str, Par
     return plan
 
 
-def define_space(trial: Any, space: dict[str, Param], base: dict[str, Any]) -> dict[str, Any]:
-    """Optuna define-by-run space (module level: the searcher is pickled). Returns the fixed fields."""
+def suggest_config(trial: Any, space: dict[str, Param], base: dict[str, Any]) -> dict[str, Any]:
+    """A trial's config from an Optuna trial (ask/tell): the study's fixed fields and a value for each
+    searched field whose `when` holds, sampled in the space's order (a `when` sees what came before)."""
     values: dict[str, Any] = {}
     for name, param in space.items():
         if param.holds({**base, **values}) is not False:
             values[name] = param.suggest(trial, name)
-    return dict(base)
+    return {**base, **values}
+
+
+def study_of(config: dict[str, Any], studies: list[Study]) -> Study:
+    """The study a trial's config belongs to: the one whose fixed `studies` values it holds (its paths as
+    planning made them absolute). A trial carries no study key of its own (`make_config` refuses keys)."""
+    for study in studies:
+        if all(config.get(name) == study.base.get(name) for name in study.point):
+            return study
+    raise KeyError(f"no study of this experiment holds a trial with {', '.join(f'{n}={config.get(n)!r}' for n in studies[0].point)}")
 
 
 def baseline_point(space: dict[str, Param], base: dict[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from tune_upl.layout import (
     PENDING,
     RECORD_FILE,
     RESULT_FILE,
+    RUN_FOLDER,
     RUNNING,
     SELECTION_FILE,
     SPEC_FILE,
@@ -90,10 +91,30 @@ class ExperimentData:
         return keys + [f.key for f in self.finals if f.key not in keys]
 
 
-def study_folders(experiment: Path) -> list[Path]:
-    """The search's Tune experiments (one per study, or the grid); final stages are read separately."""
-    folders = {p.parent for p in experiment.glob(f"*/{TUNE_STATE_PATTERN}")}
-    return sorted(f for f in folders if not f.name.endswith(FINAL_SUFFIX))
+def tune_folders(experiment: Path) -> list[Path]:
+    """Every Tune experiment of an experiment folder: `trials/` (every study's trials and final runs), or
+    `grid/` and the `<study>.final/` stages, or (an older layout) one per study and per final stage."""
+    return sorted({p.parent for p in experiment.glob(f"*/{TUNE_STATE_PATTERN}")})
+
+
+Trials = dict[Path, list[tuple[Any, pd.DataFrame, float]]]  # Tune experiment folder -> its trials (`_trials_of`)
+
+
+def read_trials(experiment: Path) -> Trials:
+    """Each Tune experiment's trials, read once for both the search table and the final runs."""
+    return {folder: _trials_of(folder) for folder in tune_folders(experiment)}
+
+
+def _is_final(folder: Path, trial: Any) -> bool:
+    return folder.name.endswith(FINAL_SUFFIX) or (folder.name == RUN_FOLDER and bool(trial.config.get("final")))
+
+
+def _study(folder: Path, config: dict[str, Any], spec: dict[str, Any]) -> str:
+    """A trial's study: the folder's name, or in one Tune experiment of several studies (the grid, the one
+    run) the study its `studies` values name."""
+    if folder.name in (GRID_STUDY, RUN_FOLDER):
+        return study_key({k: config.get(k) for k in spec["studies"]})
+    return folder.name.removesuffix(FINAL_SUFFIX)
 
 
 def load_selections(experiment: Path) -> list[dict[str, Any]]:
@@ -171,7 +192,7 @@ def _start_end(frame: pd.DataFrame) -> tuple[float, float]:
     return float(first["timestamp"] - first.get("time_this_iter_s", 0.0)), float(frame["timestamp"].max())
 
 
-def trial_rows(experiment: Path, spec: dict[str, Any], searched: list[str],
+def trial_rows(read: Trials, spec: dict[str, Any], searched: list[str],
                baselines: dict[str, dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Search trials, best first: study, baseline, trial, state, epochs, objective (best over its epochs),
     best_epoch, hours, trained_on (the device it reported), start, end, note, one column per searched field,
@@ -180,11 +201,12 @@ def trial_rows(experiment: Path, spec: dict[str, Any], searched: list[str],
     space = {name: Param.model_validate(spec["space"][name]) for name in searched}  # parsed once, not per trial
     rows, epochs = [], []
     order = 0
-    for folder in study_folders(experiment):
-        for trial, frame, hours in _trials_of(folder):
+    for folder, found in read.items():
+        for trial, frame, hours in found:
             config = trial.config
-            key = (study_key({k: config.get(k) for k in spec["studies"]}) if folder.name == GRID_STUDY
-                   else folder.name)
+            if _is_final(folder, trial):
+                continue
+            key = _study(folder, config, spec)
             scores = frame[metric].dropna() if metric in frame else pd.Series(dtype=float)
             best = (scores.idxmax() if mode == "max" else scores.idxmin()) if len(scores) else None
             baseline = baselines.get(key)
@@ -226,18 +248,17 @@ def _trial_note(trial: Any) -> str:
     return str(error).replace("|", "/")[:160] if error else ""
 
 
-def final_rows(experiment: Path, keys: list[str]) -> pd.DataFrame:
+def final_rows(read: Trials, spec: dict[str, Any]) -> pd.DataFrame:
     """Every final-stage run: study, trial, seed, state, epochs, hours, trained_on, start, end, test metrics."""
     rows = []
-    for key in keys:
-        folder = experiment / (key + FINAL_SUFFIX)
-        if not list(folder.glob(TUNE_STATE_PATTERN)):
-            continue
-        for trial, frame, hours in _trials_of(folder):
+    for folder, found in read.items():
+        for trial, frame, hours in found:
+            if not _is_final(folder, trial):
+                continue
             last = _clean(frame.iloc[-1].to_dict()) if not frame.empty else {}
             start, end = _start_end(frame)
             rows.append({
-                "study": key,
+                "study": _study(folder, trial.config, spec),
                 "trial": trial.trial_id,
                 "seed": trial.config.get("seed"),
                 "state": _state(trial, frame, int(last.get("training_iteration", 0))),
@@ -260,9 +281,10 @@ def load_experiment(experiment: Path) -> ExperimentData:
     record_file = experiment / RECORD_FILE
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     searched = [n for n in spec["space"] if n not in overrides]
-    trials, epochs = trial_rows(experiment, spec, searched, record.get("baselines", {}))
+    read = read_trials(experiment)
+    trials, epochs = trial_rows(read, spec, searched, record.get("baselines", {}))
     selections = load_selections(experiment)
-    final_trials = final_rows(experiment, [s["key"] for s in selections])
+    final_trials = final_rows(read, spec)
     finals = []
     for selection in selections:
         if selection.get("test_selected"):

@@ -24,6 +24,7 @@ from tune_upl.layout import (
     CHECKPOINT_PREFIX,
     EMBEDDINGS_FILE,
     FINAL_SUFFIX,
+    RUN_FOLDER,
     PARAMS_FILE,
     RESULT_FILE,
     SPEC_FILE,
@@ -89,11 +90,13 @@ def pick_selection(experiment: Path, study: Optional[str] = None) -> dict[str, A
 def _final_database(experiment: Path, selection: dict[str, Any]) -> Optional[tuple[Path, dict[str, Any], str]]:
     """The first final seed's last checkpoint with test embeddings: (checkpoint folder, config, source)."""
     runs = []
-    for trial in (experiment / (selection["key"] + FINAL_SUFFIX)).glob(f"*/{PARAMS_FILE}"):
+    found = [*(experiment / (selection["key"] + FINAL_SUFFIX)).glob(f"*/{PARAMS_FILE}"),  # a grid's final stage
+             *(experiment / RUN_FOLDER).glob(f"*{FINAL_SUFFIX}/{PARAMS_FILE}")]  # final runs of every study
+    for trial in found:
         checkpoints = sorted(trial.parent.glob(f"{CHECKPOINT_PREFIX}*/{EMBEDDINGS_FILE}"))
-        if checkpoints:
-            config = json.loads(trial.read_text())
-            runs.append((int(config["seed"]), checkpoints[-1].parent, config, trial.parent.name))
+        config = json.loads(trial.read_text()) if checkpoints else {}
+        if checkpoints and all(config.get(k) == v for k, v in selection["config"].items() if k not in ("seed", "final")):
+            runs.append((int(config["seed"]), checkpoints[-1].parent, config, trial.parent.name.removesuffix(FINAL_SUFFIX)))
     if not runs:
         return None
     seed, folder, config, trial_id = min(runs, key=lambda r: r[0])

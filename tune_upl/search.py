@@ -1,73 +1,30 @@
-"""Run a planned search on Ray Tune: one Tuner per study (TPE or random through Optuna, ASHA or FIFO), or
-one Tuner over the whole grid, and the final stage's Tuner; the searcher, the scheduler, the resource check,
-the one line per trial, and Ray's start-up.
+"""Run a planned search on Ray Tune: every study of a TPE or random spec in one Tuner (their searcher and
+scheduler are `tune_upl.multistudy`'s), or one Tuner over the whole grid and a Tuner per final stage; the
+resource check, the number of trials at once, the one line per trial, and Ray's start-up.
 
 Ray is the distributed engine: this module only configures it. What to run is `tune_upl.planning`'s.
 """
 from __future__ import annotations
 
 import collections
-import functools
+import logging
+import math
 import os
-import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-import optuna
 import ray
 from ray import tune
 
 from tune_upl.config import FIELD_DEFAULTS
 from tune_upl.final import Selection, final_param_space, final_seeds
 from tune_upl.layout import (
-    COMPLETED, ERROR_KEY, ERRORED, FINAL_SUFFIX, OPTUNA_FILE, STOPPED_EARLY, error_line, trial_state,
+    COMPLETED, ERROR_KEY, ERRORED, FINAL_SUFFIX, RUN_FOLDER, SELECTION_FILE, STOPPED_EARLY, error_line, trial_state,
 )
-from tune_upl.planning import Study, baseline_point, define_space, grid_points, max_epochs
+from tune_upl.multistudy import StudyRouter, StudySearcher, make_scheduler
+from tune_upl.planning import Study, grid_points, study_of
 from tune_upl.spec import SearchSpec
 from tune_upl.errors import SpecError
-
-
-def make_searcher(spec: SearchSpec, study: Study, database: Optional[Path] = None) -> tune.search.Searcher:
-    """Optuna TPE or random sampling over the study's space; with `database`, the study also lives in that
-    SQLite file (browse it with `optuna-dashboard sqlite:///<file>`; trials Tune resumed show as failed)."""
-    from ray.tune.search.optuna import OptunaSearch
-
-    if spec.searcher.type == "tpe":
-        warnings.filterwarnings("ignore", message=".*group.*experimental", category=optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(
-            seed=spec.searcher.seed,
-            n_startup_trials=spec.searcher.n_startup_trials,
-            multivariate=True,
-            group=True,  # conditional (`when`) parameters are modelled per group
-            constant_liar=True,  # concurrent trials do not all propose the same point
-        )
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=spec.searcher.seed)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    points = [baseline_point(study.space, study.base)] if spec.baseline else None
-    storage = optuna.storages.RDBStorage(f"sqlite:///{database}") if database is not None else None
-    return OptunaSearch(
-        space=functools.partial(define_space, space=study.space, base=study.base),
-        metric=spec.objective.metric,
-        mode=spec.objective.mode,
-        sampler=sampler,
-        points_to_evaluate=points or None,
-        storage=storage,
-        study_name=study.key if storage is not None else None,
-    )
-
-
-def make_scheduler(spec: SearchSpec, study: Study) -> tune.schedulers.TrialScheduler:
-    if spec.scheduler.type == "fifo":
-        return tune.schedulers.FIFOScheduler()
-    return tune.schedulers.ASHAScheduler(
-        time_attr="training_iteration",
-        metric=spec.objective.metric,
-        mode=spec.objective.mode,
-        max_t=max_epochs(study.base, study.space),  # planning's rung_epochs are this scheduler's
-        grace_period=spec.scheduler.grace_period,
-        reduction_factor=spec.scheduler.reduction_factor,
-    )
 
 
 def check_resources(spec: SearchSpec, autoscaling: bool = False, allow_cpu: bool = False,
@@ -96,14 +53,16 @@ def check_resources(spec: SearchSpec, autoscaling: bool = False, allow_cpu: bool
 
 
 class TrialLines(tune.Callback):
-    """One readable line per finished trial and the best so far (Ray's own tables stay quiet)."""
+    """One readable line per finished trial and the best so far (Ray's own tables stay quiet). With
+    `studies` (one run of several studies) each line names the trial's study (`<study>.final` for a
+    final run, shown with its seed and test Recall@1) and the best so far is that study's."""
 
-    def __init__(self, spec: SearchSpec, study: Study, total: int, metric: Optional[str] = None,
-                 names: Optional[list[str]] = None):
+    def __init__(self, spec: SearchSpec, names: list[str], total: int, metric: Optional[str] = None,
+                 studies: tuple[Study, ...] = ()):
         self.metric, self.mode, self.total = metric or spec.objective.metric, spec.objective.mode, total
-        self.names = list(study.space) if names is None else names
+        self.names, self.studies = names, studies
         self.done = 0
-        self.best: Optional[tuple[float, str]] = None
+        self.best: dict[str, tuple[float, str]] = {}
 
     def _line(self, trial: Any, status: str) -> None:
         self.done += 1
@@ -111,21 +70,26 @@ class TrialLines(tune.Callback):
         epochs = result.get("training_iteration", 0)
         planned = trial.config.get("num_epochs", "?")
         state = trial_state(status, result, planned)
-        score = result.get(self.metric)
-        if score is not None and state in (COMPLETED, STOPPED_EARLY):
-            better = self.best is None or (score > self.best[0] if self.mode == "max" else score < self.best[0])
-            if better:
-                self.best = (score, trial.trial_id)
-        params = " ".join(f"{n}={_short(trial.config.get(n))}" for n in self.names if n in trial.config)
+        final = bool(self.studies) and bool(trial.config.get("final"))
+        key = study_of(trial.config, list(self.studies)).key if self.studies else ""
+        metric, names = ("test_recall@1", ["seed"]) if final else (self.metric, self.names)
+        score = result.get(metric)
+        if score is not None and state in (COMPLETED, STOPPED_EARLY) and not final:
+            known = self.best.get(key)
+            if known is None or (score > known[0] if self.mode == "max" else score < known[0]):
+                self.best[key] = (score, trial.trial_id)
+        params = " ".join(f"{n}={_short(trial.config.get(n))}" for n in names if n in trial.config)
         if ERROR_KEY in result:  # a trial that stopped itself (diverged, out of memory, no GPU)
             params += f" | {result[ERROR_KEY]}"
         elif state == ERRORED:
             params += f" | {_error_summary(trial)}"
         shown = f"{score:.4f}" if score is not None else "-"
-        best = f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best -"
+        best = self.best.get(key)
+        best_text = f"best {best[0]:.4f} ({best[1]})" if best else "best -"
+        where = f"{key}{FINAL_SUFFIX if final else ''} " if self.studies else ""
         print(
-            f"[{self.done}/{self.total}] trial {trial.trial_id} {state:<13} epochs {epochs}/{planned} "
-            f"{self.metric} {shown} | {params} | {best}",
+            f"[{self.done}/{self.total}] {where}trial {trial.trial_id} {state:<13} epochs {epochs}/{planned} "
+            f"{metric} {shown} | {params} | {best_text}",
             flush=True,
         )
 
@@ -159,26 +123,30 @@ def _run_config(spec: SearchSpec, name: str, storage: str, verbose: bool, callba
     )
 
 
-def _trainable(spec: SearchSpec) -> Any:
+def _trainable(spec: SearchSpec, function: Optional[Callable[[dict[str, Any]], None]] = None) -> Any:
+    """The trial function with the spec's resources: `train_trial`, or (benchmarks, tests) another."""
     from tune_upl.trainable import train_trial
 
-    return tune.with_resources(train_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    return tune.with_resources(function or train_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
 class Interrupted(KeyboardInterrupt):
     """Tune stopped before every trial ended (SIGINT, SIGUSR1): its state is saved, so resume it."""
 
 
-def _fit(spec: SearchSpec, folder: str, new_tuner: Any, expected: int) -> tune.ResultGrid:
+def _fit(spec: SearchSpec, folder: str, new_tuner: Any, expected: int | Callable[[], int],
+         function: Optional[Callable[[dict[str, Any]], None]] = None) -> tune.ResultGrid:
     """Continue the Tune experiment in `folder` when there is one (its searcher state included, errored
     trials resumed from their last checkpoint), else start `new_tuner()`. A restored ASHA starts with
     empty rungs (Ray pickles the scheduler as it was when the search began).
 
-    Raises `Interrupted` when Tune returns early, so nothing is selected from a partial search."""
+    Raises `Interrupted` when Tune returns early (fewer trials than `expected`, known once the run ends, or
+    some not ended), so nothing is selected from a partial search."""
     if tune.Tuner.can_restore(folder):
-        results = tune.Tuner.restore(folder, _trainable(spec), resume_errored=True).fit()
+        results = tune.Tuner.restore(folder, _trainable(spec, function), resume_errored=True).fit()
     else:
         results = new_tuner().fit()
+    expected = expected() if callable(expected) else expected
     ended = results.num_terminated + results.num_errors
     if len(results) < expected or ended < len(results):
         raise Interrupted(f"{folder.rsplit('/', 1)[-1]}: {ended} of {expected} trials ended before Tune stopped")
@@ -205,59 +173,101 @@ def logger_callbacks(names: tuple[str, ...], experiment_name: str) -> list[tune.
     return callbacks
 
 
-def run_study(spec: SearchSpec, study: Study, storage: Path, verbose: bool,
-              callbacks: tuple[tune.Callback, ...] = (), tune_root: Optional[str] = None) -> tune.ResultGrid:
-    """The search of one study (or the whole grid), resumed where its folder already holds one.
+def run_grid(spec: SearchSpec, grid: Study, storage: Path, verbose: bool,
+             callbacks: tuple[tune.Callback, ...] = (), tune_root: Optional[str] = None) -> tune.ResultGrid:
+    """The whole grid in one Tuner (`grid/`), resumed where its folder already holds one.
 
-    `storage` is the experiment's local folder (the Optuna database lives there); Tune's folders go under
-    `tune_root` (a URI) when given, else under `storage`."""
+    Tune's folders go under `tune_root` (a URI) when given, else under `storage`, the experiment's folder."""
     root = tune_root or str(storage)
-    grid = spec.searcher.type == "grid"
-    if grid:
-        # every point names every grid field (a parameter whose `when` fails takes its default), so Tune's
-        # generator only fills in the points and never samples the domains declared here for it
-        points = [{**{n: FIELD_DEFAULTS[n] for n in study.space}, **p} for p in grid_points(spec, study)]
-        param_space = {k: v for k, v in study.base.items() if k not in spec.studies}
-        param_space.update({n: tune.choice(v) for n, v in spec.studies.items()})
-        param_space.update({n: tune.choice(p.choice) for n, p in study.space.items()})
-        num_samples = len(points) * spec.num_samples
-    else:
-        param_space, num_samples = {}, spec.num_samples
-    metric = spec.objective.metric
-
-    def new_searcher() -> Any:
-        # built only for a new Tuner: an OptunaSearch enqueues the baseline into the study's database when
-        # it is made, and a restored Tuner brings back its own searcher (which would run the baseline again)
-        if grid:
-            return tune.search.BasicVariantGenerator(
-                points_to_evaluate=points * spec.num_samples, max_concurrent=spec.max_concurrent
-            )
-        return make_searcher(spec, study, storage / OPTUNA_FILE)
+    # every point names every grid field (a parameter whose `when` fails takes its default), so Tune's
+    # generator only fills in the points and never samples the domains declared here for it
+    points = [{**{n: FIELD_DEFAULTS[n] for n in grid.space}, **p} for p in grid_points(spec, grid)]
+    param_space = {k: v for k, v in grid.base.items() if k not in spec.studies}
+    param_space.update({n: tune.choice(v) for n, v in spec.studies.items()})
+    param_space.update({n: tune.choice(p.choice) for n, p in grid.space.items()})
+    num_samples = len(points) * spec.num_samples
 
     def new_tuner() -> tune.Tuner:
         return tune.Tuner(
             _trainable(spec),
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                search_alg=new_searcher(),
-                scheduler=make_scheduler(spec, study),
+                # the generator holds its own limit (a Searcher would take Tune's max_concurrent_trials)
+                search_alg=tune.search.BasicVariantGenerator(
+                    points_to_evaluate=points * spec.num_samples, max_concurrent=spec.max_concurrent
+                ),
+                scheduler=make_scheduler(spec, grid),
                 num_samples=num_samples,
-                # a Searcher takes Tune's limit; the grid's generator holds its own (max_concurrent above)
-                max_concurrent_trials=None if grid else spec.max_concurrent,
                 reuse_actors=spec.reuse_actors,
                 trial_dirname_creator=_trial_dirname,
             ),
-            run_config=_run_config(
-                spec, study.key, root, verbose, [TrialLines(spec, study, num_samples), *callbacks],
-                tune.CheckpointConfig(
-                    num_to_keep=spec.checkpoints_to_keep,  # the best by the objective; Ray keeps the latest too
-                    checkpoint_score_attribute=metric,
-                    checkpoint_score_order=spec.objective.mode,
-                ),
-            ),
+            run_config=_run_config(spec, grid.key, root, verbose,
+                                   [TrialLines(spec, list(grid.space), num_samples), *callbacks], _best_kept(spec)),
         )
 
-    return _fit(spec, f"{root}/{study.key}", new_tuner, num_samples)
+    return _fit(spec, f"{root}/{grid.key}", new_tuner, num_samples)
+
+
+def _best_kept(spec: SearchSpec) -> tune.CheckpointConfig:
+    """A search trial's checkpoints: the best by the objective (`checkpoints_to_keep`); Ray keeps the latest too."""
+    return tune.CheckpointConfig(num_to_keep=spec.checkpoints_to_keep, checkpoint_score_attribute=spec.objective.metric,
+                                 checkpoint_score_order=spec.objective.mode)
+
+
+def trials_at_once(spec: SearchSpec, studies: int, cluster: Optional[dict[str, float]] = None) -> int:
+    """How many trials of all studies run at once: `max_concurrent_total`, else what the cluster holds at the
+    per-trial request (`cluster`: `ray.cluster_resources()`; None: not known, as for a growing cluster),
+    and never more than every study's `max_concurrent` together. A number, never "unlimited": it also
+    bounds how far ahead of their results the samplers propose."""
+    wanted = spec.max_concurrent * studies
+    if spec.max_concurrent_total is not None:
+        return min(wanted, spec.max_concurrent_total)
+    if cluster is None:
+        return wanted
+    fits = [cluster.get("CPU", 0.0) / spec.resources.cpu]
+    if spec.resources.gpu > 0:
+        fits.append(cluster.get("GPU", 0.0) / spec.resources.gpu)
+    return max(1, min(wanted, math.floor(min(fits) + 1e-9)))
+
+
+def run_studies(spec: SearchSpec, studies: list[Study], storage: Path, verbose: bool, at_once: int,
+                callbacks: tuple[tune.Callback, ...] = (), tune_root: Optional[str] = None,
+                publish: Optional[Callable[[str], None]] = None,
+                function: Optional[Callable[[dict[str, Any]], None]] = None) -> tune.ResultGrid:
+    """Every study's search and final runs in one Tuner (`trials/`), resumed where the folder holds one.
+
+    `storage` is the experiment's local folder (`optuna.db` and the selections live there; `publish(name)`
+    copies one of its files to remote storage); Tune's folders go under `tune_root` (a URI) when given.
+    `function` replaces the trial function (the cluster benchmark replays recorded curves)."""
+    root = tune_root or str(storage)
+    finals = 0 if spec.protocol == "seed" else spec.final_seeds
+    total = len(studies) * (spec.num_samples + finals)
+    names = list(dict.fromkeys(name for study in studies for name in study.space))
+    quiet = logging.getLogger("ray.train._internal.checkpoint_manager")
+    if not any(isinstance(f, _FinalRunsHaveNoObjective) for f in quiet.filters):
+        quiet.addFilter(_FinalRunsHaveNoObjective(spec.objective.metric))
+
+    def new_tuner() -> tune.Tuner:
+        return tune.Tuner(
+            _trainable(spec, function),
+            tune_config=tune.TuneConfig(
+                search_alg=StudySearcher(spec, studies, storage, publish),
+                scheduler=StudyRouter(spec, studies),
+                num_samples=total,
+                max_concurrent_trials=at_once,
+                reuse_actors=spec.reuse_actors,
+                trial_dirname_creator=_run_dirname,
+            ),
+            run_config=_run_config(spec, RUN_FOLDER, root, verbose,
+                                   [TrialLines(spec, names, total, studies=tuple(studies)), *callbacks],
+                                   _best_kept(spec)),
+        )
+
+    def expected() -> int:  # a study where nothing could be selected has no final runs
+        selected = sum((storage / study.key / SELECTION_FILE).is_file() for study in studies)
+        return len(studies) * spec.num_samples + finals * selected
+
+    return _fit(spec, f"{root}/{RUN_FOLDER}", new_tuner, expected, function)
 
 
 def run_final(spec: SearchSpec, selection: Selection, storage: Path, verbose: bool,
@@ -266,7 +276,7 @@ def run_final(spec: SearchSpec, selection: Selection, storage: Path, verbose: bo
     tested once after its last epoch. Its own Tune experiment, `<key>.final`, resumable like the search."""
     seeds = final_seeds(spec, selection)
     name = selection.key + FINAL_SUFFIX
-    lines = TrialLines(spec, Study(name, {}, {}, {}), len(seeds), metric="test_recall@1", names=["seed"])
+    lines = TrialLines(spec, ["seed"], len(seeds), metric="test_recall@1")
     root = tune_root or str(storage)
 
     def new_tuner() -> tune.Tuner:
@@ -288,6 +298,25 @@ def run_final(spec: SearchSpec, selection: Selection, storage: Path, verbose: bo
 
 def _trial_dirname(trial: Any) -> str:
     return trial.trial_id
+
+
+def _run_dirname(trial: Any) -> str:
+    """A trial's folder in the one run of all studies: its id, a final run's `<id>.final` (a report pulled
+    from remote storage keeps the final models' checkpoints by that name: `layout.report_file`)."""
+    return trial.trial_id + (FINAL_SUFFIX if trial.config.get("final") else "")
+
+
+class _FinalRunsHaveNoObjective(logging.Filter):
+    """Ray logs an error for each checkpoint whose result lacks the score attribute: a final run's (it
+    reports no validation metric; its test metrics come once, at its last epoch). Ray then keeps its
+    latest checkpoint, the final model, which is what is wanted: drop that one message."""
+
+    def __init__(self, metric: str):
+        super().__init__()
+        self.message = f"Result dict has no key: {metric}."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.message)
 
 
 def quiet_ray(verbose: bool) -> None:

@@ -156,7 +156,9 @@ class SearchSpec(_Strict):
     searcher: Searcher = Searcher()
     scheduler: Scheduler = Scheduler()
     num_samples: Annotated[int, Field(ge=1)] = 8  # trials per study; under grid, repeats of the grid
-    max_concurrent: Annotated[int, Field(ge=1)] = 2
+    max_concurrent: Annotated[int, Field(ge=1)] = 2  # trials of one study at once
+    # trials of all studies at once; default: what the cluster holds at the per-trial request, computed at start
+    max_concurrent_total: Optional[Annotated[int, Field(ge=1)]] = None
     resources: Resources = Resources()
     protocol: Literal["val", "seed"] = "val"
     final_seeds: Annotated[int, Field(ge=1)] = 3  # protocol val: retraining seeds of the selection

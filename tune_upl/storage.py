@@ -69,7 +69,7 @@ class Remote:
     def experiment_uri(self, name: str) -> str:
         return f"{self.uri}/{name}"
 
-    def _files(self, name: str) -> list[str]:
+    def files(self, name: str) -> list[str]:
         """Paths relative to the experiment, of every file under it (none when it does not exist)."""
         import pyarrow.fs as pafs
 
@@ -99,7 +99,7 @@ class Remote:
         fs, base = self._opened
         shutil.rmtree(local_experiment, ignore_errors=True)
         copied = 0
-        for relative in self._files(name):
+        for relative in self.files(name):
             if not keep(relative):
                 continue
             target = local_experiment / relative
@@ -109,6 +109,13 @@ class Remote:
             copied += 1
         return copied
 
+
+
+def push_file(remote: Remote, local_experiment: Path, relative: str) -> None:
+    """Push one file of the local mirror when it is there (the searcher pushes `optuna.db` and selections
+    with this, mid-run: a module-level function, so the searcher holding it pickles)."""
+    if (local_experiment / relative).is_file():
+        remote.push(local_experiment, relative)
 
 
 def open_location(location: str) -> tuple[Any, str]:

@@ -1,0 +1,239 @@
+"""All studies of a spec in one Tune run: which study gets a free slot, each study's own Optuna study and
+ASHA rungs, selections and final runs in the same run, the searcher's saved state, and a killed driver
+resumed to the same end."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+import optuna
+import pytest
+from experiments import ROOT, result_rows, trial_results
+from searches import MINI, write_spec
+
+from tune_upl.planning import plan_studies
+from tune_upl.spec import parse_spec
+
+TWO = {
+    **MINI, "name": "two", "num_samples": 4, "max_concurrent": 1, "final_seeds": 2,
+    "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+    "studies": {"scale": [8.0, 64.0]},  # a field the replay below reads: a good study and a poor one
+    "fixed": {**MINI["fixed"], "num_epochs": 3},
+}
+
+
+def two_studies(folder, **changes):
+    spec = parse_spec({**TWO, **changes})
+    return spec, plan_studies(spec, {"cache_dir": str(folder)})
+
+
+def searcher_for(folder, **changes):
+    from tune_upl.multistudy import StudySearcher
+
+    spec, studies = two_studies(folder, **changes)
+    folder.mkdir(exist_ok=True)
+    return spec, studies, StudySearcher(spec, studies, folder)
+
+
+def study_name(config):
+    return f"scale={config['scale']}"
+
+
+def test_a_free_slot_goes_to_the_study_furthest_behind_under_its_own_limit(tmp_path, capsys):
+    spec, studies, searcher = searcher_for(tmp_path, max_concurrent=2)
+    searcher.set_max_concurrency(3)  # the run's total (Tune's max_concurrent_trials)
+    started = [study_name(searcher.suggest(f"t{i}")) for i in range(3)]
+    assert started == ["scale=8.0", "scale=64.0", "scale=8.0"]  # alternating: the one furthest behind first
+    assert searcher.suggest("t3") is None  # the total is reached
+    searcher.on_trial_complete("t0", {"val_recall@1": 0.5, "training_iteration": 3})
+    assert study_name(searcher.suggest("t4")) == "scale=64.0"  # 1 of its 6 trials started, against 2 of 6
+    assert searcher.suggest("t5") is None  # 3 running again
+    for tid in ("t1", "t2", "t4"):
+        searcher.on_trial_complete(tid, {"val_recall@1": 0.5, "training_iteration": 4})
+    assert [study_name(searcher.suggest(f"u{i}")) for i in range(3)] == ["scale=8.0", "scale=64.0", "scale=8.0"]
+    searcher.set_max_concurrency(10)
+    assert study_name(searcher.suggest("u3")) == "scale=64.0" and searcher.suggest("u4") is None  # 2 each: their limit
+
+
+def test_final_runs_start_once_a_study_ended_and_the_searcher_then_finishes(tmp_path, capsys):
+    from ray.tune.search import Searcher
+
+    spec, studies, searcher = searcher_for(tmp_path, num_samples=2)
+    searcher.set_max_concurrency(10)
+    first = {f"t{i}": searcher.suggest(f"t{i}") for i in range(2)}  # one trial of each study (max_concurrent 1)
+    assert sorted(map(study_name, first.values())) == ["scale=64.0", "scale=8.0"]
+    assert searcher.suggest("t2") is None  # each study at its limit
+    good = next(t for t, c in first.items() if c["scale"] == 8.0)
+    searcher.on_trial_result(good, {"val_recall@1": 0.7, "training_iteration": 1})
+    searcher.on_trial_complete(good, {"val_recall@1": 0.6, "training_iteration": 2})
+    second = searcher.suggest("t3")
+    assert second["scale"] == 8.0 and not second["final"]
+    assert searcher.suggest("t4") is None  # scale=8.0 at its limit, scale=64.0 still running its first
+    searcher.on_trial_complete("t3", {"val_recall@1": 0.65, "training_iteration": 2})
+    selection = json.loads((tmp_path / "scale=8.0" / "selection.json").read_text())
+    assert selection["trial_id"] == good and selection["epoch"] == 1 and selection["objective"] == {"val_recall@1": 0.7}
+    assert f"selected trial {good} of scale=8.0 (epoch 1, val_recall@1 0.7000)" in capsys.readouterr().out
+    final = searcher.suggest("t5")  # the study's final run, before the other study has ended
+    assert final["final"] is True and final["seed"] == first[good]["seed"] + 1
+    assert {k: v for k, v in final.items() if k not in ("final", "seed")} == {
+        k: v for k, v in first[good].items() if k not in ("final", "seed")}
+    assert searcher.suggest("t6") is None  # scale=8.0 runs a final run: at its limit
+    searcher.on_trial_complete("t5", {"test_recall@1": 0.5, "training_iteration": 4})
+    assert searcher.suggest("t7")["seed"] == first[good]["seed"] + 2
+    searcher.on_trial_complete("t7", {"test_recall@1": 0.5, "training_iteration": 4})
+    assert searcher.suggest("t8") is None  # scale=64.0: one more search trial after its first ends
+    poor = next(t for t in first if t != good)
+    searcher.on_trial_complete(poor, None, error=True)  # an errored trial: told as failed
+    assert searcher.suggest("t9")["scale"] == 64.0
+    searcher.on_trial_complete("t9", None)  # ended without a score
+    assert not (tmp_path / "scale=64.0" / "selection.json").exists()  # nothing reported the objective
+    assert "error: no trial of study scale=64.0 reported val_recall@1" in capsys.readouterr().out
+    assert searcher.suggest("t10") == Searcher.FINISHED  # no selection, so no final runs: nothing left
+    studies_db = {s.study_name: s for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'optuna.db'}")}
+    assert studies_db["scale=8.0"].n_trials == 2 and studies_db["scale=64.0"].n_trials == 2
+    poor_study = optuna.load_study(study_name="scale=64.0", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state.name for t in poor_study.trials] == ["FAIL", "FAIL"]
+
+
+def test_the_saved_state_restores_every_study_and_fails_asked_trials_tune_never_saw(tmp_path, capsys):
+    spec, studies, searcher = searcher_for(tmp_path, num_samples=2)
+    searcher.set_max_concurrency(10)
+    a, b = searcher.suggest("a"), searcher.suggest("b")
+    searcher.on_trial_complete("a", {"val_recall@1": 0.4, "training_iteration": 4})
+    searcher.save(str(tmp_path / "state.pkl"))
+    searcher.suggest("lost")  # asked after the save: the driver dies before Tune saves again
+    _, _, restored = searcher_for(tmp_path, num_samples=2)
+    restored.set_max_concurrency(10)
+    restored.restore(str(tmp_path / "state.pkl"))
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    lost_study = study_name(a)
+    states = [t.state.name for t in optuna.load_study(study_name=lost_study, storage=storage).trials]
+    assert states == ["COMPLETE", "FAIL"]  # the trial only Optuna knew is failed, not left running
+    again = restored.suggest("c")
+    assert study_name(again) == lost_study  # b is still running in the other study
+    assert [t.number for t in optuna.load_study(study_name=lost_study, storage=storage).trials] == [0, 1, 2]
+    assert restored.suggest("d") is None
+    restored.on_trial_complete("b", {"val_recall@1": 0.3, "training_iteration": 4})  # a trial from before the save
+    (other,) = optuna.load_study(study_name=study_name(b), storage=storage).trials  # the baseline queued once only
+    assert other.state.name == "COMPLETE" and other.value == 0.3 and other.params["lr"] == b["lr"] == 1e-4
+
+
+def _replay(config):
+    """Validation Recall@1 from the config alone, an epoch at a time: the scale=8 study scores near 0.8,
+    the scale=64 one near 0.1 (so shared rungs would stop every trial of the poor study). An epoch of a
+    search trial lasts 0.5 s: ASHA's stop must land before the trial's next epoch ends."""
+    from ray import tune
+
+    base = 0.8 if config["scale"] == 8.0 else 0.1
+    if config.get("final"):
+        for epoch in range(1, config["num_epochs"] + 1):
+            tune.report({"epoch": epoch, **({"test_recall@1": base} if epoch == config["num_epochs"] else {})})
+        return
+    for epoch in range(1, config["num_epochs"] + 1):
+        time.sleep(0.5)
+        tune.report({"epoch": epoch, "val_recall@1": base + 0.01 * epoch - 0.1 * abs(math.log10(config["lr"]) + 3)})
+
+
+@pytest.mark.ray
+def test_two_studies_in_one_run_keep_their_own_optuna_studies_rungs_selections_and_final_runs(ray_session, tmp_path, capsys):
+    from ray import cloudpickle
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    from tune_upl.search import run_studies
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import a test module
+
+    spec, studies = two_studies(tmp_path, num_samples=4, final_seeds=1)
+    experiment = tmp_path / "two"
+    experiment.mkdir()
+    run_studies(spec, studies, experiment, verbose=False, at_once=2, function=_replay)
+    runs = trial_results(experiment / "trials")
+    params = {tid: json.loads((experiment / "trials" / tid / "params.json").read_text()) for tid in runs}
+    search = {tid: rows for tid, rows in runs.items() if not params[tid]["final"]}
+    by_study = defaultdict(list)
+    for tid in sorted(search, key=lambda t: search[t][0]["timestamp"] - search[t][0]["time_this_iter_s"]):
+        by_study[study_name(params[tid])].append(tid)
+    assert {k: len(v) for k, v in by_study.items()} == {"scale=8.0": 4, "scale=64.0": 4}  # exactly num_samples each
+    storage = f"sqlite:///{experiment / 'optuna.db'}"
+    for key, tids in by_study.items():
+        trials = optuna.load_study(study_name=key, storage=storage).trials
+        assert sorted(t.params["lr"] for t in trials) == sorted(params[t]["lr"] for t in tids)  # its own only
+        assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+        assert trials[0].params["lr"] == 1e-4  # the study's own baseline (the recipe), first
+    # ASHA: the trials each study stopped are those Ray's own bracket stops on that study's results alone
+    # (one trial at a time per study: their order is the order they ran); shared rungs would stop others
+    for key, tids in by_study.items():
+        own = _Bracket(1, 3, 2, 0)
+        expected = set()
+        for tid in tids:
+            for row in search[tid]:
+                epoch = row["training_iteration"]
+                if own.on_result(type("T", (), {"trial_id": tid})(), epoch, row["val_recall@1"]) == "STOP" and epoch < 3:
+                    expected.add(tid)
+                    break
+        stopped = {tid for tid in tids if len(search[tid]) < 3}
+        assert stopped == expected, key
+        # the study's second trial beats its first (the baseline, lr 1e-4, is the curve's worst end): on its
+        # own rungs it goes on past rung 1; on rungs shared with the other study a poor one would stop there
+        assert len(search[tids[1]]) > 1 and search[tids[1]][0]["val_recall@1"] >= search[tids[0]][0]["val_recall@1"]
+    assert max(r["val_recall@1"] for t in by_study["scale=64.0"] for r in search[t]) < min(
+        r["val_recall@1"] for t in by_study["scale=8.0"] for r in search[t])  # every poor result below every good one
+    for key, tids in by_study.items():
+        selection = json.loads((experiment / key / "selection.json").read_text())
+        best = max(tids, key=lambda t: max(r["val_recall@1"] for r in search[t]))
+        assert selection["trial_id"] == best
+        finals = [params[t] for t in runs if params[t]["final"] and study_name(params[t]) == key]
+        assert [f["seed"] for f in finals] == [params[best]["seed"] + 1]
+        ended = max(r["timestamp"] for t in tids for r in search[t])
+        assert selection["selected_at"] >= ended - 1
+    lines = capsys.readouterr().out
+    assert lines.count("selected trial ") == 2 and "[10/10] " in lines
+
+
+def _kill_when(command, ready, limit=300):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    start = time.time()
+    while not ready():
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() - start < limit, "the interruption point was never reached"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_killed_driver_of_two_studies_resumes_to_the_same_end(tmp_path, cache_dir, synthetic_root):
+    spec = write_spec(tmp_path, name="mini", num_samples=2, final_seeds=1, studies={"feature_dim": [8, 16]},
+                      fixed={k: v for k, v in MINI["fixed"].items() if k != "feature_dim"} | {"num_epochs": 2},
+                      max_concurrent=1)
+    runs = tmp_path / "runs"
+    base = [sys.executable, "run_search.py", "--storage", str(runs), "--reports-dir", str(tmp_path),
+            "--cache-dir", cache_dir]
+    _kill_when(base + ["--space", str(spec)],
+               lambda: sum(len(r) for r in trial_results(runs / "mini" / "trials").values()) >= 3)
+    before = trial_results(runs / "mini" / "trials")
+    out = subprocess.run(base + ["--resume", "--name", "mini"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    after = trial_results(runs / "mini" / "trials")
+    params = {t: json.loads((runs / "mini" / "trials" / t / "params.json").read_text()) for t in after}
+    for dim in (8, 16):
+        mine = [t for t in after if params[t]["feature_dim"] == dim]
+        search, finals = [t for t in mine if not params[t]["final"]], [t for t in mine if params[t]["final"]]
+        assert len(search) == 2 and len(finals) == 1, (dim, mine)  # exactly num_samples and final_seeds
+        assert [params[t]["lr"] for t in search].count(1e-4) == 1  # the baseline once per study
+        assert all(sorted({r["training_iteration"] for r in after[t]}) == [1, 2] for t in mine)
+        assert (runs / "mini" / f"feature_dim={dim}" / "selection.json").is_file()
+        trials = optuna.load_study(study_name=f"feature_dim={dim}", storage=f"sqlite:///{runs / 'mini' / 'optuna.db'}").trials
+        assert sum(t.state.name == "COMPLETE" for t in trials) == 2
+    for tid, rows in before.items():  # nothing that had ended ran again
+        if len(rows) == 2:
+            assert after[tid] == rows
+    assert (runs / "mini" / "COMPLETE").is_file()

@@ -1,0 +1,319 @@
+"""Every study of a TPE or random spec in one Ray Tune run: a searcher that keeps one Optuna study per study
+(and suggests its final runs once it is selected), and a scheduler that keeps one ASHA per study.
+
+Why the composition is ours: Ray Tune runs one searcher and one scheduler per run, and does not support
+several runs sharing a cluster (ray-project/ray#21329; Tune's FAQ on multi-tenancy). One Tuner per study,
+one after another, leaves most of a GPU cluster idle (a study's `max_concurrent` trials at a time), and
+raising `max_concurrent` instead weakens TPE. So all studies share one run, and what Tune asks of its
+one searcher and its one scheduler is built here, thinly, on Tune's public `Searcher` and
+`TrialScheduler`: Ray still places, runs, retries, checkpoints and resumes every trial.
+
+- `StudySearcher` gives each free slot of the run (Tune's `max_concurrent_trials`, the spec's
+  `max_concurrent_total`) to a study under its own `max_concurrent` with trials left, the one furthest
+  behind its budget first. It asks that study's sampler through Optuna's ask/tell, on the study of that
+  name in the experiment's SQLite `optuna.db` (browsable in optuna-dashboard), and tells it each trial's
+  last objective: a trial's result reaches only its own study. When a study's last search trial has
+  ended it selects the study's trial (`final.select_trials`, on the results it was told), writes
+  `<study>/selection.json`, and suggests the `final_seeds` final runs. Its saved state (Tune saves it
+  with the experiment) is bookkeeping only; the Optuna studies reload from SQLite on resume.
+- `StudyRouter` sends each trial's results to its own study's ASHA (or FIFO); final runs are FIFO. Tune
+  pickles the scheduler when the run starts, so after a resume every study's rungs start empty.
+
+A trial's study is never written into its config (`make_config` refuses unknown keys): it is the study
+whose `studies` values the config holds (`planning.study_of`).
+"""
+from __future__ import annotations
+
+import collections
+import math
+import pickle
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import optuna
+import pandas as pd
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from tune_upl.final import (
+    Selection, final_param_space, final_seeds, final_stage_line, save_selection, select_trials, selected_line,
+)
+from tune_upl.layout import OPTUNA_FILE, SELECTION_FILE
+from tune_upl.planning import Study, baseline_point, max_epochs, study_of, suggest_config
+from tune_upl.spec import SearchSpec
+
+
+def make_sampler(spec: SearchSpec) -> optuna.samplers.BaseSampler:
+    """Optuna TPE (multivariate, grouped for `when` parameters, a constant liar for concurrent trials) or
+    random sampling, seeded by the spec."""
+    if spec.searcher.type == "tpe":
+        warnings.filterwarnings("ignore", message=".*group.*experimental", category=optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message=".*constant_liar.*experimental",
+                                category=optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=spec.searcher.seed,
+            n_startup_trials=spec.searcher.n_startup_trials,
+            multivariate=True,
+            group=True,  # conditional (`when`) parameters are modelled per group
+            constant_liar=True,  # concurrent trials do not all propose the same point
+        )
+    return optuna.samplers.RandomSampler(seed=spec.searcher.seed)
+
+
+def make_scheduler(spec: SearchSpec, study: Study) -> TrialScheduler:
+    """One study's early stopping: ASHA on the objective up to the study's longest trial, or FIFO."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    if spec.scheduler.type == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric=spec.objective.metric,
+        mode=spec.objective.mode,
+        max_t=max_epochs(study.base, study.space),  # planning's rung_epochs are this scheduler's
+        grace_period=spec.scheduler.grace_period,
+        reduction_factor=spec.scheduler.reduction_factor,
+    )
+
+
+@dataclass
+class Entry:
+    """One trial the searcher suggested: its study, its Optuna trial number (None for a final run)."""
+
+    study: str
+    config: dict[str, Any]
+    number: Optional[int] = None
+    ended: bool = False
+
+    @property
+    def final(self) -> bool:
+        return self.number is None
+
+
+@dataclass
+class Book:
+    """The searcher's saved state: what it suggested, what the trials reported, what it selected."""
+
+    entries: dict[str, Entry] = field(default_factory=dict)  # Tune trial id -> entry
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # search trial id -> its reported epochs
+    selections: dict[str, Selection] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # study -> why nothing could be selected
+    created: set[str] = field(default_factory=set)  # studies whose Optuna study exists (baseline enqueued)
+
+
+class StudySearcher(Searcher):
+    """All studies' searches and final runs, for one Tune run (see the module's docstring).
+
+    No attribute is named `searcher`: Tune follows `.searcher` chains (wrappers) when it saves the search
+    state and counts pending trials."""
+
+    def __init__(self, spec: SearchSpec, studies: list[Study], experiment: Path,
+                 publish: Optional[Callable[[str], None]] = None):
+        # no metric for Tune: it would refuse every result without it, and a final run reports none
+        super().__init__(metric=None, mode=None)
+        self._spec, self._studies = spec, list(studies)
+        self._experiment, self._publish = experiment, publish
+        self._limit = sum(spec.max_concurrent for _ in studies)  # Tune's max_concurrent_trials replaces it
+        self._book = Book()
+        self._optuna: dict[str, optuna.Study] = {}  # opened on demand from SQLite, never pickled
+
+    # ------------------------------------------------------------ Tune's interface
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        """Tune's `max_concurrent_trials` (the run's total): counted here, with each study's own limit."""
+        self._limit = max_concurrent
+        return True
+
+    def suggest(self, trial_id: str) -> Optional[dict[str, Any]]:
+        live = [e for e in self._book.entries.values() if not e.ended]
+        if len(live) >= self._limit:
+            return None
+        picked = self._next(collections.Counter(e.study for e in live))
+        if picked is None:
+            return Searcher.FINISHED if self._finished() else None
+        study, final = picked
+        if final:
+            selection = self._book.selections[study.key]
+            seed = final_seeds(self._spec, selection)[self._started(study.key, final=True)]
+            entry = Entry(study.key, {**final_param_space(selection), "seed": seed})
+        else:
+            trial = self._open(study).ask()
+            entry = Entry(study.key, suggest_config(trial, study.space, study.base), trial.number)
+        self._book.entries[trial_id] = entry
+        return dict(entry.config)
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        entry = self._book.entries.get(trial_id)
+        if entry is not None and not entry.final:
+            self._book.rows.setdefault(trial_id, []).append(self._row(trial_id, result))
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict[str, Any]] = None, error: bool = False) -> None:
+        entry = self._book.entries.get(trial_id)
+        if entry is None or entry.ended:  # a trial Tune resumed after it had ended (resume_errored)
+            return
+        entry.ended = True
+        if not entry.final:
+            if result:
+                self._book.rows.setdefault(trial_id, []).append(self._row(trial_id, result))
+            self._tell(entry, result, error)
+            self._select_when_done(next(s for s in self._studies if s.key == entry.study))
+        self._push(OPTUNA_FILE)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as out:
+            pickle.dump(self._book, out)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """The bookkeeping as Tune saved it; an Optuna trial asked after that save (the driver died before
+        the next) has no Tune trial and is marked failed, so TPE's constant liar stops counting it. A study
+        whose last trial ended after that save is selected now (no later trial would end to trigger it)."""
+        with open(checkpoint_path, "rb") as source:
+            self._book = pickle.load(source)
+        self._optuna = {}
+        for study in self._studies:
+            if study.key in self._book.created:
+                known = {e.number for e in self._book.entries.values() if e.study == study.key}
+                opened = self._open(study)
+                for trial in opened.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
+                    if trial.number not in known:
+                        opened.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        for study in self._studies:
+            self._select_when_done(study)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_optuna"} | {"_optuna": {}}
+
+    # ------------------------------------------------------------ what to run next
+    def _started(self, key: str, final: bool) -> int:
+        return sum(1 for e in self._book.entries.values() if e.study == key and e.final == final)
+
+    def _finals(self, key: str) -> int:
+        """Final runs a study will have: none under protocol seed or when nothing could be selected."""
+        return 0 if self._spec.protocol == "seed" or key in self._book.failed else self._spec.final_seeds
+
+    def _next(self, running: collections.Counter) -> Optional[tuple[Study, bool]]:
+        """The study that gets the free slot (and whether for a final run): under its own max_concurrent,
+        with a trial it can start now, the furthest behind its budget first (then the spec's order)."""
+        ready = []
+        for order, study in enumerate(self._studies):
+            if running[study.key] >= self._spec.max_concurrent:
+                continue
+            searched, finals = self._started(study.key, final=False), self._started(study.key, final=True)
+            if searched < self._spec.num_samples:
+                final = False
+            elif study.key in self._book.selections and finals < self._finals(study.key):
+                final = True
+            else:
+                continue
+            budget = self._spec.num_samples + self._finals(study.key)
+            ready.append(((searched + finals) / budget, order, study, final))
+        return min(ready, key=lambda r: r[:2])[2:] if ready else None
+
+    def _finished(self) -> bool:
+        """Nothing left to suggest, ever: every study's trials started, and its final runs where it has any."""
+        for study in self._studies:
+            if self._started(study.key, final=False) < self._spec.num_samples:
+                return False
+            selected_or_failed = study.key in self._book.selections or study.key in self._book.failed
+            if self._finals(study.key) and (not selected_or_failed or self._started(study.key, final=True) < self._finals(study.key)):
+                return False
+        return True
+
+    # ------------------------------------------------------------ Optuna
+    def _open(self, study: Study) -> optuna.Study:
+        """The study's Optuna study in the experiment's SQLite file; the first time, with its baseline queued
+        (a resumed run finds it there and does not queue it again)."""
+        if study.key not in self._optuna:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            opened = optuna.create_study(
+                storage=f"sqlite:///{self._experiment / OPTUNA_FILE}", study_name=study.key, load_if_exists=True,
+                sampler=make_sampler(self._spec),
+                direction="maximize" if self._spec.objective.mode == "max" else "minimize",
+            )
+            if study.key not in self._book.created:
+                if self._spec.baseline and not opened.trials:
+                    opened.enqueue_trial(baseline_point(study.space, study.base))
+                self._book.created.add(study.key)
+            self._optuna[study.key] = opened
+        return self._optuna[study.key]
+
+    def _tell(self, entry: Entry, result: Optional[dict[str, Any]], error: bool) -> None:
+        """The trial's last objective (a stopped trial's at its rung, a diverged one's worst score); an
+        errored trial, or one without a finite score, is told as failed."""
+        value = (result or {}).get(self._spec.objective.metric)
+        study = self._open(next(s for s in self._studies if s.key == entry.study))
+        try:
+            if error or value is None or not math.isfinite(value):
+                study.tell(entry.number, state=optuna.trial.TrialState.FAIL)
+            else:
+                study.tell(entry.number, float(value))
+        except (RuntimeError, ValueError) as told:  # told before the driver died, and Tune reran the trial
+            warnings.warn(f"optuna study {entry.study}: trial {entry.number}: {told}", stacklevel=2)
+
+    # ------------------------------------------------------------ selection
+    def _row(self, trial_id: str, result: dict[str, Any]) -> dict[str, Any]:
+        keep = {k: v for k, v in result.items() if k == self._spec.objective.metric or k.startswith("test_")}
+        return {"trial_id": trial_id, "training_iteration": result.get("training_iteration", 0), **keep}
+
+    def _select_when_done(self, study: Study) -> None:
+        """Once the study's last search trial has ended: select, save `selection.json`, and say so."""
+        key = study.key
+        mine = {tid: e for tid, e in self._book.entries.items() if e.study == key and not e.final}
+        if (key in self._book.selections or key in self._book.failed or len(mine) < self._spec.num_samples
+                or not all(e.ended for e in mine.values())):
+            return
+        trials = [(e.config, pd.DataFrame(self._book.rows.get(tid, []))) for tid, e in mine.items()]
+        try:
+            selection = select_trials(self._spec, trials, key, {})
+        except RuntimeError as nothing:
+            self._book.failed[key] = str(nothing)
+            print(f"error: {nothing}", flush=True)
+            return
+        self._book.selections[key] = selection
+        save_selection(selection, self._experiment / key)
+        self._push(f"{key}/{SELECTION_FILE}")
+        print(selected_line(self._spec, selection), flush=True)
+        if self._finals(key):
+            print(final_stage_line(self._spec, key), flush=True)
+
+    def _push(self, relative: str) -> None:
+        if self._publish is not None:
+            self._publish(relative)
+
+
+class StudyRouter(FIFOScheduler):
+    """Each trial's results go to its own study's scheduler (ASHA or FIFO); final runs are FIFO. Which
+    trial runs next is FIFO over all studies: the searcher already chose the order."""
+
+    def __init__(self, spec: SearchSpec, studies: list[Study]):
+        super().__init__()
+        self._studies = list(studies)
+        self._routes = {study.key: make_scheduler(spec, study) for study in studies}
+        self._finals = FIFOScheduler()
+
+    def _route(self, trial: Any) -> TrialScheduler:
+        if trial.config.get("final"):
+            return self._finals
+        return self._routes[study_of(trial.config, self._studies).key]
+
+    def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec: Any) -> bool:
+        return metric is None and mode is None  # each study's scheduler has the objective already
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._route(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        self._route(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        return self._route(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
+        self._route(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        self._route(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "\n".join(f"{key}: {route.debug_string()}" for key, route in self._routes.items())
