@@ -9,6 +9,8 @@ from __future__ import annotations
 import collections
 import functools
 import os
+import signal
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -24,7 +26,7 @@ from tune_upl.layout import (
 )
 from tune_upl.planning import Study, baseline_point, define_space, grid_points, max_epochs
 from tune_upl.spec import SearchSpec
-from tune_upl.errors import SpecError
+from tune_upl.errors import SpecError, Terminated
 
 
 def make_searcher(spec: SearchSpec, study: Study, database: Optional[Path] = None) -> tune.search.Searcher:
@@ -104,18 +106,39 @@ class TrialLines(tune.Callback):
         self.names = list(study.space) if names is None else names
         self.done = 0
         self.best: Optional[tuple[float, str]] = None
+        self.ended: set[str] = set()  # trials already counted
 
-    def _line(self, trial: Any, status: str) -> None:
-        self.done += 1
+    def __setstate__(self, state: dict[str, Any]) -> None:  # Tune restores callbacks pickled by older code too
+        self.__dict__.update({"ended": set(), **state})
+
+    def _count(self, trial: Any, status: str) -> str:
+        """Count an ended trial once and keep the best; returns its state."""
         result = trial.last_result or {}
-        epochs = result.get("training_iteration", 0)
-        planned = trial.config.get("num_epochs", "?")
-        state = trial_state(status, result, planned)
+        state = trial_state(status, result, trial.config.get("num_epochs", "?"))
+        if trial.trial_id in self.ended:
+            return state
+        self.ended.add(trial.trial_id)
+        self.done += 1
         score = result.get(self.metric)
         if score is not None and state in (COMPLETED, STOPPED_EARLY):
             better = self.best is None or (score > self.best[0] if self.mode == "max" else score < self.best[0])
             if better:
                 self.best = (score, trial.trial_id)
+        return state
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        """A restored run brings back trials that ended before the interruption: count them (and their best)
+        first, so the lines continue the experiment's count instead of starting at [1/N]."""
+        for trial in trials:
+            if trial.status in ("TERMINATED", "ERROR") and trial.trial_id not in self.ended:
+                self._count(trial, trial.status)
+
+    def _line(self, trial: Any, status: str) -> None:
+        state = self._count(trial, status)
+        result = trial.last_result or {}
+        epochs = result.get("training_iteration", 0)
+        planned = trial.config.get("num_epochs", "?")
+        score = result.get(self.metric)
         params = " ".join(f"{n}={_short(trial.config.get(n))}" for n in self.names if n in trial.config)
         if ERROR_KEY in result:  # a trial that stopped itself (diverged, out of memory, no GPU)
             params += f" | {result[ERROR_KEY]}"
@@ -169,6 +192,35 @@ class Interrupted(KeyboardInterrupt):
     """Tune stopped before every trial ended (SIGINT, SIGUSR1): its state is saved, so resume it."""
 
 
+SIGTERM_SEEN = threading.Event()  # set by `_on_sigterm`: the interruption was a SIGTERM (exit 143)
+_replaced: list[Any] = []  # the SIGTERM handler `handle_sigterm` replaced, until `restore_sigterm`
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (Kubernetes, `scancel`) as SIGINT: inside a Tune run, Tune's own SIGINT handler saves the
+    experiment and returns early; elsewhere the driver stops at once, as on Ctrl-C."""
+    SIGTERM_SEEN.set()
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signal.SIGINT, frame)
+    else:
+        raise Terminated("SIGTERM")
+
+
+def handle_sigterm() -> None:
+    """Install `_on_sigterm` in the driver's main thread for the run. Called after `ray.init`, whose core
+    worker installs a C++ handler that dumps a stack and aborts (exit 134) on SIGTERM."""
+    if threading.current_thread() is threading.main_thread() and not _replaced:
+        SIGTERM_SEEN.clear()
+        _replaced.append(signal.signal(signal.SIGTERM, _on_sigterm))
+
+
+def restore_sigterm() -> None:
+    """Put back the SIGTERM handler `handle_sigterm` replaced (a program that embeds the search keeps its own)."""
+    if _replaced and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _replaced.pop())
+
+
 def _fit(spec: SearchSpec, folder: str, new_tuner: Any, expected: int) -> tune.ResultGrid:
     """Continue the Tune experiment in `folder` when there is one (its searcher state included, errored
     trials resumed from their last checkpoint), else start `new_tuner()`. A restored ASHA starts with
@@ -181,7 +233,8 @@ def _fit(spec: SearchSpec, folder: str, new_tuner: Any, expected: int) -> tune.R
         results = new_tuner().fit()
     ended = results.num_terminated + results.num_errors
     if len(results) < expected or ended < len(results):
-        raise Interrupted(f"{folder.rsplit('/', 1)[-1]}: {ended} of {expected} trials ended before Tune stopped")
+        stop = Terminated if SIGTERM_SEEN.is_set() else Interrupted
+        raise stop(f"{folder.rsplit('/', 1)[-1]}: {ended} of {expected} trials ended before Tune stopped")
     return results
 
 
@@ -299,9 +352,14 @@ def quiet_ray(verbose: bool) -> None:
 
 
 def init_ray(address: Optional[str], verbose: bool) -> None:
+    """Start or join Ray, then take over SIGTERM for the run (`restore_sigterm` gives it back)."""
     quiet_ray(verbose)
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        _start_ray(address, verbose)
+    handle_sigterm()
+
+
+def _start_ray(address: Optional[str], verbose: bool) -> None:
     ray.init(
         address=address,
         include_dashboard=False,
