@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import optuna
 import pytest
-from experiments import ROOT, result_rows, trial_results
+from experiments import ROOT, trial_results
 from searches import MINI, write_spec
 
 from tune_upl.planning import plan_studies

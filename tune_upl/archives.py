@@ -69,6 +69,18 @@ def split_halves(class_ids: Sequence[int]) -> tuple[list[int], list[int]]:
     return classes[:half], classes[half:]
 
 
+MIN_CLASSES = 4  # two train and two test classes: the fewest a class-disjoint split (and its metrics) can take
+
+
+def check_class_count(class_ids: Sequence[int], where: str) -> None:
+    """A dataset too small to split by class is refused where it is first read (prepare, or the search's
+    pre-flight preparing it), with one message for both, before any cache or experiment file is written."""
+    count = len(set(class_ids))
+    if count < MIN_CLASSES:
+        raise DatasetError(f"{where}: need at least {MIN_CLASSES} classes for class-disjoint splits, found {count}; "
+                           f"allowed: a dataset with {MIN_CLASSES} or more classes")
+
+
 def file_stats(root: Path, names: Sequence[str]) -> list[Any]:
     """[name, size, mtime_ns] of each file present: a changed annotation file changes the cache key."""
     stats = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -18,15 +19,16 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 from tune_upl.config import FIELD_DEFAULTS, FIELD_HELP, FIELD_NAMES, Paths, is_path, make_config, validate_field
 from tune_upl.errors import (
     ConfigError, DatasetError, DivergedError, ExperimentError, OutOfMemory, SpecError, SplitAccessError, StorageError,
-    WeightsMissing,
+    Terminated, WeightsMissing,
 )
-from tune_upl.layout import PULLED_FOLDER, report_file
+from tune_upl.layout import NAME_PATTERN, PULLED_FOLDER, report_file
 
 if TYPE_CHECKING:
     from tune_upl.storage import Remote
 
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # SIGINT: 128 + 2, as a shell reports it
+EXIT_TERMINATED = 143  # SIGTERM: 128 + 15
 
 
 def option_spellings(name: str) -> list[str]:
@@ -83,6 +85,15 @@ def driver_paths(*sources: dict[str, Any]) -> Paths:
 def with_paths(values: dict[str, Any]) -> dict[str, Any]:
     """`values` with data_path, cache_dir and weights_dir filled in and every path absolute (one run, no spec)."""
     return driver_paths(values).apply(values)
+
+
+def experiment_name(value: Optional[str]) -> Optional[str]:
+    """`--name` is one folder under the storage: no path separators, no `..` (a report must not read, nor a
+    search write, outside the storage)."""
+    if value is not None and not re.fullmatch(NAME_PATTERN, value):
+        raise ConfigError(f"--name {value!r}: an experiment name is one plain folder name; allowed: letters, digits "
+                          "and _ . - (starting with a letter or digit), no path separators")
+    return value
 
 
 def format_metrics(metrics: dict[str, float], prefix: str) -> str:
@@ -162,6 +173,7 @@ def search_spec(args: argparse.Namespace, storage: Path,
     from tune_upl.experiment import resolve_resume
     from tune_upl.spec import load_spec, parse_spec
 
+    experiment_name(args.name)
     if args.resume:
         if args.space is not None:
             raise ExperimentError("--resume reads the spec from the experiment's record; drop --space")
@@ -241,7 +253,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from tune_upl.report import write_report
 
     local, remote = storage_location(args)
-    experiment = pulled_experiment(local, remote, args.name)
+    experiment = pulled_experiment(local, remote, experiment_name(args.name))
     print(write_report(experiment, Path(args.reports_dir).expanduser().resolve(), remote and remote.uri))
     return 0
 
@@ -250,7 +262,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     """The query and its top-k test images, framed green (same class) or red, and one grid (the seed's test.py)."""
     from tune_upl.retrieve import retrieve
 
-    experiment = pulled_experiment(*storage_location(args), args.name)
+    experiment = pulled_experiment(*storage_location(args), experiment_name(args.name))
     output = Path(args.output or Path(args.reports_dir) / args.name / "retrieval").expanduser().resolve()
     found = retrieve(experiment, args.query_img_name, args.retrieval_num, output, args.study)
     correct = sum(bool(hit.correct) for hit in found.hits)
@@ -347,10 +359,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DivergedError, OutOfMemory) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as error:
+    except KeyboardInterrupt as error:  # SIGINT, SIGUSR1 and (handled as SIGINT) SIGTERM
         where = f" ({error})" if str(error) else ""
         resume = ""
         if args.command == "search" and not getattr(args, "dry_run", False):
-            resume = f"; continue with: python run_search.py search --resume --name {args.name or _spec_name(args)}"
-        print(f"interrupted{where}{resume}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+            resume = f"; continue with: {resume_command(args)}"
+        print(f"{'terminated' if isinstance(error, Terminated) else 'interrupted'}{where}{resume}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(error, Terminated) else EXIT_INTERRUPTED
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this search from any working directory: its name, storage (absolute, or the
+    URI), the reports folder and the cluster address when they are not the defaults."""
+    from tune_upl.storage import is_uri
+
+    storage = args.storage if is_uri(args.storage) else absolute_path(args.storage)
+    parts = ["python run_search.py search --resume --name", args.name or _spec_name(args), "--storage", storage]
+    if args.reports_dir != "reports":
+        parts += ["--reports-dir", absolute_path(args.reports_dir)]
+    if args.address:
+        parts += ["--address", args.address]
+    return " ".join(parts)

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from tune_upl.archives import split_halves
+from tune_upl.archives import check_class_count, split_halves
 from tune_upl.config import TrialConfig
 from tune_upl.prepare import PIXELS_FILE, decode_image_file, read_manifest
 from tune_upl.errors import ConfigError, DatasetError, SplitAccessError
@@ -67,8 +67,7 @@ class SplitManager:
         self.records = list(records)
         self.protocol = protocol
         classes = sorted({r.class_id for r in self.records})
-        if len(classes) < 4:
-            raise DatasetError(f"need at least 4 classes for class-disjoint splits, found {len(classes)}")
+        check_class_count(classes, "the prepared records")
         train_all, self.test_classes = split_halves(classes)
         if protocol == "val":
             n_val = max(2, round(val_fraction * len(train_all)))

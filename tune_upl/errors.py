@@ -30,6 +30,10 @@ class SplitAccessError(RuntimeError):
     """The test classes were asked for outside a final evaluation (hyper-parameters must not see them)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as SIGINT (Tune saves its state and returns early); the search exits 143, not 130."""
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read: names the file."""
 

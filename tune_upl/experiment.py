@@ -11,12 +11,14 @@ driver's files to a local mirror, each pushed to the URI when written (`tune_upl
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
-import json
 import platform
 import shutil
+import sqlite3
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -41,15 +43,16 @@ from tune_upl.layout import (
     driver_lock_name,
     study_key,
 )
+from tune_upl.results import read_saved_spec
 from tune_upl.planning import (
     Study, baseline_point, grid_points, plan_studies, prepare_data, prepare_weights, serial_loading,
 )
 from tune_upl.search import (
-    check_resources, init_ray, logger_callbacks, run_final, run_grid, run_studies, trials_at_once,
+    check_resources, init_ray, logger_callbacks, restore_sigterm, run_final, run_grid, run_studies, trials_at_once,
 )
 from tune_upl.spec import SearchSpec, parse_spec
 from tune_upl.storage import Remote, prune_checkpoints, push_file
-from tune_upl.errors import ExperimentError
+from tune_upl.errors import ExperimentError, StorageError
 
 PACKAGES = ("torch", "torchvision", "ray", "optuna", "numpy", "pydantic", "adamp", "pillow")
 
@@ -74,7 +77,7 @@ class Options:
 def load_saved_spec(experiment: Path) -> tuple[SearchSpec, dict[str, Any], Paths]:
     """What the experiment was started with. A record without `paths` is older: its overrides hold the
     absolute data_path and cache_dir themselves, so it plans as it did."""
-    saved = json.loads((experiment / SPEC_FILE).read_text())
+    saved = read_saved_spec(experiment)
     spec = parse_spec(saved["spec"], str(experiment / SPEC_FILE))
     return spec, saved["overrides"], Paths(**saved.get("paths", {}))
 
@@ -114,28 +117,37 @@ def _publish(options: Options, experiment: Path, *relative: str) -> None:
             push_file(options.remote, experiment, name)
 
 
-def open_experiment(spec: SearchSpec, overrides: dict[str, Any], options: Options,
-                    paths: Paths = Paths()) -> tuple[Path, bool]:
-    """Create the experiment folder, or accept the existing one; returns (folder, already complete)."""
+def experiment_status(spec: SearchSpec, options: Options) -> bool:
+    """Whether the experiment is complete already (and not to be overwritten); refuses an unfinished one
+    without --resume or --overwrite. Reads only: a start refused later leaves the storage as it was."""
     experiment = options.storage / spec.name
     exists = experiment.exists() and any(experiment.iterdir())
-    if exists and options.overwrite:
-        if options.remote:
-            raise ExperimentError(
-                f"--overwrite: experiment {spec.name} is in {options.remote.uri}, where moving a folder aside means "
-                "copying every object; choose another --name, or delete it with your storage's own tools"
-            )
+    if exists and options.overwrite and options.remote:
+        raise ExperimentError(
+            f"--overwrite: experiment {spec.name} is in {options.remote.uri}, where moving a folder aside means "
+            "copying every object; choose another --name, or delete it with your storage's own tools"
+        )
+    if not exists or options.overwrite or options.resume:
+        return False
+    if (experiment / COMPLETE_FILE).is_file():
+        return True
+    raise ExperimentError(
+        f"experiment {spec.name} in {options.remote.uri if options.remote else options.storage} is unfinished: add --resume to "
+        "continue it, or --overwrite to start again (the old folder is kept)"
+    )
+
+
+def open_experiment(spec: SearchSpec, overrides: dict[str, Any], options: Options,
+                    paths: Paths = Paths()) -> tuple[Path, bool]:
+    """Create the experiment folder, or accept the existing one; returns (folder, already complete). The first
+    write into the folder: called once every pre-flight check has passed."""
+    experiment = options.storage / spec.name
+    if experiment_status(spec, options):
+        return experiment, True
+    if options.overwrite and experiment.exists() and any(experiment.iterdir()):
         kept = experiment.with_name(f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         experiment.rename(kept)
         print(f"the earlier experiment {spec.name} was moved to {kept} (nothing is deleted)", flush=True)
-        exists = False
-    if exists and not options.resume:
-        if (experiment / COMPLETE_FILE).is_file():
-            return experiment, True
-        raise ExperimentError(
-            f"experiment {spec.name} in {options.remote.uri if options.remote else options.storage} is unfinished: add --resume to "
-            "continue it, or --overwrite to start again (the old folder is kept)"
-        )
     experiment.mkdir(parents=True, exist_ok=True)
     if not (experiment / SPEC_FILE).is_file():
         write_json(experiment / SPEC_FILE, {"spec": spec.model_dump(mode="json"), "overrides": overrides,
@@ -163,7 +175,57 @@ def resolve_resume(name: str, storage: Path,
         known = sorted(p.parent.name for p in storage.glob(f"*/{SPEC_FILE}")) if storage.is_dir() else []
         where = remote.uri if remote else storage
         raise ExperimentError(f"no experiment {name!r} to resume in {where}; allowed: {', '.join(known) or 'none found'}")
-    return load_saved_spec(experiment)
+    saved = load_saved_spec(experiment)
+    refuse_old_layout(saved[0], experiment, remote)
+    check_optuna_database(experiment)
+    return saved
+
+
+def check_storage(storage: Path) -> None:
+    """An unusable --storage (a file, a read-only or unwritable folder) is one message before anything is
+    written; a missing folder is made later, so its nearest existing parent must take it. Probed by writing
+    a temporary file (permissions alone do not tell a read-only file system, nor root's rights)."""
+    existing = storage
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise StorageError(f"--storage {storage}: {existing} is a file, not a folder; allowed: a folder (made if "
+                           "missing) whose parents are folders, or a URI")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise StorageError(f"--storage {storage}: cannot write in {existing} ({error.strerror}); allowed: a folder "
+                           "this user can write to, or a URI") from None
+
+
+def check_optuna_database(experiment: Path) -> None:
+    """A resume reopens the experiment's Optuna database (Tune's restored searcher does): one that SQLite cannot
+    read is named here, before Ray starts, instead of a traceback from inside the restore."""
+    database = experiment / OPTUNA_FILE
+    if not database.is_file():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as connection:
+            problem = connection.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as error:
+        problem = str(error)
+    if problem != "ok":
+        raise ExperimentError(f"{database}: damaged ({problem}); restore it from a copy, or start the experiment "
+                              f"again with --overwrite (the old folder is kept)")
+
+
+def preflight(spec: SearchSpec, overrides: dict[str, Any], options: Options, paths: Paths,
+              studies: list[Study]) -> tuple[SearchSpec, list[Study]]:
+    """Every check a start can fail, before anything is written into the experiment folder: data prepared
+    (class splits included), weights fetched, Ray up and able to hold a trial. Returns the spec to run
+    (`--allow-cpu` may drop its GPU) and its studies."""
+    prepare_data(studies)
+    prepare_weights(studies)
+    _class_lists(studies)  # too few classes, or a val_fraction that leaves no training class
+    init_ray(options.address, options.verbose)
+    spec = check_resources(spec, autoscaling=options.autoscaling, allow_cpu=options.allow_cpu)
+    return spec, plan_studies(spec, overrides, paths)
 
 
 def driver_lock(storage: Path, name: str) -> FileLock:
@@ -319,23 +381,19 @@ def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options, pa
     driver's (`cli.driver_paths`); without them, paths reach the trials as the spec and overrides give them."""
     studies = plan_studies(spec, overrides, paths)  # validates every study before anything starts
     callbacks = (*logger_callbacks(options.loggers, spec.name), *options.callbacks)
+    check_storage(options.storage)
     lock = driver_lock(options.storage, spec.name)
     try:
         if options.remote:
             options.remote.check()
             sync_down(options.remote, options.storage / spec.name)
-        experiment, complete = open_experiment(spec, overrides, options, paths)
-        if options.resume:
-            refuse_old_layout(spec, experiment, options.remote)
-        if complete:
-            print(f"experiment {spec.name} is complete already (in {experiment}); "
+        if experiment_status(spec, options):
+            print(f"experiment {spec.name} is complete already (in {options.storage / spec.name}); "
                   "use --overwrite to run it again", flush=True)
-            return experiment
-        prepare_data(studies)
-        prepare_weights(studies)
-        init_ray(options.address, options.verbose)
-        spec = check_resources(spec, autoscaling=options.autoscaling, allow_cpu=options.allow_cpu)
-        studies = plan_studies(spec, overrides, paths)
+            return options.storage / spec.name
+        checked, studies = preflight(spec, overrides, options, paths, studies)
+        experiment, _ = open_experiment(spec, overrides, options, paths)  # the first write into the folder
+        spec = checked
         for warning in serial_loading(spec, studies):
             print(warning, flush=True)
         write_record(experiment, studies, spec)
@@ -348,4 +406,5 @@ def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options, pa
         _publish(options, experiment, COMPLETE_FILE)
         return experiment
     finally:
+        restore_sigterm()
         lock.release()

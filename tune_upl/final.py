@@ -10,7 +10,6 @@ the result, as in the seed.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import pandas as pd
 
 from tune_upl.atomic import write_json
 from tune_upl.layout import FINAL_SUFFIX, SELECTION_FILE
-from tune_upl.results import last_per_epoch
+from tune_upl.results import last_per_epoch, read_selection
 from tune_upl.spec import SearchSpec
 
 if TYPE_CHECKING:  # a Tune result grid is only passed in: selecting needs no Ray of its own
@@ -91,7 +90,7 @@ def save_selection(selection: Selection, folder: Path) -> None:
 def load_selection(folder: Path) -> Optional[Selection]:
     """The study's saved selection, or None before it is selected (a resume does not search it again)."""
     path = folder / SELECTION_FILE
-    return Selection(**json.loads(path.read_text())) if path.is_file() else None
+    return Selection(**read_selection(path)) if path.is_file() else None
 
 
 def final_seeds(spec: SearchSpec, selection: Selection) -> list[int]:

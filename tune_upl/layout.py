@@ -18,6 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # an experiment's name: one plain folder name under the storage
+
 # ---------------------------------------------------------------- the driver's files
 SPEC_FILE = "search_spec.json"
 RECORD_FILE = "record.json"

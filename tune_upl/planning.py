@@ -19,7 +19,7 @@ import numpy as np
 from tune_upl.config import FIELD_DEFAULTS, Paths, TrialConfig, make_config
 from tune_upl.errors import SpecError
 from tune_upl.layout import study_key
-from tune_upl.spec import Param, SearchSpec
+from tune_upl.spec import Param, SearchSpec, grace_period_problem
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,9 @@ def plan_studies(spec: SearchSpec, overrides: dict[str, Any], paths: Paths = Pat
             space[name] = param
         for name in space:
             base.pop(name, None)
+        problem = grace_period_problem(spec.scheduler, max_epochs(base, space), study_key(point))
+        if problem:  # a command-line num_epochs shorter than the spec's grace period
+            raise SpecError(problem)
         base.update(checkpoint_plan(spec, base, space, {**spec.fixed, **point, **overrides}))
         make_config(base)  # every study's fixed part must be a valid config on its own
         studies.append(Study(study_key(point), point, base, space))

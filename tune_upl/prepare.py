@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Union
 import numpy as np
 from tqdm import tqdm
 
-from tune_upl.archives import DATASETS, Box, SourceImage, split_halves
+from tune_upl.archives import DATASETS, Box, SourceImage, check_class_count, split_halves
 from tune_upl.atomic import build_once
 from tune_upl.config import TrialConfig, available_cpus
 from tune_upl.errors import DatasetError
@@ -249,6 +249,7 @@ def prepare_dataset(cfg: TrialConfig, workers: Optional[int] = None, progress: b
 
     def build(folder: Path) -> str:
         images = fmt.read(source)
+        check_class_count([im.class_id for im in images], str(source))
         if cfg.crop == "cropped" and any(im.box is None for im in images):
             raise DatasetError(f"{source}: crop cropped needs a bounding box for every image "
                                "(bounding_boxes.txt); allowed: crop uncropped")
@@ -266,6 +267,8 @@ def prepare_dataset(cfg: TrialConfig, workers: Optional[int] = None, progress: b
 def _prepared(entry: Path, built: bool, start: float) -> Prepared:
     marker = read_marker(entry)
     assert marker is not None, f"{entry} has no {MARKER_FILE}"
+    classes = marker["train_classes"] + marker["test_classes"]  # an entry prepared before the class check
+    check_class_count(range(classes), marker["key"]["source"])
     return Prepared(entry, Path(marker["key"]["source"]), marker["images"], marker["train_classes"],
                     marker["test_classes"], built, time.perf_counter() - start)
 

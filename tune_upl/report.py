@@ -515,6 +515,17 @@ def _header(data: ExperimentData, storage: Optional[str] = None) -> list[str]:
     ]
 
 
+def damaged_note(data: ExperimentData) -> list[str]:
+    """Result files with rows that could not be read: named, so that no count or hour shrinks unseen."""
+    if not data.damaged:
+        return []
+    return ["## Damaged files", "",
+            "These trial result files have rows that cannot be read (cut short, garbled, or a metric that is not "
+            "a number; a row still being written by a running trial shows here too). The tables use their other "
+            "rows; a trial's epochs and hours lack the skipped ones.", "",
+            *[f"- `{line}`" for line in data.damaged], ""]
+
+
 def render(data: ExperimentData, folder: Path, storage: Optional[str] = None) -> str:
     """The markdown; figures go into `folder` (linked by its name, beside the markdown file). `storage`: the
     URI the experiment was pulled from, if it was."""
@@ -526,7 +537,7 @@ def render(data: ExperimentData, folder: Path, storage: Optional[str] = None) ->
 
     groups = {k: {loss: _values(f, "test_recall@1") for loss, f in v.items()} for k, v in loss_groups(data).items()}
     loss_figure = figures.draw("loss_comparison.png", lambda p: draw.loss_comparison(groups, p, "test R@1"))
-    lines = _header(data, storage)
+    lines = _header(data, storage) + damaged_note(data)
     lines += ["## Benchmark (test classes)", "", *benchmark_tables(data, refs)]
     lines += ["## Loss comparison", "", *loss_comparison(data, loss_figure)]
     lines += ["## Search summary", "", *search_summary(data)]

@@ -9,12 +9,14 @@ study without `selection.json` simply has no final result yet.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tune_upl.layout import (
     COMPLETE_FILE,
@@ -34,7 +36,98 @@ from tune_upl.layout import (
     study_key,
     trial_state,
 )
-from tune_upl.spec import Param
+from tune_upl.errors import ExperimentError
+from tune_upl.spec import Param, parse_spec
+
+NUMERIC_KEYS = ("training_iteration", "time_this_iter_s", "time_total_s", "timestamp")  # of every result row
+METRIC_PREFIXES = ("train_", "val_", "test_")  # metrics a row may carry: numbers (or null, NaN)
+
+
+class SavedSpec(BaseModel):
+    """`search_spec.json`: the spec, the command-line overrides and (since they were recorded) the paths."""
+
+    model_config = ConfigDict(extra="forbid")
+    spec: dict[str, Any]
+    overrides: dict[str, Any]
+    paths: dict[str, Any] = {}
+
+
+class SavedSelection(BaseModel):
+    """`selection.json`: the fields of `final.Selection`, checked before anything is read from them."""
+
+    model_config = ConfigDict(extra="forbid")
+    key: str
+    group: dict[str, Any]
+    trial_id: str
+    epoch: int
+    objective: dict[str, float]
+    config: dict[str, Any]
+    test_selected: dict[str, float]
+    selected_at: float
+
+
+class SavedRecord(BaseModel):
+    """`record.json`: what the report reads of it (the rest is for people)."""
+
+    model_config = ConfigDict(extra="allow")
+    baselines: dict[str, dict[str, Any]] = {}
+
+
+class SavedParams(BaseModel):
+    """A trial's `params.json` (Tune's copy of its config): what the retrieval tool reads of it."""
+
+    model_config = ConfigDict(extra="allow")
+    seed: int
+
+
+def read_params(path: Path) -> dict[str, Any]:
+    """A final run's `params.json`; it is its model's config, so a damaged one can only be restored."""
+    return read_saved(path, SavedParams, "restore it from a copy (it is the final run's training config)")
+
+
+def read_saved(path: Path, model: type[BaseModel], fix: str) -> dict[str, Any]:
+    """A driver file, parsed and checked against `model`; a damaged one is one error naming the file, the
+    problem and `fix` (the command that repairs or skips it), never a traceback from deep in a reader."""
+    try:
+        return model.model_validate_json(path.read_bytes()).model_dump()
+    except ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        problem = first["msg"] if first["type"].startswith("json") or not where else f"{where}: {first['msg']}"
+    except OSError as error:
+        problem = error.strerror or str(error)
+    raise ExperimentError(f"{path}: damaged ({problem}); {fix}")
+
+
+def _command(experiment: Path, *options: str) -> str:
+    return " ".join(["python run_search.py", *options, "--name", experiment.name, "--storage", str(experiment.parent)])
+
+
+def read_saved_spec(experiment: Path) -> dict[str, Any]:
+    """The experiment's `search_spec.json`, its spec validated as a spec file is."""
+    path = experiment / SPEC_FILE
+    fix = (f"it cannot be rebuilt from the folder: restore it from a copy, or start again with "
+           f"`{_command(experiment, 'search --space SPEC')} --overwrite` (the old folder is kept)")
+    saved = read_saved(path, SavedSpec, fix)
+    parse_spec(saved["spec"], str(path))
+    return saved
+
+
+def read_record(experiment: Path) -> dict[str, Any]:
+    """The experiment's `record.json`, or {} before it is written."""
+    path = experiment / RECORD_FILE
+    if not path.is_file():
+        return {}
+    return read_saved(path, SavedRecord, "delete it to report without it (hardware, baselines and class lists are "
+                                         "then not shown); a --resume of an unfinished experiment writes it again")
+
+
+def read_selection(path: Path) -> dict[str, Any]:
+    """One study's `selection.json`."""
+    experiment = path.parent.parent
+    fix = (f"delete it (and {COMPLETE_FILE}, if there), then `{_command(experiment, 'search --resume')}` selects the "
+           "study again from its trials")
+    return read_saved(path, SavedSelection, fix)
 
 
 @dataclass
@@ -67,6 +160,7 @@ class ExperimentData:
     epochs: pd.DataFrame  # one row per reported epoch of a search trial: study, trial and Tune's result
     final_trials: pd.DataFrame  # one row per final-stage run: study, trial, seed, state, hours, test_*
     finals: list[FinalResult] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)  # result files with rows that could not be read, and how many
 
     @property
     def name(self) -> str:
@@ -100,9 +194,10 @@ def tune_folders(experiment: Path) -> list[Path]:
 Trials = dict[Path, list[tuple[Any, pd.DataFrame, float]]]  # Tune experiment folder -> its trials (`_trials_of`)
 
 
-def read_trials(experiment: Path) -> Trials:
-    """Each Tune experiment's trials, read once for both the search table and the final runs."""
-    return {folder: _trials_of(folder) for folder in tune_folders(experiment)}
+def read_trials(experiment: Path, damaged: list[str]) -> Trials:
+    """Each Tune experiment's trials, read once for both the search table and the final runs; each result
+    file with unreadable rows is added to `damaged`."""
+    return {folder: _trials_of(folder, damaged) for folder in tune_folders(experiment)}
 
 
 def _is_final(folder: Path, trial: Any) -> bool:
@@ -119,18 +214,37 @@ def _study(folder: Path, config: dict[str, Any], spec: dict[str, Any]) -> str:
 
 def load_selections(experiment: Path) -> list[dict[str, Any]]:
     """Every study's selection record in an experiment folder (studies not yet selected have none)."""
-    return [json.loads(p.read_text()) for p in sorted(experiment.glob(f"*/{SELECTION_FILE}"))]
+    return [read_selection(p) for p in sorted(experiment.glob(f"*/{SELECTION_FILE}"))]
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _result_row(line: str) -> Optional[dict[str, Any]]:
+    """One line of `result.json` as a row, or None when it cannot be one (cut, garbled, a metric not a number)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(row, dict) or not isinstance(row.get("training_iteration"), int):
+        return None
+    numeric = [v for k, v in row.items() if k in NUMERIC_KEYS or k.startswith(METRIC_PREFIXES)]
+    return row if all(map(_is_number, numeric)) else None
+
+
+def read_result_rows(path: Path) -> tuple[pd.DataFrame, int]:
+    """Tune's `result.json` (one JSON object per line): every row that can be read, and how many could not
+    (a line still being written, or a damaged file: the report names it instead of showing fewer epochs)."""
+    text = path.read_bytes().decode("utf-8", errors="replace") if path.is_file() else ""
+    lines = [line for line in text.splitlines() if line.strip()]
+    rows = [row for row in map(_result_row, lines) if row is not None]
+    return (pd.json_normalize(rows, sep="/") if rows else pd.DataFrame()), len(lines) - len(rows)
 
 
 def read_results(path: Path) -> pd.DataFrame:
-    """Tune's `result.json` (one JSON object per line); a line still being written is skipped."""
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return pd.json_normalize(rows, sep="/") if rows else pd.DataFrame()
+    """The rows of Tune's `result.json` that can be read (see `read_result_rows`)."""
+    return read_result_rows(path)[0]
 
 
 def _clean(row: dict[str, Any]) -> dict[str, Any]:
@@ -152,17 +266,24 @@ def paid_hours(frame: pd.DataFrame) -> float:
     return float(frame["time_this_iter_s"].sum()) / 3600 if "time_this_iter_s" in frame else 0.0
 
 
-def _trials_of(folder: Path) -> list[tuple[Any, pd.DataFrame, float]]:
-    """Each trial Tune knows in this experiment folder, with its results (the last row per epoch) and hours."""
+def _trials_of(folder: Path, damaged: list[str]) -> list[tuple[Any, pd.DataFrame, float]]:
+    """Each trial Tune knows in this experiment folder, with its results (the last row per epoch) and hours.
+    Results are read here, row by row, not by Ray (which drops a whole file for one bad line); each file with
+    unreadable rows is added to `damaged`."""
     from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(str(folder))
-    frames = analysis.trial_dataframes
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # bad files: named by us
+    try:
+        analysis = ExperimentAnalysis(str(folder))
+    except Exception as error:  # Ray's parse of its own state: whatever it raises, name the folder
+        raise ExperimentError(f"{folder}: Tune's saved state ({TUNE_STATE_PATTERN}) cannot be read ({error}); "
+                              "restore the folder from a copy") from None
     found = []
     for trial in analysis.trials:
-        frame = frames.get(trial.trial_id, pd.DataFrame())
-        if frame.empty:  # no result yet, or Ray could not parse a file being written: read it leniently
-            frame = read_results(Path(trial.path) / RESULT_FILE)
+        path = Path(trial.path) / RESULT_FILE
+        frame, bad = read_result_rows(path)
+        if bad:
+            damaged.append(f"{path}: {bad} unreadable row{'' if bad == 1 else 's'} skipped")
         found.append((trial, last_per_epoch(frame), paid_hours(frame)))
     return found
 
@@ -276,12 +397,12 @@ def load_experiment(experiment: Path) -> ExperimentData:
     """Read an experiment folder (finished, interrupted or running); FileNotFoundError when there is none."""
     if not (experiment / SPEC_FILE).is_file():
         raise FileNotFoundError(f"no experiment at {experiment} (missing {SPEC_FILE}); check --name and --storage")
-    saved = json.loads((experiment / SPEC_FILE).read_text())
+    saved = read_saved_spec(experiment)
     spec, overrides = saved["spec"], saved["overrides"]
-    record_file = experiment / RECORD_FILE
-    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    record = read_record(experiment)
     searched = [n for n in spec["space"] if n not in overrides]
-    read = read_trials(experiment)
+    damaged: list[str] = []
+    read = read_trials(experiment, damaged)
     trials, epochs = trial_rows(read, spec, searched, record.get("baselines", {}))
     selections = load_selections(experiment)
     final_trials = final_rows(read, spec)
@@ -295,5 +416,5 @@ def load_experiment(experiment: Path) -> ExperimentData:
                     if any(k.startswith("test_") for k in r)]  # a run tested after its last epoch
         finals.append(FinalResult(selection["key"], selection, runs))
     return ExperimentData(experiment, spec, overrides, record, (experiment / COMPLETE_FILE).is_file(),
-                          trials, epochs, final_trials, finals)
+                          trials, epochs, final_trials, finals, damaged)
 

@@ -8,7 +8,6 @@ file, which the model embeds first; its class is then looked up in the prepared 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -29,7 +28,7 @@ from tune_upl.layout import (
     RESULT_FILE,
     SPEC_FILE,
 )
-from tune_upl.results import load_selections, read_results
+from tune_upl.results import load_selections, read_params, read_results
 
 GREEN, RED, GREY = (0, 255, 0), (255, 0, 0), (128, 128, 128)
 FILE_SIZE, FILE_FRAME = 224, 8  # the saved pictures, as the seed's test.py saved them
@@ -94,7 +93,7 @@ def _final_database(experiment: Path, selection: dict[str, Any]) -> Optional[tup
              *(experiment / RUN_FOLDER).glob(f"*{FINAL_SUFFIX}/{PARAMS_FILE}")]  # final runs of every study
     for trial in found:
         checkpoints = sorted(trial.parent.glob(f"{CHECKPOINT_PREFIX}*/{EMBEDDINGS_FILE}"))
-        config = json.loads(trial.read_text()) if checkpoints else {}
+        config = read_params(trial) if checkpoints else {}
         if checkpoints and all(config.get(k) == v for k, v in selection["config"].items() if k not in ("seed", "final")):
             runs.append((int(config["seed"]), checkpoints[-1].parent, config, trial.parent.name.removesuffix(FINAL_SUFFIX)))
     if not runs:

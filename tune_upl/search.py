@@ -10,6 +10,8 @@ import collections
 import logging
 import math
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -24,7 +26,7 @@ from tune_upl.layout import (
 from tune_upl.multistudy import StudyRouter, StudySearcher, make_scheduler
 from tune_upl.planning import Study, grid_points, study_of
 from tune_upl.spec import SearchSpec
-from tune_upl.errors import SpecError
+from tune_upl.errors import SpecError, Terminated
 
 
 def check_resources(spec: SearchSpec, autoscaling: bool = False, allow_cpu: bool = False,
@@ -62,22 +64,50 @@ class TrialLines(tune.Callback):
         self.metric, self.mode, self.total = metric or spec.objective.metric, spec.objective.mode, total
         self.names, self.studies = names, studies
         self.done = 0
-        self.best: dict[str, tuple[float, str]] = {}
+        self.best: dict[str, tuple[float, str]] = {}  # study -> (score, trial id)
+        self.ended: set[str] = set()  # trials already counted
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # Tune restores callbacks pickled by older code too
+        self.__dict__.update({"ended": set(), "studies": (), **state})
+        if not isinstance(self.best, dict):  # one best for the whole run
+            self.best = {"": self.best} if self.best else {}
+
+    def _count(self, trial: Any, status: str) -> str:
+        """Count an ended trial once and keep the best; returns its state."""
+        result = trial.last_result or {}
+        state = trial_state(status, result, trial.config.get("num_epochs", "?"))
+        if trial.trial_id in self.ended:
+            return state
+        self.ended.add(trial.trial_id)
+        self.done += 1
+        score = result.get(self.metric)
+        if score is not None and state in (COMPLETED, STOPPED_EARLY) and not self._final(trial):
+            known = self.best.get(self._study(trial))
+            if known is None or (score > known[0] if self.mode == "max" else score < known[0]):
+                self.best[self._study(trial)] = (score, trial.trial_id)
+        return state
+
+    def _final(self, trial: Any) -> bool:
+        return bool(self.studies) and bool(trial.config.get("final"))
+
+    def _study(self, trial: Any) -> str:
+        return study_of(trial.config, list(self.studies)).key if self.studies else ""
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        """A restored run brings back trials that ended before the interruption: count them (and their best)
+        first, so the lines continue the experiment's count instead of starting at [1/N]."""
+        for trial in trials:
+            if trial.status in ("TERMINATED", "ERROR") and trial.trial_id not in self.ended:
+                self._count(trial, trial.status)
 
     def _line(self, trial: Any, status: str) -> None:
-        self.done += 1
+        state = self._count(trial, status)
         result = trial.last_result or {}
         epochs = result.get("training_iteration", 0)
         planned = trial.config.get("num_epochs", "?")
-        state = trial_state(status, result, planned)
-        final = bool(self.studies) and bool(trial.config.get("final"))
-        key = study_of(trial.config, list(self.studies)).key if self.studies else ""
+        final, key = self._final(trial), self._study(trial)
         metric, names = ("test_recall@1", ["seed"]) if final else (self.metric, self.names)
         score = result.get(metric)
-        if score is not None and state in (COMPLETED, STOPPED_EARLY) and not final:
-            known = self.best.get(key)
-            if known is None or (score > known[0] if self.mode == "max" else score < known[0]):
-                self.best[key] = (score, trial.trial_id)
         params = " ".join(f"{n}={_short(trial.config.get(n))}" for n in names if n in trial.config)
         if ERROR_KEY in result:  # a trial that stopped itself (diverged, out of memory, no GPU)
             params += f" | {result[ERROR_KEY]}"
@@ -134,6 +164,35 @@ class Interrupted(KeyboardInterrupt):
     """Tune stopped before every trial ended (SIGINT, SIGUSR1): its state is saved, so resume it."""
 
 
+SIGTERM_SEEN = threading.Event()  # set by `_on_sigterm`: the interruption was a SIGTERM (exit 143)
+_replaced: list[Any] = []  # the SIGTERM handler `handle_sigterm` replaced, until `restore_sigterm`
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (Kubernetes, `scancel`) as SIGINT: inside a Tune run, Tune's own SIGINT handler saves the
+    experiment and returns early; elsewhere the driver stops at once, as on Ctrl-C."""
+    SIGTERM_SEEN.set()
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signal.SIGINT, frame)
+    else:
+        raise Terminated("SIGTERM")
+
+
+def handle_sigterm() -> None:
+    """Install `_on_sigterm` in the driver's main thread for the run. Called after `ray.init`, whose core
+    worker installs a C++ handler that dumps a stack and aborts (exit 134) on SIGTERM."""
+    if threading.current_thread() is threading.main_thread() and not _replaced:
+        SIGTERM_SEEN.clear()
+        _replaced.append(signal.signal(signal.SIGTERM, _on_sigterm))
+
+
+def restore_sigterm() -> None:
+    """Put back the SIGTERM handler `handle_sigterm` replaced (a program that embeds the search keeps its own)."""
+    if _replaced and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _replaced.pop())
+
+
 def _fit(spec: SearchSpec, folder: str, new_tuner: Any, expected: int | Callable[[], int],
          function: Optional[Callable[[dict[str, Any]], None]] = None) -> tune.ResultGrid:
     """Continue the Tune experiment in `folder` when there is one (its searcher state included, errored
@@ -149,7 +208,8 @@ def _fit(spec: SearchSpec, folder: str, new_tuner: Any, expected: int | Callable
     expected = expected() if callable(expected) else expected
     ended = results.num_terminated + results.num_errors
     if len(results) < expected or ended < len(results):
-        raise Interrupted(f"{folder.rsplit('/', 1)[-1]}: {ended} of {expected} trials ended before Tune stopped")
+        stop = Terminated if SIGTERM_SEEN.is_set() else Interrupted
+        raise stop(f"{folder.rsplit('/', 1)[-1]}: {ended} of {expected} trials ended before Tune stopped")
     return results
 
 
@@ -328,9 +388,14 @@ def quiet_ray(verbose: bool) -> None:
 
 
 def init_ray(address: Optional[str], verbose: bool) -> None:
+    """Start or join Ray, then take over SIGTERM for the run (`restore_sigterm` gives it back)."""
     quiet_ray(verbose)
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        _start_ray(address, verbose)
+    handle_sigterm()
+
+
+def _start_ray(address: Optional[str], verbose: bool) -> None:
     ray.init(
         address=address,
         include_dashboard=False,

@@ -16,8 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from typing_extensions import Annotated
 
-from tune_upl.config import FIELD_NAMES, unknown_field_message, validate_field
+from tune_upl.config import FIELD_DEFAULTS, FIELD_NAMES, unknown_field_message, validate_field
 from tune_upl.errors import ConfigError, SpecError
+from tune_upl.layout import NAME_PATTERN, study_key
 
 METRIC_PATTERN = re.compile(r"^(val|test)_(recall@[1-9][0-9]*|map@r|r_precision)$")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
@@ -151,7 +152,7 @@ class Param(_Strict):
 
 
 class SearchSpec(_Strict):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
     objective: Objective = Objective()
     searcher: Searcher = Searcher()
     scheduler: Scheduler = Scheduler()
@@ -223,10 +224,33 @@ class SearchSpec(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_scheduler(self) -> "SearchSpec":
+        for point in self.study_points():
+            problem = grace_period_problem(self.scheduler, self.longest_training(point), study_key(point))
+            if problem:
+                raise ValueError(problem)
+        return self
+
+    def longest_training(self, point: dict[str, Any]) -> int:
+        """The largest `num_epochs` a trial of the study at `point` can have (ASHA's max_t)."""
+        if "num_epochs" in self.space:
+            return int(self.space["num_epochs"].largest())
+        return int({**self.fixed, **point}.get("num_epochs", FIELD_DEFAULTS["num_epochs"]))
+
     def study_points(self) -> list[dict[str, Any]]:
         """The cartesian product of `studies` (one empty study when there are none)."""
         names = list(self.studies)
         return [dict(zip(names, combo)) for combo in itertools.product(*(self.studies[n] for n in names))]
+
+
+def grace_period_problem(scheduler: Scheduler, epochs: int, study: str) -> Optional[str]:
+    """ASHA may stop a trial only after `grace_period` epochs, so a study must train at least that long (Ray
+    asserts it only once the run has started)."""
+    if scheduler.type == "asha" and scheduler.grace_period > epochs:
+        return (f"scheduler.grace_period = {scheduler.grace_period}: longer than the training of study {study} "
+                f"(num_epochs up to {epochs}); allowed: 1 to {epochs}, or scheduler type fifo")
+    return None
 
 
 def _check_value(path: str, field: str, value: Any) -> None:
@@ -274,6 +298,9 @@ def parse_spec(data: Any, source: str = "spec") -> SearchSpec:
 def load_spec(path: str | Path) -> SearchSpec:
     """Read a YAML spec with `yaml.safe_load` (nothing in it runs as code) and validate it."""
     file = Path(path)
+    if file.is_dir():
+        found = ", ".join(sorted(p.name for p in file.glob("*.yaml"))) or "none"
+        raise SpecError(f"spec file {file} is a directory; give a YAML file in it (found: {found})")
     if not file.is_file():
         raise SpecError(f"spec file not found: {file}")
     try:
