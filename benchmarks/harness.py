@@ -27,6 +27,7 @@ import benchmarks
 SUITES: dict[str, str] = {
     "data": "benchmarks.data", "train": "benchmarks.train", "eval": "benchmarks.eval",
     "overhead": "benchmarks.overhead", "packing": "benchmarks.packing", "search": "benchmarks.search",
+    "cluster": "benchmarks.cluster",
 }
 CPU_SUITES = ("data", "train", "eval", "packing")  # what runs without Ray and without a GPU (packing: a note)
 DEFAULT_SUITES = (*CPU_SUITES, "overhead", "search")

@@ -60,12 +60,12 @@ def grid_spec(fixed: dict[str, Any], searcher: dict[str, Any], scheduler: dict[s
 
 
 def record_grid(out: Path) -> Any:
-    """Train every grid point for SEARCH_EPOCHS epochs with the platform's own grid search (`run_study`:
+    """Train every grid point for SEARCH_EPOCHS epochs with the platform's own grid search (`run_grid`:
     the real trainable, two trials at a time) and write each epoch's validation metrics to `out` (CSV)."""
     import pandas as pd
 
     from tune_upl.planning import plan_studies, prepare_data
-    from tune_upl.search import run_study
+    from tune_upl.search import run_grid
 
     with tempfile.TemporaryDirectory() as tmp, RaySession():
         data_path = Path(tmp) / "data"
@@ -75,7 +75,7 @@ def record_grid(out: Path) -> Any:
         studies = plan_studies(spec, {})
         prepare_data(studies)
         frames = []
-        for result in run_study(spec, studies[0], Path(tmp) / "runs", verbose=False):
+        for result in run_grid(spec, studies[0], Path(tmp) / "runs", verbose=False):
             if result.error is not None:
                 raise RuntimeError(f"a grid trial failed: {result.error}")
             frame = result.metrics_dataframe
@@ -132,28 +132,27 @@ def epochs_to_reach(trials: list[list[float]], target: float) -> Optional[int]:
 
 def replay_search(seed: int, curves: dict[tuple[str, ...], list[float]], fixed: dict[str, Any], samples: int,
                   storage: Path) -> list[list[float]]:
-    """One real Tune + Optuna TPE + ASHA search against the table; returns each trial's reported curve in
-    the order the trials ran (one at a time, so the order is the searcher's)."""
+    """One real Tune + Optuna TPE + ASHA search against the table, through the platform's own run of its
+    studies (`run_studies`, one study here); returns each trial's reported curve in the order the trials ran
+    (one at a time, so the order is the searcher's). Its final runs (replays too) are left out."""
     from ray import tune
 
     from tune_upl.planning import plan_studies
-    from tune_upl.search import make_scheduler, make_searcher
+    from tune_upl.search import run_studies
 
     # the platform's TPE settings (upl_optuna.yaml) scaled to the budget; ASHA rungs at epochs 1, 2, 4
     spec = grid_spec(fixed, {"type": "tpe", "seed": seed, "n_startup_trials": 6},
                      {"type": "asha", "grace_period": 1, "reduction_factor": 2}, samples, 1, f"replay_{seed}")
-    (study,) = plan_studies(spec, {})
-    tuner = tune.Tuner(
-        tune.with_parameters(replay_trial, curves=curves),
-        tune_config=tune.TuneConfig(search_alg=make_searcher(spec, study), scheduler=make_scheduler(spec, study),
-                                    num_samples=samples, max_concurrent_trials=1, reuse_actors=True),
-        run_config=tune.RunConfig(storage_path=str(storage), name=spec.name, verbose=0),
-    )
-    grid = tuner.fit()
+    spec = spec.model_copy(update={"final_seeds": 1})
+    studies = plan_studies(spec, {})
+    folder = storage / spec.name
+    folder.mkdir(parents=True, exist_ok=True)
+    grid = run_studies(spec, studies, folder, verbose=False, at_once=1,
+                       function=tune.with_parameters(replay_trial, curves=curves))
     errors = [r.error for r in grid if r.error is not None]
     if errors:
         raise RuntimeError(f"a replay trial failed: {errors[0]}")
-    results = sorted(grid, key=lambda r: r.metrics["started"])
+    results = sorted((r for r in grid if not r.config.get("final")), key=lambda r: r.metrics["started"])
     return [list(r.metrics_dataframe[SEARCH_METRIC]) for r in results]
 
 

@@ -237,3 +237,49 @@ def test_a_killed_driver_of_two_studies_resumes_to_the_same_end(tmp_path, cache_
         if len(rows) == 2:
             assert after[tid] == rows
     assert (runs / "mini" / "COMPLETE").is_file()
+
+
+def test_trials_at_once_fill_the_cluster_up_to_every_studys_limit_and_the_dry_run_says_so(tmp_path):
+    from experiments import cli
+
+    from tune_upl.experiment import describe
+    from tune_upl.search import trials_at_once
+
+    spec, studies = two_studies(tmp_path, max_concurrent=4, resources={"cpu": 1, "gpu": 0.5})
+    assert trials_at_once(spec, 6, {"CPU": 16.0, "GPU": 8.0}) == 16  # 16 slots, 24 wanted
+    assert trials_at_once(spec, 3, {"CPU": 16.0, "GPU": 8.0}) == 12  # every study at its limit
+    assert trials_at_once(spec, 6, {"CPU": 16.0, "GPU": 2.0}) == 4  # the GPUs hold 4
+    assert trials_at_once(spec, 6, None) == 24  # a growing cluster: the studies' limits
+    capped = spec.model_copy(update={"max_concurrent_total": 5})
+    assert trials_at_once(capped, 6, {"CPU": 16.0, "GPU": 8.0}) == 5
+    assert ("all 2 studies in one run: up to 5 trials at once (4 per study, capped by max_concurrent_total 5), each "
+            "1 CPU + 0.5 GPU: 2.5 GPUs for 5 at once") in describe(capped, studies).splitlines()[0]
+    out = cli("--space", str(ROOT / "search_spaces" / "upl_optuna.yaml"), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert ("all 12 studies in one run: up to 48 trials at once (4 per study), each 4 CPU + 0.5 GPU: 24 GPUs for "
+            "48 at once") in out.stdout.splitlines()[0]
+
+
+def test_seed_cannot_tell_studies_apart_when_final_runs_change_it():
+    from tune_upl.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"studies.seed: a study's final runs retrain with seeds seed\+1"):
+        parse_spec({**TWO, "studies": {"seed": [1, 2]}})
+    assert parse_spec({**TWO, "studies": {"seed": [1, 2]}, "protocol": "seed",
+                       "objective": {"metric": "test_recall@1", "mode": "max"}}).studies == {"seed": [1, 2]}
+
+
+def test_resume_refuses_an_experiment_of_the_older_one_run_per_study_layout(tmp_path):
+    from experiments import cli
+
+    runs = tmp_path / "runs"
+    old = runs / "two"
+    (old / "scale=8.0").mkdir(parents=True)
+    (old / "search_spec.json").write_text(json.dumps({"spec": parse_spec(TWO).model_dump(mode="json"), "overrides": {}}))
+    (old / "scale=8.0" / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
+    out = cli("--resume", "--name", "two", "--storage", str(runs))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == (
+        "error: --resume: experiment two was written by an older tune_upl, one Tune run per study (scale=8.0), which "
+        "this version cannot continue; `report` still reads it; start it again with --overwrite (the old folder is "
+        "kept) or under another --name")

@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(search, "space", default=None, help="search spec YAML [default: search_spaces/demo.yaml]")
     add_option(search, "name", help="experiment name [default: the spec's name]")
     add_option(search, "num_samples", type=int, help="trials per study [default: the spec's]")
-    add_option(search, "max_concurrent", type=int, help="trials running at once [default: the spec's]")
+    add_option(search, "max_concurrent", type=int, help="trials of one study running at once [default: the spec's]")
     add_option(search, "cpus_per_trial", type=float, help="CPUs per trial, > 0 [default: the spec's resources.cpu]")
     add_option(search, "gpus_per_trial", type=float,
                help="GPUs per trial, 0 to 1; fractions pack trials onto one GPU [default: the spec's resources.gpu]")

@@ -212,6 +212,10 @@ class SearchSpec(_Strict):
             continuous = [name for name, p in self.space.items() if p.choice is None]
             if continuous:
                 raise ValueError(f"space.{continuous[0]}: grid search takes choice only; allowed: choice")
+        if "seed" in self.studies and self.searcher.type != "grid" and self.protocol == "val":
+            raise ValueError("studies.seed: a study's final runs retrain with seeds seed+1 ... seed+final_seeds, so "
+                             "seed cannot also tell studies apart in their one run; allowed: seed under fixed "
+                             "(or searched), and studies over other fields")
         if self.objective.metric.startswith("test_") and self.protocol != "seed":
             raise ValueError(
                 f"objective.metric = {self.objective.metric!r}: selecting on the test classes is allowed only "
