@@ -2,6 +2,8 @@
 `UnifiedProxyLoss` with that cell, the loss-specific fields are refused where a loss has no such parameter
 (a config, a `studies` product, a searched field, the command line), and the ablation spec plans its cells."""
 import itertools
+import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,166 @@ def test_the_ablation_spec_dry_run_shows_its_twelve_cells_with_one_budget(capsys
     spec = yaml.safe_load((ROOT / "search_spaces" / "upl_ablation.yaml").read_text())
     assert (spec["scheduler"], spec["protocol"], spec["final_seeds"]) == (
         {"type": "asha", "grace_period": 4, "reduction_factor": 2}, "val", 3)
+
+
+# ---------------------------------------------------------------- the report's sections, from known rows
+def _final(key, r1, dim=512, **loss):
+    config = {"data_name": "car", "backbone_type": "resnet50", "loss_name": "balanced_proxy", "feature_dim": dim,
+              "recalls": [1, 2, 4, 8], "num_epochs": 20, **loss}
+    from tune_upl.results import FinalResult
+
+    return FinalResult(key, {"key": key, "config": config, "test_selected": {}},
+                       [{f"test_recall@{k}": v for k in (1, 2, 4, 8)} | {"test_map@r": v / 2} for v in r1])
+
+
+def _data(finals, trials=None, epochs=None):
+    import pandas as pd
+
+    from tune_upl.results import ExperimentData
+
+    trials = pd.DataFrame(trials or [], columns=["study", "trial", "epochs", "hours", "objective", "_config"])
+    spec = {"name": "x", "num_samples": 2, "objective": {"metric": "val_recall@1", "mode": "max"}}
+    return ExperimentData(Path("x"), spec, {}, {}, True, trials, pd.DataFrame(epochs or []), pd.DataFrame(), finals)
+
+
+CELL_RESULTS = {("proxy", "sum"): [0.80, 0.82, 0.81], ("both", "mean"): [0.85, 0.86, 0.84],
+                ("sample", "mean"): [0.79]}
+
+
+def _cells_data():
+    return _data([_final(f"loss_anchor={a},loss_aggregation={g}", r1, loss_anchor=a, loss_aggregation=g)
+                  for (a, g), r1 in CELL_RESULTS.items()])
+
+
+def test_ablation_table_marks_the_corners_and_cites_only_the_default_cell():
+    from test_report import cells_of, mean_std
+
+    from tune_upl.references import load_references
+    from tune_upl.report import ablation_section, benchmark_tables
+
+    text = "\n".join(ablation_section(_cells_data(), load_references()))
+    proxy, sample, both = (cells_of(text, anchor)[0] for anchor in ANCHORS)
+    assert proxy == ["proxy", f"{mean_std(CELL_RESULTS[('proxy', 'sum')])} (3 seeds, 512-d) **Proxy-Anchor**",
+                     "not run"]
+    assert sample == ["sample", "not run", "79.0% (1 seed, 512-d)"]
+    assert both == ["both", "not run", f"{mean_std(CELL_RESULTS[('both', 'mean')])} (3 seeds, 512-d) **default**; "
+                                       "published 88.5% ([seed README](#references))"]
+    # the benchmark table: a row per cell, the published number beside the default cell only
+    rows = {cells[1]: cells for cells in cells_of("\n".join(benchmark_tables(_cells_data(), load_references())),
+                                                  "ResNet50") if len(cells) == 9}
+    assert set(rows) == {"balanced_proxy", "balanced_proxy[proxy/sum]", "balanced_proxy[sample/mean]"}
+    assert rows["balanced_proxy"][-1] == "[seed README](#references)" and "(88.5%, " in rows["balanced_proxy"][3]
+    assert rows["balanced_proxy[proxy/sum]"][-1] == "-" and "88.5" not in rows["balanced_proxy[proxy/sum]"][3]
+
+
+def test_the_loss_comparison_gives_welch_intervals_against_the_best_as_scipy_does():
+    from scipy import stats
+
+    from tune_upl.report import loss_comparison
+
+    text = "\n".join(loss_comparison(_cells_data(), None))
+    best = CELL_RESULTS[("both", "mean")]
+    other = CELL_RESULTS[("proxy", "sum")]
+    low, high = stats.ttest_ind(other, best, equal_var=False).confidence_interval(0.95)
+    se2 = statistics.variance(other) / 3 + statistics.variance(best) / 3
+    df = se2 ** 2 / ((statistics.variance(other) / 3) ** 2 / 2 + (statistics.variance(best) / 3) ** 2 / 2)
+    difference = 100 * (statistics.mean(other) - statistics.mean(best))
+    line = (f"- `balanced_proxy[proxy/sum]` − `balanced_proxy`: {difference:+.1f} (3 and 3 seeds), 95% interval "
+            f"[{100 * low:+.1f}, {100 * high:+.1f}] ({df:.1f} df): `balanced_proxy` is better at these seeds")
+    assert line == "- `balanced_proxy[proxy/sum]` − `balanced_proxy`: -4.0 (3 and 3 seeds), 95% interval " \
+                   "[-6.3, -1.7] (4.0 df): `balanced_proxy` is better at these seeds"
+    assert line in text.splitlines()
+    assert "- `balanced_proxy[sample/mean]` − `balanced_proxy`: -6.0 (1 and 3 seeds): one seed on a side, so no " \
+           "interval can be given" in text.splitlines()
+
+
+def test_welch_interval_equals_scipys_and_says_when_it_holds_zero():
+    from scipy import stats
+
+    from tune_upl.comparisons import welch_interval
+
+    a, b = [0.71, 0.74, 0.69, 0.73], [0.70, 0.66]
+    found = welch_interval(a, b)
+    expected = stats.ttest_ind(a, b, equal_var=False)
+    assert (found.low, found.high) == pytest.approx(tuple(expected.confidence_interval(0.95)), rel=1e-12)
+    assert found.df == pytest.approx(expected.df, rel=1e-12) and found.holds_zero
+    assert welch_interval([0.8], b) is None
+    same = welch_interval([0.8, 0.8], [0.7, 0.7])  # no spread on either side: the difference itself
+    assert (same.low, same.difference, same.high, same.df) == pytest.approx((0.1, 0.1, 0.1, 2.0))
+
+
+def test_embedding_sizes_give_the_best_validation_r1_and_hours_at_each_dim():
+    from test_report import cells_of
+
+    from tune_upl.comparisons import pareto_front
+    from tune_upl.report import Figures, embedding_section
+
+    runs = [("t1", 16, 0.5, [0.30, 0.40]), ("t2", 64, 0.25, [0.55]), ("t3", 64, 1.0, [0.50, 0.52]),
+            ("t4", 256, 0.75, [0.45, 0.35])]
+    trials = [{"study": "main", "trial": t, "epochs": len(r), "hours": h, "objective": max(r),
+               "_config": {"feature_dim": d}} for t, d, h, r in runs]
+    epochs = [{"study": "main", "trial": t, "training_iteration": e + 1, "val_recall@1": v}
+              for t, _, _, r in runs for e, v in enumerate(r)]
+    figures = Figures(Path("unused"), "x")
+    figures.draw = lambda file, draw: None  # the figure is drawn in the ablation search's test
+    text = "\n".join(embedding_section(_data([], trials, epochs), figures))
+    assert cells_of(text, "`main`") == [["`main`", "16", "1", "0.4000 ◆", "0.500"],
+                                       ["`main`", "64", "2", "0.5500 ◆", "1.250"],
+                                       ["`main`", "256", "1", "0.4500", "0.750"]]
+    assert pareto_front([16, 64, 64, 256], [0.4, 0.55, 0.52, 0.45]) == [0, 1]
+    assert pareto_front([0.5, 0.25, 1.0, 0.75], [0.4, 0.55, 0.52, 0.45]) == [1]
+
+
+# ---------------------------------------------------------------- a real ablation search, end to end
+@pytest.mark.slow
+def test_a_small_ablation_search_reports_its_cells_sizes_and_intervals(ray_session, cache_dir, synthetic_root,
+                                                                        tmp_path):
+    """2 cells × 2 final seeds on the synthetic set (tiny backbone, 1 epoch): the report's ablation table,
+    embedding-size table and figure and comparison line, checked against Tune's raw result files."""
+    from experiments import trial_results
+    from scipy import stats
+    from searches import small_ablation
+    from test_report import cells_of, mean_std
+
+    from tune_upl.experiment import Options, run_search
+    from tune_upl.report import write_report
+
+    spec = small_ablation()
+    experiment = run_search(spec, {"cache_dir": cache_dir, "num_workers": 0}, Options(storage=tmp_path / "runs"))
+    text = write_report(experiment, tmp_path / "reports").read_text()
+    keys = {anchor: f"loss_anchor={anchor}" for anchor in ("proxy", "both")}
+    r1 = {anchor: [rows[-1]["test_recall@1"] for rows in trial_results(experiment / f"{key}.final").values()]
+          for anchor, key in keys.items()}
+    assert [len(values) for values in r1.values()] == [2, 2]
+    # the ablation table: the two cells, mean ± std over the final seeds, Proxy-Anchor's corner marked
+    dims = {anchor: json.loads((experiment / key / "selection.json").read_text())["config"]["feature_dim"]
+            for anchor, key in keys.items()}
+    assert cells_of(text, "proxy") == [["proxy", f"{mean_std(r1['proxy'])} (2 seeds, {dims['proxy']}-d) "
+                                                 "**Proxy-Anchor**", "not run"]]
+    assert cells_of(text, "both") == [["both", f"{mean_std(r1['both'])} (2 seeds, {dims['both']}-d)", "not run"]]
+    assert cells_of(text, "sample") == [["sample", "not run", "not run"]]
+    # what each embedding size buys: best val R@1 and trial-hours per feature_dim, from the raw epochs
+    for key in keys.values():
+        by_dim: dict[int, list] = {}
+        for tid, rows in trial_results(experiment / key).items():
+            dim = json.loads((experiment / key / tid / "params.json").read_text())["feature_dim"]
+            by_dim.setdefault(dim, []).append(rows)
+        shown = {int(cells[1]): cells[2:] for cells in cells_of(text, f"`{key}`") if len(cells) == 5}
+        assert set(shown) == set(by_dim)
+        for dim, runs in by_dim.items():
+            best = max(row["val_recall@1"] for rows in runs for row in rows)
+            hours = sum(row["time_this_iter_s"] for rows in runs for row in rows) / 3600
+            assert shown[dim][0] == str(len(runs)) and shown[dim][1].split()[0] == f"{best:.4f}"
+            assert shown[dim][2] == f"{hours:.3f}"
+    assert (tmp_path / "reports" / spec.name / "embedding_size.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"![val_recall@1 against feature_dim and trial-hours]({spec.name}/embedding_size.png)" in text
+    # the comparison line: the other cell against the best, with scipy's Welch interval
+    label = {"proxy": "balanced_proxy[proxy/sum]", "both": "balanced_proxy[both/sum]"}
+    best, other = sorted(r1, key=lambda anchor: statistics.mean(r1[anchor]), reverse=True)
+    test = stats.ttest_ind(r1[other], r1[best], equal_var=False)
+    low, high = test.confidence_interval(0.95)
+    verdict = ("not distinguishable at these seeds" if low <= 0 <= high else
+               f"`{label[best]}` is better at these seeds")
+    line = (f"- `{label[other]}` − `{label[best]}`: {100 * (statistics.mean(r1[other]) - statistics.mean(r1[best])):+.1f}"
+            f" (2 and 2 seeds), 95% interval [{100 * low:+.1f}, {100 * high:+.1f}] ({test.df:.1f} df): {verdict}")
+    assert line in text.splitlines()
