@@ -34,13 +34,26 @@ def test_each_cell_trains_one_step_through_trialconfig_as_the_unified_loss():
         with torch.no_grad():  # BatchNorm in train mode: batch statistics, the same the step sees
             similarities = run.model.head(run.forward(images))
         expected = UnifiedProxyLoss(16.0, 0.2, anchor or "both", aggregation or "mean")(similarities, labels)
-        before = run.model.head.proxies.detach().clone() if hasattr(run.model.head, "proxies") else None
+        before = run.model.head.proxies.detach().clone()
         losses[(anchor, aggregation)] = _step(run, images, labels).item()
         assert losses[(anchor, aggregation)] == pytest.approx(expected.item(), rel=1e-6, abs=1e-7)
-        if before is not None:
-            assert not torch.equal(before, run.model.head.proxies), "the step trained nothing"
+        assert not torch.equal(before, run.model.head.proxies), "the step trained nothing"
     assert len({round(losses[cell], 6) for cell in CELLS}) == 6  # six different losses: the options take effect
     assert losses[(None, None)] == pytest.approx(losses[("both", "mean")], rel=1e-6)
+
+
+def test_the_loss_specific_fields_are_those_some_losses_take_and_the_report_knows_the_cells():
+    """LOSS_SPECIFIC (the fields refused for a loss without them) are exactly the builder parameters some losses
+    have and others lack; the report's torch-free names of the cells are the loss's own."""
+    from tune_upl import ablation
+    from tune_upl.config import LOSS_SPECIFIC
+    from tune_upl.losses import LOSS_PARAMETERS, build_loss
+
+    params = [set(p) for p in LOSS_PARAMETERS.values()]
+    assert set(LOSS_SPECIFIC) == set.union(*params) - set.intersection(*params)
+    assert (ablation.ANCHORS, ablation.AGGREGATIONS) == (ANCHORS, AGGREGATIONS)
+    own = build_loss("balanced_proxy")
+    assert (own.anchor, "mean" if own.mean else "sum") == ablation.DEFAULT_CELL
 
 
 @pytest.mark.parametrize("values, expected", [
@@ -286,6 +299,7 @@ def test_a_small_ablation_search_reports_its_cells_sizes_and_intervals(ray_sessi
     low, high = test.confidence_interval(0.95)
     verdict = ("not distinguishable at these seeds" if low <= 0 <= high else
                f"`{label[best]}` is better at these seeds")
-    line = (f"- `{label[other]}` − `{label[best]}`: {100 * (statistics.mean(r1[other]) - statistics.mean(r1[best])):+.1f}"
-            f" (2 and 2 seeds), 95% interval [{100 * low:+.1f}, {100 * high:+.1f}] ({test.df:.1f} df): {verdict}")
+    difference = 100 * (statistics.mean(r1[other]) - statistics.mean(r1[best]))
+    line = (f"- `{label[other]}` − `{label[best]}`: {difference:+.1f} (2 and 2 seeds), 95% interval "
+            f"[{100 * low:+.1f}, {100 * high:+.1f}] ({test.df:.1f} df): {verdict}")
     assert line in text.splitlines()
