@@ -37,3 +37,16 @@ def write_spec(folder: Path, **changes: Any) -> Path:
     path = folder / "mini.yaml"
     path.write_text(yaml.safe_dump({**MINI, **changes}))
     return path
+
+
+ABLATION_DEMO = DEMO.with_name("ablation_demo.yaml")
+
+
+def small_ablation() -> SearchSpec:
+    """`ablation_demo.yaml` at its smallest: 2 cells (Proxy-Anchor's corner and both/sum), 2 trials of 1 epoch
+    each over two feature dims, 2 final seeds (the fewest a Welch interval needs)."""
+    data = load_spec(ABLATION_DEMO).model_dump()
+    data.update(num_samples=2, final_seeds=2, studies={"loss_anchor": ["proxy", "both"]})
+    data["fixed"] = {**data["fixed"], "loss_aggregation": "sum", "num_epochs": 1}
+    data["space"] = {**data["space"], "feature_dim": {"choice": [16, 64]}}
+    return parse_spec(data)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tune_upl"
 LEAVES = {"errors": set(), "layout": {"errors"}}  # a leaf and what it may import of ours
-READERS = ("results", "report", "figures", "importance", "retrieve")
+READERS = ("results", "report", "ablation", "figures", "importance", "retrieve")
 # at module level a reader imports only leaf modules, the config and spec schemas (no torch, no Ray), or readers
 READER_MAY_IMPORT = {"config", "spec", *READERS}
 HEAVY = ("ray", "adamp", "torch", "tune_upl.engine", "tune_upl.search", "tune_upl.trainable", "tune_upl.experiment")

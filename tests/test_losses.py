@@ -44,7 +44,7 @@ def test_proxy_anchor_equals_float64_reference():
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_losses_finite_at_scale_64_extremes(name):
-    loss_fn = build_loss(name, **{p: {"scale": 64, "margin": 0.1}[p] for p in LOSS_PARAMETERS[name]})
+    loss_fn = build_loss(name, **{p: {"scale": 64, "margin": 0.1}.get(p) for p in LOSS_PARAMETERS[name]})
     for sims, labels in [
         (torch.tensor([[1.0, -1.0], [-1.0, 1.0]]), torch.tensor([1, 0])),  # all wrong, saturated
         (torch.ones(4, 3), torch.zeros(4, dtype=torch.long)),  # one class in the batch
@@ -102,7 +102,8 @@ def test_each_loss_takes_the_config_fields_its_signature_names():
     only where the loss has one, and the loss option's help names every loss."""
     from tune_upl.config import FIELD_HELP, FIELD_NAMES
 
-    assert LOSS_PARAMETERS == {"balanced_proxy": ("scale", "margin"), "normalized_softmax": ("scale",),
+    assert LOSS_PARAMETERS == {"balanced_proxy": ("scale", "margin", "loss_anchor", "loss_aggregation"),
+                               "normalized_softmax": ("scale",),
                                "proxy_anchor": ("scale", "margin"), "proxy_nca": ("scale",)}
     assert all(set(params) <= set(FIELD_NAMES) for params in LOSS_PARAMETERS.values())
     assert all(name in FIELD_HELP["loss_name"] for name in LOSSES)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
@@ -30,6 +30,29 @@ def _registry_names(kind: str) -> list[str]:
     else:
         from tune_upl.archives import DATASETS as reg
     return sorted(reg)
+
+
+# Fields that only some losses take (the others would drop them silently): each loss builder's parameters are
+# named as these fields, and `losses_taking` reads which builder has which from the signatures.
+LOSS_SPECIFIC = ("margin", "loss_anchor", "loss_aggregation")
+
+
+def losses_taking(field: str) -> list[str]:
+    """The losses whose builder has a parameter named `field`."""
+    from tune_upl.losses import LOSS_PARAMETERS
+
+    return sorted(name for name, params in LOSS_PARAMETERS.items() if field in params)
+
+
+def loss_field_problem(loss_name: Optional[str], field: str, value: Any) -> Optional[str]:
+    """Why `field = value` cannot go with `loss_name`, or None. A field at its default is no choice of the
+    user's (margin's 0.1 is every config's), so it passes; so does an unknown loss (refused on its own)."""
+    if field not in LOSS_SPECIFIC or loss_name is None or value == FIELD_DEFAULTS[field]:
+        return None
+    takers = losses_taking(field)
+    if loss_name in takers or loss_name not in _registry_names("loss_name"):
+        return None
+    return f"loss_name {loss_name} has no {field}; the losses that take it: {', '.join(takers)}"
 
 
 @dataclass(frozen=True, config=ConfigDict(extra="forbid", validate_default=True))
@@ -85,7 +108,22 @@ class TrialConfig:
     lr_step: Annotated[int, Field(ge=1, description="epochs between learning-rate decays, StepLR (seed: 5)")] = 5
     lr_gamma: Annotated[float, Field(gt=0, le=1, description="learning-rate decay factor, StepLR (seed: 0.5)")] = 0.5
     scale: Annotated[float, Field(gt=0, le=1024, description="loss scale alpha (seed: 32)")] = 32.0
-    margin: Annotated[float, Field(ge=-1, le=1, description="loss margin delta (seed: 0.1)")] = 0.1
+    margin: Annotated[float, Field(
+        ge=-1, le=1,
+        description="loss margin delta, for the losses with one (seed: 0.1)",
+    )] = 0.1
+    loss_anchor: Annotated[Optional[Literal["proxy", "sample", "both"]], Field(
+        description=(
+            "balanced_proxy only: what its terms anchor on, proxy (Proxy-Anchor's), sample or both; unset: the "
+            "loss's own (both)"
+        ),
+    )] = None
+    loss_aggregation: Annotated[Optional[Literal["sum", "mean"]], Field(
+        description=(
+            "balanced_proxy only: how a term adds its entries, sum (Proxy-Anchor's) or mean (count-balanced); "
+            "unset: the loss's own (mean)"
+        ),
+    )] = None
     # --- model ---
     image_size: Annotated[int, Field(
         ge=16, le=1024,
@@ -222,6 +260,14 @@ class TrialConfig:
         names = _registry_names(info.field_name)
         if value not in names:
             raise ValueError(f"unknown {info.field_name} {value!r}; allowed: {', '.join(names)}")
+        return value
+
+    @field_validator(*LOSS_SPECIFIC)
+    @classmethod
+    def _check_loss_takes_it(cls, value: Any, info: Any) -> Any:
+        problem = loss_field_problem(info.data.get("loss_name"), info.field_name, value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("pretrained")

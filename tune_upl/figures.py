@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from tune_upl.comparisons import pareto_front
 from tune_upl.importance import Importance
 from tune_upl.layout import COMPLETED, DIVERGED, ERRORED, OUT_OF_MEMORY, RUNNING, STOPPED_EARLY
 from tune_upl.results import ExperimentData
@@ -160,4 +161,30 @@ def loss_comparison(groups: dict[tuple[str, str], dict[str, list[float]]], path:
         axis.set_xticks(range(len(losses)), list(losses), rotation=15)
         axis.set_xlim(-0.6, len(losses) - 0.4)
         axis.set(ylabel=f"{metric} (%)", title=f"{data_name} / {backbone}")
+    return _save(figure, path)
+
+
+def embedding_size(points: pd.DataFrame, path: Path, metric: str) -> bool:
+    """Each trial's best `metric` against its feature_dim and against its trial-hours, per study, the
+    non-dominated trials (no smaller, or cheaper, trial of the study reached as high) joined by a line."""
+    if points.empty:
+        return False
+    figure = Figure(figsize=(11, 3.8))
+    by_dim, by_hours = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    for study, mine in points.groupby("study", sort=False):
+        mine = mine.reset_index(drop=True)
+        colour = by_dim.scatter(mine["feature_dim"], mine["best"], s=18, alpha=0.6).get_facecolor()[0]
+        by_hours.scatter(mine["hours"], mine["best"], s=18, alpha=0.6, color=colour)
+        for axis, cost in ((by_dim, "feature_dim"), (by_hours, "hours")):
+            front = mine.loc[pareto_front(mine[cost].tolist(), mine["best"].tolist())]
+            axis.plot(front[cost], front["best"], marker="o", ms=4, color=colour, label=study)
+    by_dim.set_xscale("log", base=2)
+    dims = sorted(points["feature_dim"].unique())
+    by_dim.set_xticks(dims, [str(d) for d in dims])
+    by_dim.minorticks_off()
+    by_dim.set(xlabel="feature_dim (log scale)", ylabel=f"best {metric} of the trial",
+               title="What each embedding size buys")
+    by_hours.set(xlabel="trial-hours of the trial", ylabel=f"best {metric} of the trial",
+                 title="What each trial-hour buys")
+    by_dim.legend(fontsize=7)
     return _save(figure, path)

@@ -7,7 +7,7 @@ finite at scale 64 with similarities near +-1, also under autocast.
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,11 @@ def label_mask(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return labels[:, None] == torch.arange(num_classes, device=labels.device)
 
 
+# The Unified Proxy Loss's two design axes: TrialConfig's loss_anchor and loss_aggregation take these values.
+ANCHORS = ("proxy", "sample", "both")
+AGGREGATIONS = ("sum", "mean")
+
+
 class UnifiedProxyLoss(nn.Module):
     """Proxy-anchored and/or sample-anchored proxy loss with sum or count-balanced (mean) aggregation.
 
@@ -43,10 +48,10 @@ class UnifiedProxyLoss(nn.Module):
 
     def __init__(self, scale: float = 32.0, margin: float = 0.1, anchor: str = "proxy", aggregation: str = "sum"):
         super().__init__()
-        if anchor not in ("proxy", "sample", "both"):
-            raise ValueError(f"anchor must be proxy, sample or both, got {anchor!r}")
-        if aggregation not in ("sum", "mean"):
-            raise ValueError(f"aggregation must be sum or mean, got {aggregation!r}")
+        if anchor not in ANCHORS:
+            raise ValueError(f"anchor must be {', '.join(ANCHORS)}, got {anchor!r}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be {', '.join(AGGREGATIONS)}, got {aggregation!r}")
         self.scale, self.margin = float(scale), float(margin)
         self.anchor, self.mean = anchor, aggregation == "mean"
 
@@ -74,9 +79,11 @@ def proxy_anchor(scale: float = 32.0, margin: float = 0.1) -> UnifiedProxyLoss:
     return UnifiedProxyLoss(scale, margin, anchor="proxy", aggregation="sum")
 
 
-def balanced_proxy(scale: float = 32.0, margin: float = 0.1) -> UnifiedProxyLoss:
-    """The Unified Proxy Loss as this project defines it: both anchors, count-balanced (mean) terms."""
-    return UnifiedProxyLoss(scale, margin, anchor="both", aggregation="mean")
+def balanced_proxy(scale: float = 32.0, margin: float = 0.1, loss_anchor: Optional[str] = None,
+                   loss_aggregation: Optional[str] = None) -> UnifiedProxyLoss:
+    """The Unified Proxy Loss as this project defines it: both anchors, count-balanced (mean) terms. Either
+    axis can be set (the ablation's cells); None keeps the loss's own, so the default stays this corner."""
+    return UnifiedProxyLoss(scale, margin, anchor=loss_anchor or "both", aggregation=loss_aggregation or "mean")
 
 
 class ProxyNCALoss(nn.Module):

@@ -19,7 +19,7 @@ import numpy as np
 from tune_upl.config import FIELD_DEFAULTS, Paths, TrialConfig, make_config
 from tune_upl.errors import SpecError
 from tune_upl.layout import study_key
-from tune_upl.spec import Param, SearchSpec, grace_period_problem
+from tune_upl.spec import Param, SearchSpec, grace_period_problem, loss_combination_problem
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,11 @@ def plan_studies(spec: SearchSpec, overrides: dict[str, Any], paths: Paths = Pat
             if param.holds(fixed_view) is False:
                 continue  # decided once for this study: the parameter does not exist here
             space[name] = param
+        where = {**dict.fromkeys(spec.fixed, "fixed"), **dict.fromkeys(point, "studies"),
+                 **dict.fromkeys(overrides, "command line")}
+        problem = loss_combination_problem({**spec.fixed, **point, **overrides}, space, where)
+        if problem:  # the spec's own combinations were refused on loading; these involve the command line
+            raise SpecError(problem)
         for name in space:
             base.pop(name, None)
         problem = grace_period_problem(spec.scheduler, max_epochs(base, space), study_key(point))

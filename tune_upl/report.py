@@ -18,6 +18,20 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pandas as pd
+from tune_upl.ablation import (
+    AGGREGATIONS,
+    ANCHORS,
+    DEFAULT_CELL,
+    PROXY_ANCHOR_CELL,
+    UNIFIED,
+    Comparison,
+    ablation_groups,
+    as_published,
+    compare_to_best,
+    embedding_sizes,
+    loss_label,
+    trial_points,
+)
 from tune_upl.importance import MEANINGFUL_TRIALS, MIN_TOP_TRIALS, TARGET_QUANTILE, Importance, importances
 from tune_upl.references import References, load_references
 from tune_upl.layout import COMPLETED, DIVERGED, ERRORED, OPEN_STATES, STATES, STOPPED_EARLY
@@ -78,7 +92,8 @@ def _shown_path(path: Path) -> str:
 
 
 def _group(config: dict[str, Any]) -> tuple[str, str, str, int]:
-    return config["data_name"], config["backbone_type"], config["loss_name"], int(config["feature_dim"])
+    """Dataset, backbone, the loss as the report names it (a cell of balanced_proxy apart) and dimension."""
+    return config["data_name"], config["backbone_type"], loss_label(config), int(config["feature_dim"])
 
 
 def _values(final: FinalResult, name: str) -> list[float]:
@@ -110,7 +125,7 @@ def benchmark_tables(data: ExperimentData, refs: References) -> list[str]:
         recall_rows, other_rows, cited = [], [], False
         for final in finals:
             name, backbone, loss, dim = _group(final.config)
-            ref = refs.find(name, backbone, loss, dim)
+            ref = refs.find(name, backbone, loss, dim) if as_published(final.config) else None
             head = {"Backbone": backbone_display(backbone), "Loss": loss, "Dim": dim}
             row = dict(head)
             for k in ks:
@@ -202,8 +217,93 @@ def loss_comparison(data: ExperimentData, figure: Optional[str]) -> list[str]:
                       f"{data.finals[0].config['num_epochs']} epochs over the same space.*", ""]
         else:
             lines += ["*The studies ran different numbers of trials (an unfinished search?): compare with care.*", ""]
+        lines += comparison_lines(losses)
     if figure:
         lines += [f"![test Recall@1 of each final seed per loss]({figure})", ""]
+    return lines
+
+
+def comparison_lines(losses: dict[str, FinalResult]) -> list[str]:
+    """Each loss (or cell) against the best of its dataset and backbone on test R@1, with a Welch interval
+    over the final seeds: a difference inside the noise of the seeds is said to be one."""
+    found = compare_to_best({label: _values(final, "test_recall@1") for label, final in sorted(losses.items())})
+    if not found:
+        return []
+    lines = [f"Against the best test R@1 here, `{found[0].best}` (differences in points; the interval is the 95% "
+             "Welch interval of the difference of the means over the final seeds, Satterthwaite's degrees of "
+             "freedom):", ""]
+    return lines + [f"- {_comparison_line(c)}" for c in found] + [""]
+
+
+def _comparison_line(c: Comparison) -> str:
+    head = f"`{c.label}` − `{c.best}`: {100 * c.difference:+.1f} ({c.seeds[0]} and {c.seeds[1]} seeds)"
+    if c.interval is None:
+        return head + ": one seed on a side, so no interval can be given"
+    i = c.interval
+    verdict = "not distinguishable at these seeds" if i.holds_zero else f"`{c.best}` is better at these seeds"
+    return head + f", 95% interval [{100 * i.low:+.1f}, {100 * i.high:+.1f}] ({i.df:.1f} df): {verdict}"
+
+
+# ---------------------------------------------------------------- the ablation of the Unified Proxy Loss
+def ablation_section(data: ExperimentData, refs: References) -> list[str]:
+    """Per dataset and backbone with two or more tested cells: anchor rows × aggregation columns of test R@1,
+    Proxy-Anchor's corner and the default marked; a published number beside the default cell only."""
+    lines = []
+    for (name, backbone), cells in sorted(ablation_groups(data).items()):
+        rows = []
+        for anchor in ANCHORS:
+            row = {"anchor / aggregation": anchor}
+            for aggregation in AGGREGATIONS:
+                final = cells.get((anchor, aggregation))
+                row[aggregation] = _ablation_cell(final, (anchor, aggregation), refs) if final else "not run"
+            rows.append(row)
+        lines += [f"### {data_display(name)} / {backbone_display(backbone)}", "", _table(rows), ""]
+    if not lines:
+        return []
+    return lines + [f"*Test R@1, mean ± std over the final seeds, of each cell's own study (same budget and space). "
+                    f"**default**: `{UNIFIED}` as it is ({'/'.join(DEFAULT_CELL)}); **Proxy-Anchor**: the "
+                    f"{'/'.join(PROXY_ANCHOR_CELL)} corner, the loss of Kim et al. (2020). A published number "
+                    "stands beside the default cell only: the other cells are not what the papers measured.*", ""]
+
+
+def _ablation_cell(final: FinalResult, which: tuple[str, str], refs: References) -> str:
+    values = _values(final, "test_recall@1")
+    seeds = f"{len(values)} seed{'' if len(values) == 1 else 's'}"
+    text = f"{_mean_std(values)} ({seeds}, {final.config['feature_dim']}-d)" if values else "-"
+    if which == PROXY_ANCHOR_CELL:
+        text += " **Proxy-Anchor**"
+    if which == DEFAULT_CELL:
+        text += " **default**"
+        ref = refs.find(final.config["data_name"], final.config["backbone_type"], UNIFIED, final.config["feature_dim"])
+        if ref is not None and 1 in ref.recall:
+            text += f"; published {ref.recall[1]:.1f}% ([{refs.sources[ref.source].label}](#references))"
+    return text
+
+
+# ---------------------------------------------------------------- embedding size
+def embedding_section(data: ExperimentData, figures: Figures) -> list[str]:
+    """Per study, the best validation R@1 reached at each feature_dim its trials ran with, and the trial-hours
+    spent there; the figure joins the non-dominated trials (no smaller or cheaper trial reached as high)."""
+    from tune_upl import figures as draw
+
+    metric = data.metric.split("_")[0] + "_recall@1"
+    points = trial_points(data, metric)
+    if points.empty:
+        return ["No trial has reported a result yet.", ""]
+    table = embedding_sizes(points)
+    rows = [{"study": f"`{r.study}`", "feature_dim": r.feature_dim, "trials": r.trials,
+             f"best {metric}": f"{r.best:.4f}" + (" ◆" if r.front else ""), "trial-hours": f"{r.hours:.3f}"}
+            for r in table.itertuples()]
+    lines = [_table(rows), "",
+             f"*Each feature_dim the trials of a study ran with: the best `{metric}` of any of them (over its "
+             "epochs) and the trial-hours they took together. ◆: no smaller dimension of the study reached as "
+             "high, so these are the sizes worth their index cost. An ASHA-stopped trial's best came from fewer "
+             "epochs.*", ""]
+    link = figures.draw("embedding_size.png", lambda p: draw.embedding_size(points, p, metric))
+    if link:
+        lines += [f"![{metric} against feature_dim and trial-hours]({link})", "",
+                  "*Each trial's best against its feature_dim (left) and its trial-hours (right); the line joins "
+                  "the non-dominated trials of each study.*", ""]
     return lines
 
 
@@ -540,6 +640,10 @@ def render(data: ExperimentData, folder: Path, storage: Optional[str] = None) ->
     lines = _header(data, storage) + damaged_note(data)
     lines += ["## Benchmark (test classes)", "", *benchmark_tables(data, refs)]
     lines += ["## Loss comparison", "", *loss_comparison(data, loss_figure)]
+    ablation = ablation_section(data, refs)
+    if ablation:
+        lines += ["## Ablation of the Unified Proxy Loss (anchor × aggregation)", "", *ablation]
+    lines += ["## What each embedding size buys", "", *embedding_section(data, figures)]
     lines += ["## Search summary", "", *search_summary(data)]
     lines += ["### Baseline (the seed's recipe) against the selected configuration", "",
               *baseline_against_selected(data)]

@@ -16,7 +16,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from typing_extensions import Annotated
 
-from tune_upl.config import FIELD_DEFAULTS, FIELD_NAMES, unknown_field_message, validate_field
+from tune_upl.config import (
+    FIELD_DEFAULTS,
+    FIELD_NAMES,
+    LOSS_SPECIFIC,
+    loss_field_problem,
+    losses_taking,
+    unknown_field_message,
+    validate_field,
+)
 from tune_upl.errors import ConfigError, SpecError
 from tune_upl.layout import NAME_PATTERN, study_key
 
@@ -236,6 +244,18 @@ class SearchSpec(_Strict):
                 raise ValueError(problem)
         return self
 
+    @model_validator(mode="after")
+    def _check_loss_fields(self) -> "SearchSpec":
+        """A margin, loss_anchor or loss_aggregation given or searched for a loss that has no such parameter
+        would be dropped silently (or fail every trial): refuse the combination before anything runs."""
+        for point in self.study_points():
+            given = {**self.fixed, **point}
+            where = {**dict.fromkeys(self.fixed, "fixed"), **dict.fromkeys(point, "studies")}
+            problem = loss_combination_problem(given, self.space, where)
+            if problem:
+                raise ValueError(problem)
+        return self
+
     def longest_training(self, point: dict[str, Any]) -> int:
         """The largest `num_epochs` a trial of the study at `point` can have (ASHA's max_t)."""
         if "num_epochs" in self.space:
@@ -254,6 +274,27 @@ def grace_period_problem(scheduler: Scheduler, epochs: int, study: str) -> Optio
     if scheduler.type == "asha" and scheduler.grace_period > epochs:
         return (f"scheduler.grace_period = {scheduler.grace_period}: longer than the training of study {study} "
                 f"(num_epochs up to {epochs}); allowed: 1 to {epochs}, or scheduler type fifo")
+    return None
+
+
+def loss_combination_problem(given: dict[str, Any], space: dict[str, Param], where: dict[str, str]) -> Optional[str]:
+    """Why a study's fixed values (`given`, each from `where`: fixed, studies, the command line) and searched
+    fields put a loss-specific field on a loss without it, naming the combination; None when they do not."""
+    losses = (space["loss_name"].choice if "loss_name" in space
+              else [given.get("loss_name", FIELD_DEFAULTS["loss_name"])])
+    origin = "space" if "loss_name" in space else where.get("loss_name", "default")
+    study = ",".join(f"{k}={v}" for k, v in given.items() if where.get(k) == "studies")
+    for loss in losses:
+        for name in LOSS_SPECIFIC:
+            if name in given:
+                problem = loss_field_problem(loss, name, given[name])
+                if problem:
+                    return (f"the combination loss_name={loss} ({origin}) with {name}={given[name]} "
+                            f"({where.get(name, 'fixed')}) is refused: {problem}")
+            elif name in space and loss not in losses_taking(name) and \
+                    space[name].holds({**given, "loss_name": loss}) is not False:
+                return (f"space.{name}: searched for loss_name {loss}" + (f" (study {study})" if study else "") +
+                        f", which has no {name}; give it when: {{loss_name: [{', '.join(losses_taking(name))}]}}")
     return None
 
 
