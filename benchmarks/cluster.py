@@ -62,17 +62,20 @@ def run_once(together: bool, args: argparse.Namespace, curves: dict[tuple[str, .
              folder: Path) -> dict[str, float]:
     """One way of running the spec on a fresh local Ray: wall time (Ray's start included), busy slot-seconds,
     trials and epochs run."""
+    import os
+
     import ray
     from ray import tune
 
     from tune_upl.planning import plan_studies
     from tune_upl.search import quiet_ray, run_studies, trials_at_once
 
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local benchmark Ray: no token authentication
     quiet_ray(False)
     spec = cluster_spec(args.studies, args.trials, args.epochs, args.per_study)
     studies = plan_studies(spec, {"cache_dir": str(folder / "cache")})
     function = tune.with_parameters(replay_slowly, curves=curves, epoch_s=args.epoch_s)
-    start = time.perf_counter()
+    start, clock = time.perf_counter(), time.time()
     ray.init(**CLUSTER, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         grids = []
@@ -88,7 +91,8 @@ def run_once(together: bool, args: argparse.Namespace, curves: dict[tuple[str, .
         ray.shutdown()
     frames = [r.metrics_dataframe for grid in grids for r in grid if r.metrics_dataframe is not None]
     busy = sum(float(f["at"].max() - f["started"].min()) for f in frames)
-    return {"wall": wall, "busy": busy, "trials": len(frames), "epochs": sum(len(f) for f in frames)}
+    first = min(float(f["started"].min()) for f in frames) - clock  # Ray's start and the first worker's
+    return {"wall": wall, "busy": busy, "trials": len(frames), "epochs": sum(len(f) for f in frames), "first": first}
 
 
 def _made(folder: Path) -> Path:
@@ -98,8 +102,9 @@ def _made(folder: Path) -> Path:
 
 def measure(args: argparse.Namespace) -> SuiteResult:
     """GPU-slot utilisation and wall time, the studies one after another against all at once."""
-    args.studies, args.trials, args.epochs, args.epoch_s, args.per_study = (
+    args.studies, args.trials, args.epochs, default_s, args.per_study = (
         (2, 3, 2, 0.2, 2) if args.quick else (6, 8, 6, 0.5, 2))
+    args.epoch_s = args.epoch_s or default_s
     slots = min(CLUSTER["num_cpus"] / PER_TRIAL["cpu"], CLUSTER["num_gpus"] / PER_TRIAL["gpu"])
     allowed = min(slots, args.studies * args.per_study)
     curves = load_grid(Path(args.grid))
@@ -115,7 +120,8 @@ def measure(args: argparse.Namespace) -> SuiteResult:
     for together in (False, True):
         run = runs[together]
         result.notes.append(f"{'all at once' if together else 'one after another'}: {run['trials']} trials, "
-                            f"{run['epochs']} epochs, {run['busy']:.0f} busy slot-s in {run['wall']:.0f} s")
+                            f"{run['epochs']} epochs, {run['busy']:.0f} busy slot-s in {run['wall']:.0f} s, the first "
+                            f"trial started {run['first']:.0f} s after the start")
     result.rows += [
         Row("cluster", f"GPU-slot utilisation, all studies at once in one Tune run ({size}; {slots:.0f} slots)",
             100 * use[True], "%", "one Tuner per study, one after another", 100 * use[False], ">= 80%",

@@ -157,6 +157,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="search: train the grid first (about 10 minutes here) and write --grid")
     parser.add_argument("--grid", default=DEFAULT_GRID,
                         help=f"search: the recorded grid's CSV (default {DEFAULT_GRID})")
+    parser.add_argument("--epoch_s", "--epoch-s", type=float, default=0.0,
+                        help="cluster: seconds a replayed epoch sleeps (default 0.5, quick 0.2)")
     parser.add_argument("--preamble", default="", help="text put above the table (e.g. notes on the machine)")
     args = parser.parse_args(argv)
     names = tuple(SUITES) if args.suite == "all" else tuple(s.strip() for s in args.suite.split(",") if s.strip())

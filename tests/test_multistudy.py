@@ -62,7 +62,11 @@ def test_a_free_slot_goes_to_the_study_furthest_behind_under_its_own_limit(tmp_p
 def test_final_runs_start_once_a_study_ended_and_the_searcher_then_finishes(tmp_path, capsys):
     from ray.tune.search import Searcher
 
-    spec, studies, searcher = searcher_for(tmp_path, num_samples=2)
+    from tune_upl.multistudy import StudySearcher
+
+    spec, studies = two_studies(tmp_path, num_samples=2)
+    pushed = []  # what remote storage would receive (`storage.push_file`), in order
+    searcher = StudySearcher(spec, studies, tmp_path, publish=pushed.append)
     searcher.set_max_concurrency(10)
     first = {f"t{i}": searcher.suggest(f"t{i}") for i in range(2)}  # one trial of each study (max_concurrent 1)
     assert sorted(map(study_name, first.values())) == ["scale=64.0", "scale=8.0"]
@@ -77,6 +81,7 @@ def test_final_runs_start_once_a_study_ended_and_the_searcher_then_finishes(tmp_
     selection = json.loads((tmp_path / "scale=8.0" / "selection.json").read_text())
     assert selection["trial_id"] == good and selection["epoch"] == 1 and selection["objective"] == {"val_recall@1": 0.7}
     assert f"selected trial {good} of scale=8.0 (epoch 1, val_recall@1 0.7000)" in capsys.readouterr().out
+    assert pushed == ["optuna.db", "scale=8.0/selection.json", "optuna.db"]  # the database with each ended trial
     final = searcher.suggest("t5")  # the study's final run, before the other study has ended
     assert final["final"] is True and final["seed"] == first[good]["seed"] + 1
     assert {k: v for k, v in final.items() if k not in ("final", "seed")} == {

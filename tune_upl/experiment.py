@@ -158,7 +158,7 @@ def open_experiment(spec: SearchSpec, overrides: dict[str, Any], options: Option
 
 def sync_down(remote: Remote, experiment: Path) -> None:
     """Start the local mirror from the remote copy on a machine that has none. On the machine that ran the
-    driver the mirror is the newest copy (the Optuna database is pushed after each study only), so it is
+    driver the mirror is the newest copy (the Optuna database is pushed each time a trial ends), so it is
     kept; a mirror of an experiment no longer at the URI is removed."""
     if not remote.exists(experiment.name):
         shutil.rmtree(experiment, ignore_errors=True)

@@ -115,7 +115,7 @@ class StudySearcher(Searcher):
         super().__init__(metric=None, mode=None)
         self._spec, self._studies = spec, list(studies)
         self._experiment, self._publish = experiment, publish
-        self._limit = sum(spec.max_concurrent for _ in studies)  # Tune's max_concurrent_trials replaces it
+        self._limit = spec.max_concurrent * len(studies)  # Tune's max_concurrent_trials replaces it
         self._book = Book()
         self._optuna: dict[str, optuna.Study] = {}  # opened on demand from SQLite, never pickled
 
