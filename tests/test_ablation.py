@@ -267,11 +267,11 @@ def test_a_small_ablation_search_reports_its_cells_sizes_and_intervals(ray_sessi
     experiment = run_search(spec, {"cache_dir": cache_dir, "num_workers": 0}, Options(storage=tmp_path / "runs"))
     text = write_report(experiment, tmp_path / "reports").read_text()
     keys = {anchor: f"loss_anchor={anchor}" for anchor in ("proxy", "both")}
-    runs = experiment / "trials"  # every study's trials and final runs, in one Tune run
+    one_run = experiment / "trials"  # every study's trials and final runs, in one Tune run
 
     def of(anchor, final):
-        return {tid: rows for tid, rows in trial_results(runs, final=final).items()
-                if json.loads((runs / tid / "params.json").read_text())["loss_anchor"] == anchor}
+        return {tid: rows for tid, rows in trial_results(one_run, final=final).items()
+                if json.loads((one_run / tid / "params.json").read_text())["loss_anchor"] == anchor}
 
     r1 = {anchor: [rows[-1]["test_recall@1"] for rows in of(anchor, True).values()] for anchor in keys}
     assert [len(values) for values in r1.values()] == [2, 2]
@@ -286,7 +286,7 @@ def test_a_small_ablation_search_reports_its_cells_sizes_and_intervals(ray_sessi
     for anchor, key in keys.items():
         by_dim: dict[int, list] = {}
         for tid, rows in of(anchor, False).items():
-            dim = json.loads((runs / tid / "params.json").read_text())["feature_dim"]
+            dim = json.loads((one_run / tid / "params.json").read_text())["feature_dim"]
             by_dim.setdefault(dim, []).append(rows)
         shown = {int(cells[1]): cells[2:] for cells in cells_of(text, f"`{key}`") if len(cells) == 5}
         assert set(shown) == set(by_dim)

@@ -23,8 +23,10 @@ def test_default_command_runs_the_demo_search_and_writes_its_report(tmp_path, ca
     seconds = time.perf_counter() - start
     assert out.returncode == 0, out.stderr[-3000:]
     assert seconds < 300, f"the demo took {seconds:.0f} s"
-    trial_lines = [line for line in out.stdout.splitlines() if re.match(r"\[\d+/8\] trial ", line)]
+    # 8 search trials and the final run, in one Tune run: one line each, the final run's naming its stage
+    trial_lines = [line for line in out.stdout.splitlines() if re.match(r"\[\d+/9\] trial ", line)]
     assert len(trial_lines) == 8
+    assert len([line for line in out.stdout.splitlines() if re.match(r"\[\d+/9\] main\.final trial ", line)]) == 1
     scores = [float(re.search(r"val_recall@1 ([0-9.]+)", line).group(1)) for line in trial_lines]
     assert max(scores) - min(scores) >= 0.2  # the space spans configurations that learn and ones that do not
     report = (tmp_path / "demo.md").read_text()

@@ -56,8 +56,9 @@ def check_resources(spec: SearchSpec, autoscaling: bool = False, allow_cpu: bool
 
 class TrialLines(tune.Callback):
     """One readable line per finished trial and the best so far (Ray's own tables stay quiet). With
-    `studies` (one run of several studies) each line names the trial's study (`<study>.final` for a
-    final run, shown with its seed and test Recall@1) and the best so far is that study's."""
+    `studies` (the one run of every study) the best so far is the trial's study's, a line names its study
+    when there are several, and a final run's line names `<study>.final` and shows its seed and test
+    Recall@1."""
 
     def __init__(self, spec: SearchSpec, names: list[str], total: int, metric: Optional[str] = None,
                  studies: tuple[Study, ...] = ()):
@@ -116,7 +117,7 @@ class TrialLines(tune.Callback):
         shown = f"{score:.4f}" if score is not None else "-"
         best = self.best.get(key)
         best_text = f"best {best[0]:.4f} ({best[1]})" if best else "best -"
-        where = f"{key}{FINAL_SUFFIX if final else ''} " if self.studies else ""
+        where = f"{key}{FINAL_SUFFIX if final else ''} " if len(self.studies) > 1 or final else ""
         print(
             f"[{self.done}/{self.total}] {where}trial {trial.trial_id} {state:<13} epochs {epochs}/{planned} "
             f"{metric} {shown} | {params} | {best_text}",
