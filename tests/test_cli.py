@@ -70,5 +70,6 @@ def test_help_shows_every_fields_description_and_default(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for name, description in FIELD_HELP.items():
         default = FIELD_DEFAULTS[name]
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else "unset" if default is None else default
         assert f"{' '.join(description.split())} [default: {shown}]" in text, name
+    assert "[default: None]" not in text  # an unset field says so in words

@@ -44,7 +44,7 @@ def add_config_options(parser: argparse.ArgumentParser, names: Sequence[str] = F
     group = parser.add_argument_group(title)
     for name in names:
         default = FIELD_DEFAULTS[name]
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else "unset" if default is None else default
         group.add_argument(
             *option_spellings(name),
             dest=name,
