@@ -82,6 +82,8 @@ def test_final_runs_start_once_a_study_ended_and_the_searcher_then_finishes(tmp_
     assert selection["trial_id"] == good and selection["epoch"] == 1 and selection["objective"] == {"val_recall@1": 0.7}
     assert f"selected trial {good} of scale=8.0 (epoch 1, val_recall@1 0.7000)" in capsys.readouterr().out
     assert pushed == ["optuna.db", "scale=8.0/selection.json", "optuna.db"]  # the database with each ended trial
+    curve = optuna.load_study(study_name="scale=8.0", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials[0]
+    assert curve.intermediate_values == {1: 0.7} and curve.value == 0.6  # its curve, and its last objective
     final = searcher.suggest("t5")  # the study's final run, before the other study has ended
     assert final["final"] is True and final["seed"] == first[good]["seed"] + 1
     assert {k: v for k, v in final.items() if k not in ("final", "seed")} == {

@@ -118,6 +118,7 @@ class StudySearcher(Searcher):
         self._limit = spec.max_concurrent * len(studies)  # Tune's max_concurrent_trials replaces it
         self._book = Book()
         self._optuna: dict[str, optuna.Study] = {}  # opened on demand from SQLite, never pickled
+        self._asked: dict[str, optuna.trial.Trial] = {}  # Tune trial id -> its Optuna trial, this session's only
 
     # ------------------------------------------------------------ Tune's interface
     def set_max_concurrency(self, max_concurrent: int) -> bool:
@@ -139,14 +140,22 @@ class StudySearcher(Searcher):
             entry = Entry(study.key, {**final_param_space(selection), "seed": seed})
         else:
             trial = self._open(study).ask()
+            self._asked[trial_id] = trial
             entry = Entry(study.key, suggest_config(trial, study.space, study.base), trial.number)
         self._book.entries[trial_id] = entry
         return dict(entry.config)
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Keep the epoch for selection; give Optuna its learning curve (optuna-dashboard draws it) where the
+        trial was asked in this session (a resumed one's curve stops at the interruption)."""
         entry = self._book.entries.get(trial_id)
         if entry is not None and not entry.final:
             self._book.rows.setdefault(trial_id, []).append(self._row(trial_id, result))
+            value = result.get(self._spec.objective.metric)
+            if trial_id in self._asked and value is not None and math.isfinite(value):
+                with warnings.catch_warnings():  # an epoch run again after a restart: Optuna keeps the first
+                    warnings.simplefilter("ignore")
+                    self._asked[trial_id].report(float(value), int(result.get("training_iteration", 0)))
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict[str, Any]] = None, error: bool = False) -> None:
         entry = self._book.entries.get(trial_id)
@@ -157,6 +166,7 @@ class StudySearcher(Searcher):
             if result:
                 self._book.rows.setdefault(trial_id, []).append(self._row(trial_id, result))
             self._tell(entry, result, error)
+            self._asked.pop(trial_id, None)
             self._select_when_done(next(s for s in self._studies if s.key == entry.study))
         self._push(OPTUNA_FILE)
 
@@ -182,7 +192,7 @@ class StudySearcher(Searcher):
             self._select_when_done(study)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_optuna"} | {"_optuna": {}}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_optuna", "_asked")} | {"_optuna": {}, "_asked": {}}
 
     # ------------------------------------------------------------ what to run next
     def _started(self, key: str, final: bool) -> int:
