@@ -225,8 +225,9 @@ class StudySearcher(Searcher):
         for study in self._studies:
             if self._started(study.key, final=False) < self._spec.num_samples:
                 return False
-            selected_or_failed = study.key in self._book.selections or study.key in self._book.failed
-            if self._finals(study.key) and (not selected_or_failed or self._started(study.key, final=True) < self._finals(study.key)):
+            if not self._finals(study.key):  # protocol seed, or nothing could be selected
+                continue
+            if study.key not in self._book.selections or self._started(study.key, final=True) < self._finals(study.key):
                 return False
         return True
 
