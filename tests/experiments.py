@@ -4,10 +4,12 @@ The results are parsed here, straight from Tune's `result.json` files, never thr
 the tests check the product's readers (report, selection) against these raw files."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,6 +19,20 @@ def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     return subprocess.run([sys.executable, "run_search.py", *args], cwd=ROOT, capture_output=True, text=True,
                           env=env, timeout=timeout)
+
+
+def kill_when(command: list[str], ready: Callable[[], bool], limit: float = 300) -> None:
+    """Start the driver in its own session, wait until `ready()`, then SIGKILL the whole session."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    start = time.time()
+    while not ready():
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() - start < limit, "the interruption point was never reached"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def result_rows(path: Path) -> list[dict[str, Any]]:

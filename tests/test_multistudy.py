@@ -4,7 +4,6 @@ resumed to the same end."""
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from collections import defaultdict
 
 import optuna
 import pytest
-from experiments import ROOT, trial_results
+from experiments import ROOT, kill_when, trial_results
 from searches import MINI, write_spec
 
 from tune_upl.planning import plan_studies
@@ -201,19 +200,6 @@ def test_two_studies_in_one_run_keep_their_own_optuna_studies_rungs_selections_a
     assert lines.count("selected trial ") == 2 and "[10/10] " in lines
 
 
-def _kill_when(command, ready, limit=300):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    start = time.time()
-    while not ready():
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        assert time.time() - start < limit, "the interruption point was never reached"
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_killed_driver_of_two_studies_resumes_to_the_same_end(tmp_path, cache_dir, synthetic_root):
@@ -223,7 +209,7 @@ def test_a_killed_driver_of_two_studies_resumes_to_the_same_end(tmp_path, cache_
     runs = tmp_path / "runs"
     base = [sys.executable, "run_search.py", "--storage", str(runs), "--reports-dir", str(tmp_path),
             "--cache-dir", cache_dir]
-    _kill_when(base + ["--space", str(spec)],
+    kill_when(base + ["--space", str(spec)],
                lambda: sum(len(r) for r in trial_results(runs / "mini" / "trials").values()) >= 3)
     before = trial_results(runs / "mini" / "trials")
     out = subprocess.run(base + ["--resume", "--name", "mini"], cwd=ROOT, capture_output=True, text=True,

@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from experiments import ROOT, cli, trial_results
+from experiments import ROOT, cli, kill_when, trial_results
 from filelock import FileLock
 from searches import MINI, write_spec
 
@@ -48,20 +48,6 @@ def test_dry_run_of_every_committed_spec_starts_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def _kill_when(command, ready, limit=300):
-    """Start the driver in its own session, wait until `ready()`, then SIGKILL the whole session."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    start = time.time()
-    while not ready():
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        assert time.time() - start < limit, "the interruption point was never reached"
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 def test_killed_search_resumes_to_exactly_num_samples_trials(tmp_path, cache_dir):
@@ -72,12 +58,12 @@ def test_killed_search_resumes_to_exactly_num_samples_trials(tmp_path, cache_dir
     base = [sys.executable, "run_search.py", "--storage", str(runs), "--reports-dir", str(tmp_path),
             "--cache-dir", cache_dir]
     # 1. killed after the first trial result
-    _kill_when(base + ["--space", str(spec)],
+    kill_when(base + ["--space", str(spec)],
                lambda: any(rows for rows in trial_results(runs / "mini" / "trials", final=False).values()))
     before = trial_results(runs / "mini" / "trials", final=False)
     assert 1 <= sum(map(len, before.values())) and len(before) <= 3
     # 2. resumed, then killed again during the final stage
-    _kill_when(base + ["--resume", "--name", "mini"],
+    kill_when(base + ["--resume", "--name", "mini"],
                lambda: any(rows for rows in trial_results(runs / "mini" / "trials", final=True).values()))
     # 3. resumed to the end
     out = subprocess.run(base + ["--resume", "--name", "mini"], cwd=ROOT, capture_output=True, text=True,

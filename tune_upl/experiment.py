@@ -137,13 +137,10 @@ def experiment_status(spec: SearchSpec, options: Options) -> bool:
     )
 
 
-def open_experiment(spec: SearchSpec, overrides: dict[str, Any], options: Options,
-                    paths: Paths = Paths()) -> tuple[Path, bool]:
-    """Create the experiment folder, or accept the existing one; returns (folder, already complete). The first
-    write into the folder: called once every pre-flight check has passed."""
+def open_experiment(spec: SearchSpec, overrides: dict[str, Any], options: Options, paths: Paths = Paths()) -> Path:
+    """Create the experiment folder (moving an earlier one aside under --overwrite), or accept the one to
+    resume: the first write into the folder, once `experiment_status` and every pre-flight check passed."""
     experiment = options.storage / spec.name
-    if experiment_status(spec, options):
-        return experiment, True
     if options.overwrite and experiment.exists() and any(experiment.iterdir()):
         kept = experiment.with_name(f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         experiment.rename(kept)
@@ -153,7 +150,7 @@ def open_experiment(spec: SearchSpec, overrides: dict[str, Any], options: Option
         write_json(experiment / SPEC_FILE, {"spec": spec.model_dump(mode="json"), "overrides": overrides,
                                             "paths": paths.to_dict()})
         _publish(options, experiment, SPEC_FILE)
-    return experiment, False
+    return experiment
 
 
 def sync_down(remote: Remote, experiment: Path) -> None:
@@ -216,16 +213,16 @@ def check_optuna_database(experiment: Path) -> None:
 
 
 def preflight(spec: SearchSpec, overrides: dict[str, Any], options: Options, paths: Paths,
-              studies: list[Study]) -> tuple[SearchSpec, list[Study]]:
+              studies: list[Study]) -> tuple[SearchSpec, list[Study], dict[str, dict[str, list[int]]]]:
     """Every check a start can fail, before anything is written into the experiment folder: data prepared
     (class splits included), weights fetched, Ray up and able to hold a trial. Returns the spec to run
-    (`--allow-cpu` may drop its GPU) and its studies."""
+    (`--allow-cpu` may drop its GPU), its studies and their class lists (for the record)."""
     prepare_data(studies)
     prepare_weights(studies)
-    _class_lists(studies)  # too few classes, or a val_fraction that leaves no training class
+    classes = _class_lists(studies)  # too few classes, or a val_fraction that leaves no training class
     init_ray(options.address, options.verbose)
     spec = check_resources(spec, autoscaling=options.autoscaling, allow_cpu=options.allow_cpu)
-    return spec, plan_studies(spec, overrides, paths)
+    return spec, plan_studies(spec, overrides, paths), classes
 
 
 def driver_lock(storage: Path, name: str) -> FileLock:
@@ -271,7 +268,8 @@ def _class_lists(studies: list[Study]) -> dict[str, dict[str, list[int]]]:
     return lists
 
 
-def write_record(experiment: Path, studies: list[Study], spec: SearchSpec) -> None:
+def write_record(experiment: Path, studies: list[Study], spec: SearchSpec,
+                 classes: dict[str, dict[str, list[int]]]) -> None:
     """What ran, on what: enough to tell two experiments apart a year later."""
     import ray
     import torch
@@ -288,7 +286,7 @@ def write_record(experiment: Path, studies: list[Study], spec: SearchSpec) -> No
             "cluster_resources": ray.cluster_resources(),
         },
         "baselines": baselines,
-        "classes": _class_lists(studies),
+        "classes": classes,
     })
 
 
@@ -391,12 +389,12 @@ def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options, pa
             print(f"experiment {spec.name} is complete already (in {options.storage / spec.name}); "
                   "use --overwrite to run it again", flush=True)
             return options.storage / spec.name
-        checked, studies = preflight(spec, overrides, options, paths, studies)
-        experiment, _ = open_experiment(spec, overrides, options, paths)  # the first write into the folder
+        checked, studies, classes = preflight(spec, overrides, options, paths, studies)
+        experiment = open_experiment(spec, overrides, options, paths)  # the first write into the folder
         spec = checked
         for warning in serial_loading(spec, studies):
             print(warning, flush=True)
-        write_record(experiment, studies, spec)
+        write_record(experiment, studies, spec, classes)
         _publish(options, experiment, RECORD_FILE)
         if spec.searcher.type == "grid":
             _run_grid(spec, studies, experiment, options, callbacks)

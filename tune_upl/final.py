@@ -11,7 +11,7 @@ the result, as in the seed.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -19,25 +19,11 @@ import pandas as pd
 
 from tune_upl.atomic import write_json
 from tune_upl.layout import FINAL_SUFFIX, SELECTION_FILE
-from tune_upl.results import last_per_epoch, read_selection
+from tune_upl.results import Selection, last_per_epoch, read_selection  # Selection: the schema of selection.json
 from tune_upl.spec import SearchSpec
 
 if TYPE_CHECKING:  # a Tune result grid is only passed in: selecting needs no Ray of its own
     from ray import tune
-
-
-@dataclass(frozen=True)
-class Selection:
-    """The chosen trial of one study (or one grid group) and why."""
-
-    key: str  # the study's folder name; the final stage runs in `<key>.final`
-    group: dict[str, Any]
-    trial_id: str
-    epoch: int
-    objective: dict[str, float]
-    config: dict[str, Any]
-    test_selected: dict[str, float]  # protocol seed only: test metrics of the test-selected epoch
-    selected_at: float
 
 
 def select(spec: SearchSpec, results: tune.ResultGrid, key: str, group: dict[str, Any]) -> Selection:

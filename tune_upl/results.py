@@ -8,6 +8,7 @@ study without `selection.json` simply has no final result yet.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from tune_upl.layout import (
     COMPLETE_FILE,
@@ -52,17 +53,19 @@ class SavedSpec(BaseModel):
     paths: dict[str, Any] = {}
 
 
-class SavedSelection(BaseModel):
-    """`selection.json`: the fields of `final.Selection`, checked before anything is read from them."""
+@dataclass(frozen=True)
+class Selection:
+    """The chosen trial of one study (or one grid group) and why: what `selection.json` holds (written by
+    `final.save_selection`, checked field by field when read)."""
 
-    model_config = ConfigDict(extra="forbid")
-    key: str
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    key: str  # the study's folder name
     group: dict[str, Any]
     trial_id: str
     epoch: int
     objective: dict[str, float]
     config: dict[str, Any]
-    test_selected: dict[str, float]
+    test_selected: dict[str, float]  # protocol seed only: test metrics of the test-selected epoch
     selected_at: float
 
 
@@ -85,11 +88,13 @@ def read_params(path: Path) -> dict[str, Any]:
     return read_saved(path, SavedParams, "restore it from a copy (it is the final run's training config)")
 
 
-def read_saved(path: Path, model: type[BaseModel], fix: str) -> dict[str, Any]:
-    """A driver file, parsed and checked against `model`; a damaged one is one error naming the file, the
-    problem and `fix` (the command that repairs or skips it), never a traceback from deep in a reader."""
+def read_saved(path: Path, model: type, fix: str) -> dict[str, Any]:
+    """A driver file, parsed and checked against `model` (a pydantic model or a dataclass); a damaged one is
+    one error naming the file, the problem and `fix` (the command that repairs or skips it), never a
+    traceback from deep in a reader."""
     try:
-        return model.model_validate_json(path.read_bytes()).model_dump()
+        checked = TypeAdapter(model).validate_json(path.read_bytes())
+        return checked.model_dump() if isinstance(checked, BaseModel) else dataclasses.asdict(checked)
     except ValidationError as error:
         first = error.errors(include_url=False)[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -127,7 +132,7 @@ def read_selection(path: Path) -> dict[str, Any]:
     experiment = path.parent.parent
     fix = (f"delete it (and {COMPLETE_FILE}, if there), then `{_command(experiment, 'search --resume')}` selects the "
            "study again from its trials")
-    return read_saved(path, SavedSelection, fix)
+    return read_saved(path, Selection, fix)
 
 
 @dataclass
@@ -272,9 +277,15 @@ def _trials_of(folder: Path, damaged: list[str]) -> list[tuple[Any, pd.DataFrame
     unreadable rows is added to `damaged`."""
     from ray.tune import ExperimentAnalysis
 
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # bad files: named by us
+    class TrialsOnly(ExperimentAnalysis):
+        """Tune's saved trials without Ray reading their result files too (we read them once, below)."""
+
+        def _fetch_trial_dataframes(self) -> dict[str, pd.DataFrame]:
+            return {}
+
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # should Ray read them
     try:
-        analysis = ExperimentAnalysis(str(folder))
+        analysis = TrialsOnly(str(folder))
     except Exception as error:  # Ray's parse of its own state: whatever it raises, name the folder
         raise ExperimentError(f"{folder}: Tune's saved state ({TUNE_STATE_PATTERN}) cannot be read ({error}); "
                               "restore the folder from a copy") from None
