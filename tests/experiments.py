@@ -48,6 +48,23 @@ def trial_results(folder: Path, final: Optional[bool] = None) -> dict[str, list[
             if final is None or bool(json.loads((path.parent / "params.json").read_text()).get("final")) == final}
 
 
+def saved_trials(folder: Path) -> dict[str, tuple[str, int, bool]]:
+    """What Tune's saved experiment state (the newest `experiment_state-*.json` in `folder`) records of each
+    trial: (status, last epoch, final run). A resume starts from this, not from `result.json`: a row written
+    after the last snapshot is not a checkpoint Tune will restore. {} while no complete state file exists."""
+    states = sorted(folder.glob("experiment_state-*.json"))
+    try:
+        entries = json.loads(states[-1].read_text())["trial_data"] if states else []
+    except (OSError, ValueError):  # caught while Tune's sync rewrites it
+        return {}
+    saved = {}
+    for trial_json, metadata_json in entries:
+        trial, last = json.loads(trial_json), json.loads(metadata_json).get("last_result") or {}
+        saved[trial["trial_id"]] = (trial["status"], last.get("training_iteration", 0),
+                                    bool(trial["config"].get("final")))
+    return saved
+
+
 def on_cluster(body: str, head: dict[str, int], worker: dict[str, int], *args: str,
                timeout: float = 600) -> subprocess.CompletedProcess:
     """`body` (Python, `sys.argv[1:]` = `args`) run in a fresh process against a two-node local Ray

@@ -77,8 +77,10 @@ def test_a_refused_start_writes_nothing_so_the_same_command_says_the_same(tmp_pa
                str(tmp_path / "nowhere"), "--cache_dir", str(tmp_path / "cache"))
     first = run_main(capsys, *command)
     assert first[0] == 2 and f"expected {tmp_path / 'nowhere'}/cub/images.txt" in one_line(first[1])
-    assert not (runs / "mini").exists()
+    assert not runs.exists()  # neither the experiment nor its lock file, nor the storage folder made for them
     assert run_main(capsys, *command) == first  # not "unfinished: add --resume"
+    runs.mkdir()
+    assert run_main(capsys, *command) == first and not list(runs.iterdir())  # a storage that was there stays
 
 
 def test_prepare_and_search_refuse_a_one_class_tree_alike_and_leave_no_stub(tmp_path, capsys):
@@ -100,7 +102,7 @@ def test_a_start_refused_for_resources_writes_nothing(ray_session, tmp_path, cap
     code, err = run_main(capsys, "search", "--space", str(spec), "--storage", str(runs), "--cache_dir", cache_dir,
                          "--cpus-per-trial", "64")
     assert code == 2 and one_line(err).startswith("error: resources = 64 CPU + 0 GPU per trial: no node")
-    assert not (runs / "mini").exists()
+    assert not runs.exists()
     assert signal.getsignal(signal.SIGTERM) == handler  # the driver's SIGTERM handler lasts only for its run
 
 

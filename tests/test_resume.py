@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from experiments import ROOT, cli, kill_when, trial_results
+from experiments import ROOT, cli, kill_when, saved_trials, trial_results
 from filelock import FileLock
 from searches import MINI, write_spec
 
@@ -57,11 +57,19 @@ def test_killed_search_resumes_to_exactly_num_samples_trials(tmp_path, cache_dir
     runs = tmp_path / "runs"
     base = [sys.executable, "run_search.py", "--storage", str(runs), "--reports-dir", str(tmp_path),
             "--cache-dir", cache_dir]
-    # 1. killed after the first trial result
-    kill_when(base + ["--space", str(spec)],
-               lambda: any(rows for rows in trial_results(runs / "mini" / "trials", final=False).values()))
-    before = trial_results(runs / "mini" / "trials", final=False)
-    assert 1 <= sum(map(len, before.values())) and len(before) <= 3
+    trials = runs / "mini" / "trials"
+
+    def checkpointed() -> dict[str, int]:
+        """Search trials by the epoch of their checkpoint in Tune's saved state, where result.json has that epoch
+        too (a row alone may be newer than the state: its trial would rightly start again from scratch)."""
+        rows = trial_results(trials, final=False)
+        return {trial_id: epoch for trial_id, (_, epoch, final) in saved_trials(trials).items()
+                if epoch and not final and len(rows.get(trial_id, [])) >= epoch}
+
+    # 1. killed once a trial's first checkpoint is in Tune's saved state
+    kill_when(base + ["--space", str(spec)], lambda: bool(checkpointed()))
+    before, continued = trial_results(trials, final=False), checkpointed()
+    assert 1 <= sum(map(len, before.values())) and len(before) <= 3 and continued
     # 2. resumed, then killed again during the final stage
     kill_when(base + ["--resume", "--name", "mini"],
                lambda: any(rows for rows in trial_results(runs / "mini" / "trials", final=True).values()))
@@ -75,8 +83,8 @@ def test_killed_search_resumes_to_exactly_num_samples_trials(tmp_path, cache_dir
         epochs = [r["training_iteration"] for r in rows]
         assert sorted(set(epochs)) == [1, 2, 3], (trial_id, epochs)  # every trial reached its last epoch
         assert len(epochs) - len(set(epochs)) <= 1  # at most the epoch in flight at the kill ran twice
-    for trial_id, rows in before.items():  # the interrupted trial continued from its checkpoint
-        assert after[trial_id][: len(rows)] == rows
+    for trial_id, epoch in continued.items():  # the interrupted trial continued from its saved checkpoint
+        assert after[trial_id][:epoch] == before[trial_id][:epoch]
     lrs = [json.loads((runs / "mini" / "trials" / t / "params.json").read_text())["lr"] for t in after]
     assert lrs.count(1e-4) == 1, lrs  # the recipe (baseline) ran once: a resume does not enqueue it again
     finals = trial_results(runs / "mini" / "trials", final=True)

@@ -15,10 +15,8 @@ import pandas as pd
 from tune_upl.comparisons import Interval, pareto_front, welch_interval
 from tune_upl.results import ExperimentData, FinalResult
 
-# balanced_proxy's two design axes (tune_upl.losses.ANCHORS, AGGREGATIONS), its own cell when they are unset,
-# and the cell that is Proxy-Anchor (Kim et al. 2020)
-ANCHORS = ("proxy", "sample", "both")
-AGGREGATIONS = ("sum", "mean")
+# balanced_proxy, its own cell when its two axes (tune_upl.loss_axes) are unset, and the cell that is
+# Proxy-Anchor (Kim et al. 2020)
 UNIFIED = "balanced_proxy"
 DEFAULT_CELL = ("both", "mean")
 PROXY_ANCHOR_CELL = ("proxy", "sum")

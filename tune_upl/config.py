@@ -15,6 +15,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 from pydantic.dataclasses import dataclass
 from typing_extensions import Annotated
 from tune_upl.errors import ConfigError
+from tune_upl.loss_axes import Aggregation, Anchor
 
 Protocol = Literal["val", "seed"]
 Pooling = Literal["max", "avg", "avgmax"]
@@ -112,13 +113,13 @@ class TrialConfig:
         ge=-1, le=1,
         description="loss margin delta, for the losses with one (seed: 0.1)",
     )] = 0.1
-    loss_anchor: Annotated[Optional[Literal["proxy", "sample", "both"]], Field(
+    loss_anchor: Annotated[Optional[Anchor], Field(
         description=(
             "balanced_proxy only: what its terms anchor on, proxy (Proxy-Anchor's), sample or both; unset: the "
             "loss's own (both)"
         ),
     )] = None
-    loss_aggregation: Annotated[Optional[Literal["sum", "mean"]], Field(
+    loss_aggregation: Annotated[Optional[Aggregation], Field(
         description=(
             "balanced_proxy only: how a term adds its entries, sum (Proxy-Anchor's) or mean (count-balanced); "
             "unset: the loss's own (mean)"

@@ -237,6 +237,18 @@ def driver_lock(storage: Path, name: str) -> FileLock:
     return lock
 
 
+def leave_as_found(lock: FileLock, storage: Path, found: Path) -> None:
+    """After a start that wrote no experiment (refused, or complete already): remove the lock file, and the
+    folders from `storage` up to `found` (its nearest folder that existed) that the driver made for it, so
+    the storage is as the user left it. Unlinked while still held: no second driver can take this file."""
+    Path(lock.lock_file).unlink(missing_ok=True)
+    lock.release()
+    with contextlib.suppress(OSError):  # not empty: something else was written there
+        while storage != found:
+            storage.rmdir()
+            storage = storage.parent
+
+
 def _git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
@@ -380,7 +392,9 @@ def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options, pa
     studies = plan_studies(spec, overrides, paths)  # validates every study before anything starts
     callbacks = (*logger_callbacks(options.loggers, spec.name), *options.callbacks)
     check_storage(options.storage)
+    found = next(folder for folder in (options.storage, *options.storage.parents) if folder.exists())
     lock = driver_lock(options.storage, spec.name)
+    experiment = None
     try:
         if options.remote:
             options.remote.check()
@@ -405,4 +419,7 @@ def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options, pa
         return experiment
     finally:
         restore_sigterm()
-        lock.release()
+        if experiment is None:
+            leave_as_found(lock, options.storage, found)
+        else:
+            lock.release()

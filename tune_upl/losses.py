@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tune_upl.loss_axes import AGGREGATIONS, ANCHORS
+
 
 def masked_log1p_sum_exp(logits: torch.Tensor, mask: torch.Tensor, dim: int, mean: bool = False) -> torch.Tensor:
     """agg(v, m) = log(1 + sum_j m_j exp(v_j) [/ max(1, sum_j m_j)]) along `dim`.
@@ -30,11 +32,6 @@ def masked_log1p_sum_exp(logits: torch.Tensor, mask: torch.Tensor, dim: int, mea
 def label_mask(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """[B, C] bool, True at each sample's class: `F.one_hot` without its range check (a host sync on a GPU)."""
     return labels[:, None] == torch.arange(num_classes, device=labels.device)
-
-
-# The Unified Proxy Loss's two design axes: TrialConfig's loss_anchor and loss_aggregation take these values.
-ANCHORS = ("proxy", "sample", "both")
-AGGREGATIONS = ("sum", "mean")
 
 
 class UnifiedProxyLoss(nn.Module):
