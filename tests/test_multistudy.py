@@ -128,6 +128,27 @@ def test_the_saved_state_restores_every_study_and_fails_asked_trials_tune_never_
     assert other.state.name == "COMPLETE" and other.value == 0.3 and other.params["lr"] == b["lr"] == 1e-4
 
 
+def test_a_restored_study_does_not_propose_its_start_up_points_again(tmp_path):
+    """The sampler's random state is part of the saved state: after a resume the start-up phase carries on
+    instead of starting over from the spec's seed (which proposed 3 of the first 4 points again)."""
+    changes = dict(num_samples=8, max_concurrent=8, studies={"scale": [8.0]},
+                   searcher={"type": "tpe", "seed": 0, "n_startup_trials": 8})
+    _, _, searcher = searcher_for(tmp_path, **changes)
+    searcher.set_max_concurrency(8)
+    before = [searcher.suggest(f"a{i}")["lr"] for i in range(4)]  # the baseline, then 3 random points
+    for i in range(4):
+        searcher.on_trial_complete(f"a{i}", {"val_recall@1": 0.1 * i, "training_iteration": 3})
+    searcher.save(str(tmp_path / "state.pkl"))
+    _, _, restored = searcher_for(tmp_path, **changes)
+    restored.set_max_concurrency(8)
+    restored.restore(str(tmp_path / "state.pkl"))
+    after = [restored.suggest(f"b{i}")["lr"] for i in range(4)]
+    assert before[0] == 1e-4 and len(set(before + after)) == 8, (before, after)
+    _, _, uninterrupted = searcher_for(tmp_path / "again", **changes)
+    uninterrupted.set_max_concurrency(8)
+    assert [uninterrupted.suggest(f"c{i}")["lr"] for i in range(8)] == before + after  # as if never stopped
+
+
 def _replay(config):
     """Validation Recall@1 from the config alone, an epoch at a time: the scale=8 study scores near 0.8,
     the scale=64 one near 0.1 (so shared rungs would stop every trial of the poor study). An epoch of a

@@ -15,7 +15,9 @@ one searcher and its one scheduler is built here, thinly, on Tune's public `Sear
   last objective: a trial's result reaches only its own study. When a study's last search trial has
   ended it selects the study's trial (`final.select_trials`, on the results it was told), writes
   `<study>/selection.json`, and suggests the `final_seeds` final runs. Its saved state (Tune saves it
-  with the experiment) is bookkeeping only; the Optuna studies reload from SQLite on resume.
+  with the experiment) is its bookkeeping and each study's sampler, whose random state must carry on: a
+  sampler made again from the spec's seed would propose the study's first start-up points a second time.
+  The Optuna studies (their trials) reload from SQLite on resume.
 - `StudyRouter` sends each trial's results to its own study's ASHA (or FIFO); final runs are FIFO. Tune
   pickles the scheduler when the run starts, so after a resume every study's rungs start empty.
 
@@ -101,6 +103,7 @@ class Book:
     selections: dict[str, Selection] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # study -> why nothing could be selected
     created: set[str] = field(default_factory=set)  # studies whose Optuna study exists (baseline enqueued)
+    samplers: dict[str, optuna.samplers.BaseSampler] = field(default_factory=dict)  # per study, random state kept
 
 
 class StudySearcher(Searcher):
@@ -233,13 +236,15 @@ class StudySearcher(Searcher):
 
     # ------------------------------------------------------------ Optuna
     def _open(self, study: Study) -> optuna.Study:
-        """The study's Optuna study in the experiment's SQLite file; the first time, with its baseline queued
-        (a resumed run finds it there and does not queue it again)."""
+        """The study's Optuna study in the experiment's SQLite file, with its sampler as last saved; the first
+        time, with its baseline queued (a resumed run finds it there and does not queue it again)."""
         if study.key not in self._optuna:
             optuna.logging.set_verbosity(optuna.logging.WARNING)
+            if study.key not in self._book.samplers:
+                self._book.samplers[study.key] = make_sampler(self._spec)
             opened = optuna.create_study(
                 storage=f"sqlite:///{self._experiment / OPTUNA_FILE}", study_name=study.key, load_if_exists=True,
-                sampler=make_sampler(self._spec),
+                sampler=self._book.samplers[study.key],
                 direction="maximize" if self._spec.objective.mode == "max" else "minimize",
             )
             if study.key not in self._book.created:
