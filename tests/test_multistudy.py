@@ -79,11 +79,12 @@ def test_final_runs_start_once_a_study_ended_and_the_searcher_then_finishes(tmp_
     searcher.on_trial_complete("t3", {"val_recall@1": 0.65, "training_iteration": 2})
     selection = json.loads((tmp_path / "scale=8.0" / "selection.json").read_text())
     assert selection["trial_id"] == good and selection["epoch"] == 1 and selection["objective"] == {"val_recall@1": 0.7}
-    assert f"selected trial {good} of scale=8.0 (epoch 1, val_recall@1 0.7000)" in capsys.readouterr().out
+    assert "selected" not in capsys.readouterr().out  # said at the next suggest, after that trial's own line
     assert pushed == ["optuna.db", "scale=8.0/selection.json", "optuna.db"]  # the database with each ended trial
     curve = optuna.load_study(study_name="scale=8.0", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials[0]
     assert curve.intermediate_values == {1: 0.7} and curve.value == 0.6  # its curve, and its last objective
     final = searcher.suggest("t5")  # the study's final run, before the other study has ended
+    assert f"selected trial {good} of scale=8.0 (epoch 1, val_recall@1 0.7000)" in capsys.readouterr().out
     assert final["final"] is True and final["seed"] == first[good]["seed"] + 1
     assert {k: v for k, v in final.items() if k not in ("final", "seed")} == {
         k: v for k, v in first[good].items() if k not in ("final", "seed")}
@@ -97,8 +98,8 @@ def test_final_runs_start_once_a_study_ended_and_the_searcher_then_finishes(tmp_
     assert searcher.suggest("t9")["scale"] == 64.0
     searcher.on_trial_complete("t9", None)  # ended without a score
     assert not (tmp_path / "scale=64.0" / "selection.json").exists()  # nothing reported the objective
-    assert "error: no trial of study scale=64.0 reported val_recall@1" in capsys.readouterr().out
     assert searcher.suggest("t10") == Searcher.FINISHED  # no selection, so no final runs: nothing left
+    assert "error: no trial of study scale=64.0 reported val_recall@1" in capsys.readouterr().out
     studies_db = {s.study_name: s for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'optuna.db'}")}
     assert studies_db["scale=8.0"].n_trials == 2 and studies_db["scale=64.0"].n_trials == 2
     poor_study = optuna.load_study(study_name="scale=64.0", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
@@ -219,6 +220,11 @@ def test_two_studies_in_one_run_keep_their_own_optuna_studies_rungs_selections_a
         assert selection["selected_at"] >= ended - 1
     lines = capsys.readouterr().out
     assert lines.count("selected trial ") == 2 and "[10/10] " in lines
+    said = lines.splitlines()
+    for key, tids in by_study.items():  # a study's selection is said after the line of each of its trials
+        selected = next(i for i, line in enumerate(said) if line.startswith("selected trial ") and f" of {key} " in line)
+        lines_of_trials = [i for i, line in enumerate(said) for tid in tids if line.startswith("[") and f" trial {tid} " in line]
+        assert len(lines_of_trials) == 4 and max(lines_of_trials) < selected, said
 
 
 @pytest.mark.slow

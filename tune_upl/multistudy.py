@@ -122,6 +122,9 @@ class StudySearcher(Searcher):
         self._book = Book()
         self._optuna: dict[str, optuna.Study] = {}  # opened on demand from SQLite, never pickled
         self._asked: dict[str, optuna.trial.Trial] = {}  # Tune trial id -> its Optuna trial, this session's only
+        # lines said at the next suggest: Tune tells the searcher that a trial ended before its callbacks print
+        # that trial's line, and a study's selection line belongs after the line of the trial that ended it
+        self._notes: list[str] = []
 
     # ------------------------------------------------------------ Tune's interface
     def set_max_concurrency(self, max_concurrent: int) -> bool:
@@ -130,6 +133,9 @@ class StudySearcher(Searcher):
         return True
 
     def suggest(self, trial_id: str) -> Optional[dict[str, Any]]:
+        for line in self._notes:
+            print(line, flush=True)
+        self._notes.clear()
         live = [e for e in self._book.entries.values() if not e.ended]
         if len(live) >= self._limit:
             return None
@@ -195,7 +201,7 @@ class StudySearcher(Searcher):
             self._select_when_done(study)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_optuna", "_asked")} | {"_optuna": {}, "_asked": {}}
+        return self.__dict__ | {"_optuna": {}, "_asked": {}, "_notes": []}
 
     # ------------------------------------------------------------ what to run next
     def _started(self, key: str, final: bool) -> int:
@@ -273,7 +279,8 @@ class StudySearcher(Searcher):
         return {"trial_id": trial_id, "training_iteration": result.get("training_iteration", 0), **keep}
 
     def _select_when_done(self, study: Study) -> None:
-        """Once the study's last search trial has ended: select, save `selection.json`, and say so."""
+        """Once the study's last search trial has ended: select, save `selection.json`, and say so (at the
+        next suggest)."""
         key = study.key
         mine = {tid: e for tid, e in self._book.entries.items() if e.study == key and not e.final}
         if (key in self._book.selections or key in self._book.failed or len(mine) < self._spec.num_samples
@@ -284,14 +291,14 @@ class StudySearcher(Searcher):
             selection = select_trials(self._spec, trials, key, {})
         except RuntimeError as nothing:
             self._book.failed[key] = str(nothing)
-            print(f"error: {nothing}", flush=True)
+            self._notes.append(f"error: {nothing}")
             return
         self._book.selections[key] = selection
         save_selection(selection, self._experiment / key)
         self._push(f"{key}/{SELECTION_FILE}")
-        print(selected_line(self._spec, selection), flush=True)
+        self._notes.append(selected_line(self._spec, selection))
         if self._finals(key):
-            print(final_stage_line(self._spec, key), flush=True)
+            self._notes.append(final_stage_line(self._spec, key))
 
     def _push(self, relative: str) -> None:
         if self._publish is not None:
