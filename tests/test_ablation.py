@@ -45,15 +45,22 @@ def test_each_cell_trains_one_step_through_trialconfig_as_the_unified_loss():
 
 def test_the_loss_specific_fields_are_those_some_losses_take_and_the_report_knows_the_cells():
     """LOSS_SPECIFIC (the fields refused for a loss without them) are exactly the builder parameters some losses
-    have and others lack; the report's default cell is the loss's own."""
-    from tune_upl import ablation
+    have and others lack; the cells the report marks are the losses they name."""
     from tune_upl.config import LOSS_SPECIFIC
+    from tune_upl.loss_axes import DEFAULT_CELL, PROXY_ANCHOR_CELL
     from tune_upl.losses import LOSS_PARAMETERS, build_loss
 
     params = [set(p) for p in LOSS_PARAMETERS.values()]
     assert set(LOSS_SPECIFIC) == set.union(*params) - set.intersection(*params)
-    own = build_loss("balanced_proxy")
-    assert (own.anchor, "mean" if own.mean else "sum") == ablation.DEFAULT_CELL
+    for name, marked in (("balanced_proxy", DEFAULT_CELL), ("proxy_anchor", PROXY_ANCHOR_CELL)):
+        loss = build_loss(name)
+        assert (loss.anchor, "mean" if loss.mean else "sum") == marked, name
+
+
+def test_a_loss_specific_field_at_its_default_or_for_a_loss_with_it_is_no_error():
+    # at its default a field is no choice of the user's: every config carries margin 0.1
+    assert make_config(loss_name="proxy_nca", margin=0.1).margin == 0.1
+    assert make_config(loss_anchor="proxy", loss_aggregation="sum").loss_anchor == "proxy"
 
 
 @pytest.mark.parametrize("values, expected", [
@@ -71,9 +78,6 @@ def test_a_loss_specific_field_is_refused_for_a_loss_without_it(values, expected
     with pytest.raises(ConfigError) as error:
         make_config(values)
     assert str(error.value) == expected
-    # at its default a field is no choice of the user's: every config carries margin 0.1
-    assert make_config(loss_name="proxy_nca", margin=0.1).margin == 0.1
-    assert make_config(loss_anchor="proxy", loss_aggregation="sum").loss_anchor == "proxy"
 
 
 def test_the_command_line_refuses_it_in_one_line_with_exit_2(capsys):

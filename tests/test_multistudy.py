@@ -129,6 +129,53 @@ def test_the_saved_state_restores_every_study_and_fails_asked_trials_tune_never_
     assert other.state.name == "COMPLETE" and other.value == 0.3 and other.params["lr"] == b["lr"] == 1e-4
 
 
+def test_a_restored_searcher_writes_where_the_resuming_driver_has_the_experiment_now(tmp_path):
+    """Tune restores the searcher pickled when the run began: when a cloud experiment is resumed on another
+    machine (another local mirror), its Optuna studies, selections and pushes go to the resuming driver's."""
+    import pickle
+    import shutil
+
+    from tune_upl.multistudy import Session, resuming
+
+    first = tmp_path / "first"
+    _, _, searcher = searcher_for(first, num_samples=1, final_seeds=1)
+    searcher.set_max_concurrency(2)
+    a = searcher.suggest("a")
+    searcher.save(str(tmp_path / "state.pkl"))
+    pickled = pickle.dumps(searcher)  # as Tune keeps it in tuner.pkl
+    moved = tmp_path / "moved"  # the mirror on the machine that resumes
+    shutil.move(first, moved)
+    pushed = []
+    restored = pickle.loads(pickled)
+    restored.set_max_concurrency(2)  # Tune gives it the first run's max_concurrent_trials again
+    with resuming(Session(moved, pushed.append, 1)):
+        restored.restore(str(tmp_path / "state.pkl"))
+    assert restored.suggest("b") is None  # the resuming driver's limit: 1 trial at once, a still running
+    restored.on_trial_complete("a", {"val_recall@1": 0.5, "training_iteration": 3})
+    key = study_name(a)
+    assert (moved / key / "selection.json").is_file() and not first.exists()
+    assert pushed == [f"{key}/selection.json", "optuna.db"]
+    trials = optuna.load_study(study_name=key, storage=f"sqlite:///{moved / 'optuna.db'}").trials
+    assert [t.state.name for t in trials] == ["COMPLETE"]
+
+
+def test_under_protocol_seed_the_searcher_finishes_only_after_saying_every_selection(tmp_path, capsys):
+    """Tune stops asking a searcher that said FINISHED, so it must not say so while a study's last trial runs:
+    that trial's selection line would never be said."""
+    from ray.tune.search import Searcher
+
+    _, _, searcher = searcher_for(tmp_path, num_samples=1, protocol="seed", objective={"metric": "test_recall@1", "mode": "max"})
+    searcher.set_max_concurrency(2)
+    a, b = searcher.suggest("a"), searcher.suggest("b")
+    assert searcher.suggest("c") is None  # every trial started, one still to end
+    searcher.on_trial_complete("a", {"test_recall@1": 0.5, "training_iteration": 3})
+    assert searcher.suggest("c") is None
+    searcher.on_trial_complete("b", {"test_recall@1": 0.4, "training_iteration": 3})
+    assert searcher.suggest("c") == Searcher.FINISHED
+    said = capsys.readouterr().out
+    assert all(f"selected trial {t} of {study_name(c)} " in said for t, c in (("a", a), ("b", b)))
+
+
 def test_a_restored_study_does_not_propose_its_start_up_points_again(tmp_path):
     """The sampler's random state is part of the saved state: after a resume the start-up phase carries on
     instead of starting over from the spec's seed (which proposed 3 of the first 4 points again)."""

@@ -13,13 +13,10 @@ from typing import Any, Optional
 import pandas as pd
 
 from tune_upl.comparisons import Interval, pareto_front, welch_interval
+from tune_upl.loss_axes import DEFAULT_CELL, PROXY_ANCHOR_CELL
 from tune_upl.results import ExperimentData, FinalResult
 
-# balanced_proxy, its own cell when its two axes (tune_upl.loss_axes) are unset, and the cell that is
-# Proxy-Anchor (Kim et al. 2020)
-UNIFIED = "balanced_proxy"
-DEFAULT_CELL = ("both", "mean")
-PROXY_ANCHOR_CELL = ("proxy", "sum")
+UNIFIED = "balanced_proxy"  # the loss whose two axes (tune_upl.loss_axes) make the ablation's cells
 
 
 def cell(config: dict[str, Any]) -> Optional[tuple[str, str]]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tune_upl.loss_axes import AGGREGATIONS, ANCHORS
+from tune_upl.loss_axes import AGGREGATIONS, ANCHORS, DEFAULT_CELL, PROXY_ANCHOR_CELL
 
 
 def masked_log1p_sum_exp(logits: torch.Tensor, mask: torch.Tensor, dim: int, mean: bool = False) -> torch.Tensor:
@@ -73,14 +73,17 @@ class UnifiedProxyLoss(nn.Module):
 
 def proxy_anchor(scale: float = 32.0, margin: float = 0.1) -> UnifiedProxyLoss:
     """Proxy-Anchor: proxy-anchored terms summed over the batch."""
-    return UnifiedProxyLoss(scale, margin, anchor="proxy", aggregation="sum")
+    anchor, aggregation = PROXY_ANCHOR_CELL
+    return UnifiedProxyLoss(scale, margin, anchor=anchor, aggregation=aggregation)
 
 
 def balanced_proxy(scale: float = 32.0, margin: float = 0.1, loss_anchor: Optional[str] = None,
                    loss_aggregation: Optional[str] = None) -> UnifiedProxyLoss:
     """The Unified Proxy Loss as this project defines it: both anchors, count-balanced (mean) terms. Either
     axis can be set (the ablation's cells); None keeps the loss's own, so the default stays this corner."""
-    return UnifiedProxyLoss(scale, margin, anchor=loss_anchor or "both", aggregation=loss_aggregation or "mean")
+    own_anchor, own_aggregation = DEFAULT_CELL
+    return UnifiedProxyLoss(scale, margin, anchor=loss_anchor or own_anchor,
+                            aggregation=loss_aggregation or own_aggregation)
 
 
 class ProxyNCALoss(nn.Module):

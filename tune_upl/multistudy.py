@@ -27,12 +27,13 @@ whose `studies` values the config holds (`planning.study_of`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import optuna
 import pandas as pd
@@ -106,6 +107,33 @@ class Book:
     samplers: dict[str, optuna.samplers.BaseSampler] = field(default_factory=dict)  # per study, random state kept
 
 
+@dataclass(frozen=True)
+class Session:
+    """What the driver running the search has now: the experiment's local folder, the publisher of its files
+    to remote storage, and the run's limit of trials at once (`max_concurrent_total`)."""
+
+    experiment: Path
+    publish: Optional[Callable[[str], None]]
+    limit: int
+
+
+# Tune restores a run's searcher as it was pickled when the run began (`Tuner.restore` takes no search
+# algorithm), with the first driver's folder, publisher and limit: a cloud experiment resumed on another
+# machine (its local mirror elsewhere) would be written in the wrong place, and the room of a cluster
+# grown or shrunk since ignored. A resuming driver states its own for the length of its fit (`resuming`);
+# `StudySearcher.restore` takes them.
+_resuming: list[Session] = []
+
+
+@contextlib.contextmanager
+def resuming(session: Session) -> Iterator[None]:
+    _resuming.append(session)
+    try:
+        yield
+    finally:
+        _resuming.remove(session)
+
+
 class StudySearcher(Searcher):
     """All studies' searches and final runs, for one Tune run (see the module's docstring).
 
@@ -177,18 +205,22 @@ class StudySearcher(Searcher):
             self._tell(entry, result, error)
             self._asked.pop(trial_id, None)
             self._select_when_done(next(s for s in self._studies if s.key == entry.study))
-        self._push(OPTUNA_FILE)
+            self._push(OPTUNA_FILE)  # a final run has no Optuna trial
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as out:
             pickle.dump(self._book, out)
 
     def restore(self, checkpoint_path: str) -> None:
-        """The bookkeeping as Tune saved it; an Optuna trial asked after that save (the driver died before
-        the next) has no Tune trial and is marked failed, so TPE's constant liar stops counting it. A study
-        whose last trial ended after that save is selected now (no later trial would end to trigger it)."""
+        """The bookkeeping and samplers as Tune saved them, with the resuming driver's folder, publisher and
+        limit (`resuming`). An Optuna trial asked after that save (the driver died before the next) has no
+        Tune trial and is marked failed, so TPE's constant liar stops counting it. (A study is selected in
+        the same event that ends its last trial, so a saved state never holds one left to select.)"""
         with open(checkpoint_path, "rb") as source:
             self._book = pickle.load(source)
+        if _resuming:
+            now = _resuming[-1]
+            self._experiment, self._publish, self._limit = now.experiment, now.publish, now.limit
         self._optuna = {}
         for study in self._studies:
             if study.key in self._book.created:
@@ -197,8 +229,6 @@ class StudySearcher(Searcher):
                 for trial in opened.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
                     if trial.number not in known:
                         opened.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-        for study in self._studies:
-            self._select_when_done(study)
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__ | {"_optuna": {}, "_asked": {}, "_notes": []}
@@ -230,15 +260,10 @@ class StudySearcher(Searcher):
         return min(ready, key=lambda r: r[:2])[2:] if ready else None
 
     def _finished(self) -> bool:
-        """Nothing left to suggest, ever: every study's trials started, and its final runs where it has any."""
-        for study in self._studies:
-            if self._started(study.key, final=False) < self._spec.num_samples:
-                return False
-            if not self._finals(study.key):  # protocol seed, or nothing could be selected
-                continue
-            if study.key not in self._book.selections or self._started(study.key, final=True) < self._finals(study.key):
-                return False
-        return True
+        """Nothing left to suggest or to say, ever: every study selected (or failed to) and its final runs
+        started. Not sooner: Tune stops asking once told so, and a selection is said at the next suggest."""
+        return all((study.key in self._book.selections or study.key in self._book.failed)
+                   and self._started(study.key, final=True) >= self._finals(study.key) for study in self._studies)
 
     # ------------------------------------------------------------ Optuna
     def _open(self, study: Study) -> optuna.Study:

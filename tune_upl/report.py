@@ -19,8 +19,6 @@ from typing import Any, Callable, Optional
 
 import pandas as pd
 from tune_upl.ablation import (
-    DEFAULT_CELL,
-    PROXY_ANCHOR_CELL,
     UNIFIED,
     Comparison,
     ablation_groups,
@@ -30,7 +28,7 @@ from tune_upl.ablation import (
     loss_label,
     trial_points,
 )
-from tune_upl.loss_axes import AGGREGATIONS, ANCHORS
+from tune_upl.loss_axes import AGGREGATIONS, ANCHORS, DEFAULT_CELL, PROXY_ANCHOR_CELL
 from tune_upl.importance import MEANINGFUL_TRIALS, MIN_TOP_TRIALS, TARGET_QUANTILE, Importance, importances
 from tune_upl.references import References, load_references
 from tune_upl.layout import COMPLETED, DIVERGED, ERRORED, OPEN_STATES, STATES, STOPPED_EARLY

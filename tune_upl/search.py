@@ -23,7 +23,7 @@ from tune_upl.final import Selection, final_param_space, final_seeds
 from tune_upl.layout import (
     COMPLETED, ERROR_KEY, ERRORED, FINAL_SUFFIX, RUN_FOLDER, SELECTION_FILE, STOPPED_EARLY, error_line, trial_state,
 )
-from tune_upl.multistudy import StudyRouter, StudySearcher, make_scheduler
+from tune_upl.multistudy import Session, StudyRouter, StudySearcher, make_scheduler, resuming
 from tune_upl.planning import Study, grid_points, study_of
 from tune_upl.spec import SearchSpec
 from tune_upl.errors import SpecError, Terminated
@@ -195,15 +195,15 @@ def restore_sigterm() -> None:
 
 
 def _fit(spec: SearchSpec, folder: str, new_tuner: Any, expected: int | Callable[[], int],
-         function: Optional[Callable[[dict[str, Any]], None]] = None) -> tune.ResultGrid:
-    """Continue the Tune experiment in `folder` when there is one (its searcher state included, errored
-    trials resumed from their last checkpoint), else start `new_tuner()`. A restored ASHA starts with
-    empty rungs (Ray pickles the scheduler as it was when the search began).
+         function: Optional[Callable[[dict[str, Any]], None]] = None, rerun_errored: bool = True) -> tune.ResultGrid:
+    """Continue the Tune experiment in `folder` when there is one (its searcher state included; with
+    `rerun_errored`, errored trials resumed from their last checkpoint), else start `new_tuner()`. A
+    restored ASHA starts with empty rungs (Ray pickles the scheduler as it was when the search began).
 
     Raises `Interrupted` when Tune returns early (fewer trials than `expected`, known once the run ends, or
     some not ended), so nothing is selected from a partial search."""
     if tune.Tuner.can_restore(folder):
-        results = tune.Tuner.restore(folder, _trainable(spec, function), resume_errored=True).fit()
+        results = tune.Tuner.restore(folder, _trainable(spec, function), resume_errored=rerun_errored).fit()
     else:
         results = new_tuner().fit()
     expected = expected() if callable(expected) else expected
@@ -328,7 +328,9 @@ def run_studies(spec: SearchSpec, studies: list[Study], storage: Path, verbose: 
         selected = sum((storage / study.key / SELECTION_FILE).is_file() for study in studies)
         return len(studies) * spec.num_samples + finals * selected
 
-    return _fit(spec, f"{root}/{RUN_FOLDER}", new_tuner, expected, function)
+    # errored trials are not rerun: their studies counted them as failed, and may have selected since
+    with resuming(Session(storage, publish, at_once)):
+        return _fit(spec, f"{root}/{RUN_FOLDER}", new_tuner, expected, function, rerun_errored=False)
 
 
 def run_final(spec: SearchSpec, selection: Selection, storage: Path, verbose: bool,

@@ -220,6 +220,9 @@ class SearchSpec(_Strict):
             continuous = [name for name, p in self.space.items() if p.choice is None]
             if continuous:
                 raise ValueError(f"space.{continuous[0]}: grid search takes choice only; allowed: choice")
+            if self.max_concurrent_total is not None:
+                raise ValueError("max_concurrent_total: a grid's trials at once are its max_concurrent (the grid "
+                                 "is one run); allowed: max_concurrent, and max_concurrent_total under tpe or random")
         if "seed" in self.studies and self.searcher.type != "grid" and self.protocol == "val":
             raise ValueError("studies.seed: a study's final runs retrain with seeds seed+1 ... seed+final_seeds, so "
                              "seed cannot also tell studies apart in their one run; allowed: seed under fixed "
