@@ -178,10 +178,11 @@ def resolve_resume(name: str, storage: Path,
     return saved
 
 
-def check_storage(storage: Path) -> None:
+def check_storage(storage: Path) -> Path:
     """An unusable --storage (a file, a read-only or unwritable folder) is one message before anything is
     written; a missing folder is made later, so its nearest existing parent must take it. Probed by writing
-    a temporary file (permissions alone do not tell a read-only file system, nor root's rights)."""
+    a temporary file (permissions alone do not tell a read-only file system, nor root's rights). Returns
+    that nearest existing folder: what a refused start leaves the storage as (`leave_as_found`)."""
     existing = storage
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -194,6 +195,7 @@ def check_storage(storage: Path) -> None:
     except OSError as error:
         raise StorageError(f"--storage {storage}: cannot write in {existing} ({error.strerror}); allowed: a folder "
                            "this user can write to, or a URI") from None
+    return existing
 
 
 def check_optuna_database(experiment: Path) -> None:
@@ -391,8 +393,7 @@ def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options, pa
     driver's (`cli.driver_paths`); without them, paths reach the trials as the spec and overrides give them."""
     studies = plan_studies(spec, overrides, paths)  # validates every study before anything starts
     callbacks = (*logger_callbacks(options.loggers, spec.name), *options.callbacks)
-    check_storage(options.storage)
-    found = next(folder for folder in (options.storage, *options.storage.parents) if folder.exists())
+    found = check_storage(options.storage)
     lock = driver_lock(options.storage, spec.name)
     experiment = None
     try:
