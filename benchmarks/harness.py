@@ -26,10 +26,9 @@ import benchmarks
 # suite name -> the module that measures it (imported when the suite runs)
 SUITES: dict[str, str] = {
     "data": "benchmarks.data", "train": "benchmarks.train", "eval": "benchmarks.eval",
-    "overhead": "benchmarks.overhead", "packing": "benchmarks.packing", "search": "benchmarks.search",
-    "cluster": "benchmarks.cluster",
+    "overhead": "benchmarks.overhead", "search": "benchmarks.search", "cluster": "benchmarks.cluster",
 }
-CPU_SUITES = ("data", "train", "eval", "packing")  # what runs without Ray and without a GPU (packing: a note)
+CPU_SUITES = ("data", "train", "eval")  # what runs without Ray and without a GPU
 DEFAULT_SUITES = (*CPU_SUITES, "overhead", "search")
 DEFAULT_OUT = "reports/performance.md"
 DEFAULT_GRID = "reports/search_grid.csv"  # the search suite's recorded grid (written by --record)

@@ -3,8 +3,8 @@ loop, with the same model, optimiser and batches, alternated, best of several ru
 
 On CUDA also resnet50 with bf16 + channels_last against strict fp32 (TF32 off); everywhere, what AdamP's
 step costs beyond AdamW's, as a share of a training step: ours (`tune_upl.optim`, no host sync) and, before
-it, the `adamp` package's. Imports `tune_upl.engine` (and so pydantic) and adamp when it runs; `packing`
-reuses its helpers.
+it, the `adamp` package's. Imports `tune_upl.engine` (and so pydantic) and adamp when it runs; the GPU check
+(`gpu_worker`) reuses its helpers for the step over in-memory batches.
 """
 from __future__ import annotations
 
@@ -232,7 +232,7 @@ def measure(args: argparse.Namespace) -> SuiteResult:
         "shows on a GPU alone.")
     if not cuda:
         result.notes.append("the GPU rows (resnet50 batch 64: bf16 + channels_last against strict fp32 with "
-                            "TF32 off, and 2,000 images/s on an H100/H200) need `--device cuda`: prepared "
-                            "(scripts/gpu_bench.sh), unmeasured.")
+                            "TF32 off, and 2,000 images/s on an H100/H200) need `--device cuda` on a GPU machine: "
+                            "unmeasured. The trial loop's own GPU figures are scripts/gpu_check.sh's (reports/gpu.md).")
     torch.set_num_threads(threads)
     return result

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Download (here, with the package registry) the wheels that the benchmark's GPU suites need on a lent GPU
-# machine, which has Python 3.12 and PyTorch but none of pydantic, adamp, filelock, tqdm, PyYAML, and no
-# internet (numpy and Pillow too, in case it lacks them): they go to .gpu_wheels/ (git-ignored, about
-# 28 MB, under the 64 MiB a device run carries).
+# Here, once, with the package registry: the wheels scripts/gpu_check.sh installs on a lent GPU machine
+# (Python 3.12, with torch, torchvision, numpy, Pillow, tqdm and filelock, without the packages below), at
+# the versions installed here (those the tests passed with), into .gpu_wheels/ (git-ignored; about 3 MB,
+# well under the 64 MiB a device run carries with the working tree). Exactly these eight are carried:
+# pydantic with what it needs (pydantic-core, annotated-types, typing-inspection, typing-extensions), adamp,
+# pretrainedmodels and munch (BN-Inception's package and its dependency).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .gpu_wheels && mkdir .gpu_wheels
-python -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .gpu_wheels pydantic pyyaml filelock tqdm numpy pillow
-python -m pip wheel --quiet --no-deps -w .gpu_wheels adamp   # published as an sdist only: a pure-Python wheel
+pins() { python -c 'import sys; from importlib.metadata import version; print(" ".join(f"{d}=={version(d)}" for d in sys.argv[1:]))' "$@"; }
+python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+  -d .gpu_wheels $(pins pydantic pydantic-core annotated-types typing-inspection typing-extensions munch)
+# published as sdists only: pure-Python wheels built here
+python -m pip wheel --quiet --no-deps -w .gpu_wheels $(pins adamp pretrainedmodels)
 ls .gpu_wheels
+du -sh .gpu_wheels

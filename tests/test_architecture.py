@@ -11,7 +11,8 @@ LEAVES = {"errors": set(), "layout": {"errors"}, "loss_axes": set()}  # a leaf a
 READERS = ("results", "report", "ablation", "figures", "importance", "retrieve")
 # at module level a reader imports only leaf modules, the config and spec schemas (no torch, no Ray), or readers
 READER_MAY_IMPORT = {"config", "spec", *READERS}
-HEAVY = ("ray", "adamp", "torch", "tune_upl.engine", "tune_upl.search", "tune_upl.trainable", "tune_upl.experiment")
+HEAVY = ("ray", "adamp", "torch", "tune_upl.engine", "tune_upl.loop", "tune_upl.search", "tune_upl.trainable",
+         "tune_upl.experiment")
 
 
 def _type_checking(node: ast.If) -> bool:

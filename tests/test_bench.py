@@ -44,7 +44,6 @@ def test_cpu_suites_quick(tmp_path):
     peer = [row for row in evaluation.rows if "faiss" in row.measure]
     assert len(peer) == 4 and peer[0].baseline_value > 0  # two sizes: time against the flat index, equal scores
     assert "top-1 neighbour equal for 3,000 of 3,000" in peer[3].note
-    assert any("needs a GPU" in note for note in results["packing"].notes)
     data = {row.measure: row.value for row in results["data"].rows}
     assert all(value > 0 for value in data.values())
     loader = data["make_loader, 1 worker (a trial of resources.cpu 2)"]  # the trial's own loader, uint8 batches
@@ -56,7 +55,7 @@ def test_cpu_suites_quick(tmp_path):
     assert re.search(r"; \d+\.\d\d% of a resnet50 epoch of CUB under protocol val \(\d+ s: 4690 images", save.note)
     text = out.read_text()
     for needle in ("# Performance", "command: python -m benchmarks", "cpu:", "gpu:", "torch ", "| eval |",
-                   "| train |", "| data |", "needs a GPU"):
+                   "| train |", "| data |", "need `--device cuda`"):
         assert needle in text
 
 
@@ -72,11 +71,11 @@ def test_knn_peer_neighbours_drop_the_query_wherever_it_is():
 
 
 def test_light_suites_import_no_search_libraries(tmp_path):
-    """The eval and packing suites (and the module itself) run where Ray, Optuna, pydantic, adamp are absent."""
+    """The eval suite (and the module itself) runs where Ray, Optuna, pydantic, adamp are absent."""
     code = (
         "import sys\n"
         "from benchmarks import harness\n"
-        f"harness.run(['--suite', 'eval,packing', '--quick', '--device', 'cpu', '--out', {str(tmp_path / 'p.md')!r}])\n"
+        f"harness.run(['--suite', 'eval', '--quick', '--device', 'cpu', '--out', {str(tmp_path / 'p.md')!r}])\n"
         f"loaded = [m for m in {HEAVY!r} if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )

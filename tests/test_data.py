@@ -3,6 +3,7 @@ import warnings
 
 import pytest
 import torch
+from fake_cuda import fake_cuda
 from torchvision.transforms import v2
 
 from tune_upl.archives import read_cub_layout
@@ -119,24 +120,26 @@ def test_the_model_normalises_uint8_input_as_the_old_float_pipeline_did(backbone
         net(batch.float())
 
 
-def test_a_gpu_trial_without_loader_workers_warns_once_with_the_fix(tiny_values, records, monkeypatch):
+def test_a_gpu_trial_without_loader_workers_warns_once_with_the_fix(tiny_values, records):
     """`resources.cpu: 1` gives num_threads 1, so `num_workers: auto` resolves to 0: on a GPU the decoding then
-    runs in series with every step. The GPU is stood in for by torch's CUDA check (no tensor moves)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    runs in series with every step. The GPU is the CUDA stand-in beneath torch (no tensor moves)."""
     dataset = ImageDataset(records[:8], eval_transform(32))
     one_cpu = make_config(tiny_values, num_workers="auto", num_threads=1)
     assert one_cpu.resolved_num_workers == 0
-    with pytest.warns(UserWarning) as caught:
-        make_loader(dataset, one_cpu, train=True)
-        make_loader(dataset, one_cpu, train=False)  # the evaluation loader of the same trial: no second warning
-    assert len(caught) == 1
-    assert "0 loader workers" in str(caught[0].message) and "resources.cpu >= 2" in str(caught[0].message)
-    with warnings.catch_warnings():
+    with fake_cuda():
+        with pytest.warns(UserWarning) as caught:
+            assert make_loader(dataset, one_cpu, train=True).pin_memory
+            make_loader(dataset, one_cpu, train=False)  # the evaluation loader of the same trial: no second warning
+        assert len(caught) == 1
+        assert "0 loader workers" in str(caught[0].message) and "resources.cpu >= 2" in str(caught[0].message)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            make_loader(dataset, make_config(tiny_values, num_workers="auto", num_threads=2), train=True)
+            cpu = make_loader(dataset, make_config(tiny_values, device="cpu", num_workers=0), train=True)
+            assert not cpu.pin_memory
+    with fake_cuda(physical=0), warnings.catch_warnings():
         warnings.simplefilter("error")
-        make_loader(dataset, make_config(tiny_values, num_workers="auto", num_threads=2), train=True)
-        make_loader(dataset, make_config(tiny_values, device="cpu", num_workers=0), train=True)
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-        make_loader(dataset, one_cpu, train=True)  # auto device without a GPU: the CPU trains, no warning
+        assert not make_loader(dataset, one_cpu, train=True).pin_memory  # auto device without a GPU: no warning
 
 
 def test_the_driver_warns_before_any_trial_when_gpu_trials_get_no_loader_worker():

@@ -3,6 +3,7 @@ schedule, a checkpoint or a precision path train a few batches of an epoch (`sma
 how fast the loop is belongs to the benchmark's train suite, measured beside a bare loop."""
 import pytest
 import torch
+from fake_cuda import fake_cuda
 
 from tune_upl.config import make_config
 from tune_upl.engine import build_run, evaluate, final_test, load_state, save_state, train_epoch
@@ -113,15 +114,14 @@ def test_an_unreadable_checkpoint_is_named(tmp_path):
         load_state(code)
 
 
-@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float16)])
-def test_auto_precision_takes_bf16_only_where_the_gpu_has_it_natively(monkeypatch, native, expected):
-    """A V100 or T4 reports bf16 as supported when emulation counts (torch's default); `amp: auto` must then
-    take fp16 with a grad scaler, not the slow emulated bf16. The GPU is stood in for by the capability check."""
+@pytest.mark.parametrize("capability, expected", [((8, 0), torch.bfloat16), ((7, 5), torch.float16)])
+def test_auto_precision_takes_bf16_only_where_the_gpu_has_it_natively(capability, expected):
+    """A T4 (7.5) reports bf16 as supported when emulation counts (torch's default); `amp: auto` must then
+    take fp16 with a grad scaler, not the slow emulated bf16. The GPU is the CUDA stand-in beneath torch, so
+    torch's own capability check decides."""
     from tune_upl.engine import resolve_amp
 
-    def is_bf16_supported(including_emulation: bool = True) -> bool:
-        return native or including_emulation  # emulation always "works"; native only where the chip has it
-
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
-    assert resolve_amp("auto", torch.device("cuda")) == expected
-    assert resolve_amp("auto", torch.device("cpu")) is None and resolve_amp("bf16", torch.device("cuda")) == torch.bfloat16
+    with fake_cuda(capability=capability):
+        assert resolve_amp("auto", torch.device("cuda", 0)) == expected
+        assert resolve_amp("bf16", torch.device("cuda", 0)) == torch.bfloat16
+    assert resolve_amp("auto", torch.device("cpu")) is None

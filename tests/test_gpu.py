@@ -1,50 +1,122 @@
-"""Trials use the GPU Ray gave them or fail at once saying so; out of memory anywhere ends only its trial;
-a packed trial is capped at its share of GPU memory; one node must hold a trial's CPUs and GPU together.
+"""Trials use the GPU Ray gave them or fail at once saying so; a packed trial is capped at its share of GPU
+memory less its process's overhead; any failure while a GPU trial starts ends it, not retried; out of memory
+anywhere ends only its trial; one node must hold a trial's CPUs and GPU together.
 
-The GPU is proven on this CPU machine by standing in for torch's CUDA checks, and by a Ray that declares
-a fake GPU (its trials' torch sees no CUDA)."""
+The GPU is proven on this CPU machine by a CUDA stand-in beneath torch (`fake_cuda`: torch's own checks run),
+and by a Ray that declares a fake GPU (its trials' torch sees no CUDA)."""
 import json
 import socket
 
 import pytest
 import torch
 from experiments import cli, on_cluster, result_rows
+from fake_cuda import GIB, fake_cuda
 
 from tune_upl.config import make_config
-from tune_upl.engine import build_run, train_epoch
-from tune_upl.errors import OutOfMemory
+from tune_upl.data import ImageDataset, eval_transform, load_records, make_loader
+from tune_upl.engine import PROCESS_OVERHEAD_BYTES, build_run, claim_gpu, resolve_amp, resolve_device, train_epoch
+from tune_upl.errors import DatasetError, OutOfMemory
+from tune_upl.layout import ERRORED, trial_state
+from tune_upl.loop import TrialHooks, run_trial
 
 
 def test_a_trial_given_a_gpu_it_cannot_see_fails_naming_the_node(monkeypatch):
-    from tune_upl.engine import resolve_device
     from tune_upl.errors import NoGPU
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # Ray's choice, on a node whose torch sees 2 GPUs: none visible
+    with fake_cuda(physical=2):
+        for name in ("auto", "cuda", "cuda:1"):
+            with pytest.raises(NoGPU, match=rf"Ray gave this trial 0.5 GPU but torch on node {socket.gethostname()} "
+                                            r"sees no CUDA device \(CUDA_VISIBLE_DEVICES='3'"):
+                resolve_device(name, gpu_share=0.5)
+        assert resolve_device("cpu", gpu_share=0.5) == torch.device("cpu")  # asked for explicitly: honoured
+        assert resolve_device("auto", gpu_share=0) == torch.device("cpu")  # outside Ray (the train command)
+
+
+def test_the_cuda_stand_in_runs_torchs_own_checks_and_leaves_torch_as_it_found_it(monkeypatch):
+    before = (torch.cuda.is_available(), torch.cuda.is_initialized(), torch.cuda.device_count())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with fake_cuda(physical=4) as gpu:
+        assert torch.cuda.device_count() == 2 and torch.cuda.get_device_properties(1).major == 9
+        with pytest.raises(RuntimeError, match=r"invalid device ordinal \(device 3 of 2 visible\)"):
+            torch.cuda.set_per_process_memory_fraction(0.5, 3)
+        with pytest.raises(ValueError, match="Expected a torch.device with a specified index"):  # torch's check
+            torch.cuda.set_per_process_memory_fraction(0.5, torch.device("cuda"))
+        torch.cuda.set_per_process_memory_fraction(0.5, torch.device("cuda", 1))
+        assert gpu.calls == [("init",), ("setMemoryFraction", 0.5, 1)]
+    assert (torch.cuda.is_available(), torch.cuda.is_initialized(), torch.cuda.device_count()) == before
+
+
+def test_the_device_always_carries_the_index_torch_can_use(monkeypatch):
+    """Ray makes the trial's GPU the only visible one: `auto` and `cuda` are its index 0, and an index past
+    what torch sees is refused in one line naming what is allowed."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-    for name in ("auto", "cuda", "cuda:1"):
-        with pytest.raises(NoGPU, match=rf"Ray gave this trial 0.5 GPU but torch on node {socket.gethostname()} "
-                                        r"sees no CUDA device \(CUDA_VISIBLE_DEVICES='3'"):
-            resolve_device(name, gpu_share=0.5)
-    assert resolve_device("cpu", gpu_share=0.5) == torch.device("cpu")  # asked for explicitly: honoured
-    assert resolve_device("auto", gpu_share=0) == torch.device("cpu")  # outside Ray (the train command)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_device("auto", gpu_share=0.5) == torch.device("cuda")
+    with fake_cuda(physical=4):
+        assert resolve_device("auto", gpu_share=0.5) == resolve_device("cuda", 1) == torch.device("cuda", 0)
+        assert resolve_device("cuda:0", gpu_share=1) == torch.device("cuda", 0)
+        with pytest.raises(RuntimeError, match=r"device 'cuda:1': torch sees 1 CUDA device\(s\) here "
+                                               r"\(CUDA_VISIBLE_DEVICES='3'\); allowed: auto, cuda or cuda:0 to cuda:0"):
+            resolve_device("cuda:1", gpu_share=1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with fake_cuda(physical=2):
+        assert resolve_device("cuda:1") == torch.device("cuda", 1)  # the train command on a 2-GPU machine
 
 
-def test_a_packed_trial_is_capped_at_its_share_and_its_peak_memory_starts_afresh(monkeypatch, tiny_values):
-    from tune_upl.engine import claim_gpu
+@pytest.mark.parametrize("share", [0.25, 0.5, 1.0])
+def test_a_trial_starts_on_its_gpu_at_each_share_capped_at_its_share_less_the_overhead(
+        share, tiny_values, monkeypatch):
+    """The start of a trial as a Ray worker runs it (one visible GPU, the node's fourth): device, memory cap,
+    peak-memory reset, precision and loader settings, through torch's own checks. `1 / share` such trials,
+    each with its process's overhead, fit the card."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    total = 80 * GIB
+    with fake_cuda(physical=4, total_memory=total) as gpu:
+        cfg = make_config(tiny_values, num_workers=2, num_threads=3)
+        device = resolve_device(cfg.device, share)
+        cap = claim_gpu(device, share)
+        assert device == torch.device("cuda", 0)
+        assert gpu.named("resetPeakMemoryStats") == [("resetPeakMemoryStats", 0)]
+        if share == 1:
+            assert cap is None and gpu.named("setMemoryFraction") == []  # a whole GPU: no neighbour to protect
+        else:
+            assert gpu.named("setMemoryFraction") == [("setMemoryFraction", cap, 0)]
+            assert cap == pytest.approx(share - 1 / 80) and cap * total <= share * total - PROCESS_OVERHEAD_BYTES
+            assert round(1 / share) * (cap * total + PROCESS_OVERHEAD_BYTES) <= total
+        assert resolve_amp(cfg.amp, device) == torch.bfloat16  # a Hopper has native bf16
+        loader = make_loader(ImageDataset(load_records(cfg)[:8], eval_transform(32)), cfg, train=True)
+        assert loader.pin_memory and loader.num_workers == 2
 
-    calls = []
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append(("cap", f, str(d))))
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.append(("reset", str(d))))
-    claim_gpu(torch.device("cuda"), 0.25)
-    assert calls == [("cap", 0.25, "cuda"), ("reset", "cuda")]
-    calls.clear()
-    claim_gpu(torch.device("cuda:1"), 1.0)  # a whole GPU: no cap, a fresh peak all the same
-    assert calls == [("reset", "cuda:1")]
-    calls.clear()
-    run = build_run(make_config(tiny_values, device="cpu", feature_dim=16), gpu_share=0.5)
-    assert run.device == torch.device("cpu") and calls == []  # `device: cpu` touches no GPU
+
+def test_a_share_too_small_for_the_process_overhead_is_refused_with_the_figures():
+    from tune_upl.engine import memory_cap
+
+    assert memory_cap(0.25, 16 * GIB) == pytest.approx(0.25 - 1 / 16)
+    with pytest.raises(ValueError, match=r"resources.gpu 0.05 of a 16.0 GiB GPU is 0.80 GiB, which leaves no memory "
+                                         r"for training after the process's 1 GiB outside torch's allocator"):
+        memory_cap(0.05, 16 * GIB)
+
+
+@pytest.mark.filterwarnings("ignore:0 loader workers")
+def test_any_failure_while_a_gpu_trial_starts_ends_it_as_errored_with_its_first_line(tiny_values, monkeypatch):
+    """Under the stand-in the trial claims its share, then fails where it first puts the model on the GPU
+    (torch finds no driver): one last result with the flag and the error's first line, never raised (so never
+    retried). The same failure in a CPU trial is raised, for Tune to retry."""
+    reports = []
+    hooks = TrialHooks(report=lambda result, folder: reports.append((result, folder)), node="n7")
+    cfg = make_config(tiny_values, feature_dim=16)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    with fake_cuda(physical=2, total_memory=40 * GIB) as gpu:
+        run_trial(cfg, 0.5, hooks)
+        assert gpu.named("setMemoryFraction") == [("setMemoryFraction", pytest.approx(0.5 - 1 / 40), 0)]
+    [(result, folder)] = reports
+    assert folder is None and result["gpu_start_failed"] is True and result["val_recall@1"] == 0.0
+    assert result["error"].startswith("the trial's start on its GPU failed (Ray node n7, CUDA_VISIBLE_DEVICES='1'): "
+                                      "RuntimeError: Found no NVIDIA driver on your system.")
+    assert "\n" not in result["error"]
+    assert trial_state("TERMINATED", result, 20) == ERRORED
+    with pytest.raises(DatasetError, match="synthetic is not prepared"):  # a CPU trial's: left to Tune's retries
+        run_trial(cfg.replace(dataset_seed=99), 0.0, hooks)
+    assert len(reports) == 1
 
 
 @pytest.mark.parametrize("error, expected", [
@@ -75,7 +147,7 @@ def test_a_cudnn_allocation_failure_in_training_is_out_of_memory(tiny_values, sm
 
 def test_out_of_memory_anywhere_in_a_trial_ends_it_and_other_errors_are_retried(tiny_values):
     from tune_upl.errors import NoGPU, WeightsMissing
-    from tune_upl.trainable import stop_result
+    from tune_upl.loop import stop_result
 
     cfg = make_config(tiny_values, feature_dim=16, batch_size=32)
     evaluation = stop_result(cfg, None, RuntimeError("CUBLAS_STATUS_ALLOC_FAILED"), "n1")  # e.g. in `.to(device)`

@@ -1,20 +1,21 @@
 """Mixed precision: the backbone and the embedding layer run in bf16 or fp16, but the L2 normalisation and the
 cosine similarities are float32 computed outside autocast, so what reaches the loss is not rounded to bf16's
 steps (~0.004 near +-1: a quarter logit at scale 64). Real steps on the CPU, whose autocast has both dtypes;
-which dtype `amp: auto` takes on a GPU is decided by torch's capability check, stood in for here."""
+which dtype `amp: auto` takes on a GPU is decided by torch's capability check, run on the CUDA stand-in."""
 import pytest
 import torch
 import torch.nn.functional as F
+from fake_cuda import fake_cuda
 
 from tune_upl.config import make_config
 from tune_upl.engine import resolve_amp, train_epoch
 
 
-@pytest.mark.parametrize("native_bf16, low", [(True, torch.bfloat16), (False, torch.float16)])
+@pytest.mark.parametrize("capability, low", [((9, 0), torch.bfloat16), ((7, 5), torch.float16)])
 def test_similarities_reach_the_loss_in_float32_unrounded_while_the_backbone_runs_low(
-        tiny_values, small_run, monkeypatch, native_bf16, low):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16)
-    assert resolve_amp("auto", torch.device("cuda")) == low  # what a GPU without/with native bf16 takes
+        tiny_values, small_run, capability, low):
+    with fake_cuda(capability=capability):  # a GPU with native bf16 (H100) or without (T4)
+        assert resolve_amp("auto", torch.device("cuda", 0)) == low
     amp = "bf16" if low == torch.bfloat16 else "fp16"
     cfg = make_config(tiny_values, num_epochs=1, feature_dim=16, lr=1e-2, optimizer="sgd", amp=amp,
                       image_size=32, batch_size=16)

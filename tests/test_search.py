@@ -63,7 +63,7 @@ def test_rung_epochs_are_those_where_rays_asha_decides():
 
 def test_a_trial_checkpoints_at_its_rungs_every_few_epochs_its_last_and_new_bests_under_seed():
     from tune_upl.config import make_config
-    from tune_upl.trainable import checkpoint_due
+    from tune_upl.loop import checkpoint_due
 
     def due(cfg, scores):
         history = [{"epoch": e, "test_recall@1": v} for e, v in enumerate(scores, 1)]

@@ -50,29 +50,66 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 def resolve_device(name: str, gpu_share: float = 0.0) -> torch.device:
-    """`auto` is cuda when torch sees it, else cpu; but a trial Ray gave a GPU (`gpu_share` > 0) that sees
-    none fails (NoGPU): a silent CPU run would be slow and counted as accelerator time. `cpu` is honoured."""
+    """The run's device, always with an index where it is a GPU (torch's memory functions refuse an
+    index-less `cuda`). `auto` and `cuda` are the current CUDA device (inside a Ray trial, index 0 of the
+    GPUs Ray made visible); a trial Ray gave a GPU (`gpu_share` > 0) that sees none fails (NoGPU): a silent
+    CPU run would be slow and counted as accelerator time. `cpu` is honoured."""
     if name != "cpu" and gpu_share > 0 and not torch.cuda.is_available():
         raise NoGPU(
             f"Ray gave this trial {gpu_share:g} GPU but torch on node {socket.gethostname()} sees no CUDA device "
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, device {name!r}); allowed: a "
             "node whose GPU torch can use, `device: cpu`, or --allow-cpu on a cluster without GPUs"
         )
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} requested but torch sees no CUDA device")
-    return torch.device(name)
+    _, _, index = name.partition(":")
+    if not index:
+        return torch.device("cuda", torch.cuda.current_device())
+    count = torch.cuda.device_count()
+    if int(index) >= count:
+        raise RuntimeError(
+            f"device {name!r}: torch sees {count} CUDA device(s) here (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); allowed: auto, cuda or cuda:0 to cuda:{count - 1}"
+        )
+    return torch.device("cuda", int(index))
 
 
-def claim_gpu(device: torch.device, gpu_share: float) -> None:
-    """A packed trial (a fraction of a GPU) may allocate only its share, so its growth fails itself, not a
-    neighbour; the peak-memory statistic restarts, so a reused worker reports this trial's peak only."""
+# GPU memory a process holds outside torch's caching allocator: the CUDA context and the kernels it loads
+# (cuBLAS, cuDNN), about 0.5-1 GB per process (cuBLAS and cuDNN workspaces are allocated through the
+# caching allocator, inside the cap). `scripts/gpu_check.sh` measures it on a real GPU against this figure.
+PROCESS_OVERHEAD_BYTES = 2**30
+
+
+def memory_cap(gpu_share: float, total_bytes: int) -> Optional[float]:
+    """The fraction of the GPU's memory a packed trial's caching allocator may hold: its share less the
+    process overhead, so that `1 / gpu_share` trials, each with its context, fit the card together. None for
+    a whole GPU (no neighbour to protect); a share too small to hold even the overhead is refused."""
+    if gpu_share >= 1:
+        return None
+    cap = gpu_share - PROCESS_OVERHEAD_BYTES / total_bytes
+    if cap <= 0:
+        raise ValueError(
+            f"resources.gpu {gpu_share:g} of a {total_bytes / 2**30:.1f} GiB GPU is {gpu_share * total_bytes / 2**30:.2f} "
+            f"GiB, which leaves no memory for training after the process's {PROCESS_OVERHEAD_BYTES / 2**30:g} GiB "
+            "outside torch's allocator (CUDA context, kernels); give each trial a larger share"
+        )
+    return cap
+
+
+def claim_gpu(device: torch.device, gpu_share: float) -> Optional[float]:
+    """A packed trial (a fraction of a GPU) may allocate only its share less its process's overhead
+    (`memory_cap`), so its growth fails itself, not a neighbour; the peak-memory statistic restarts, so a
+    reused worker reports this trial's peak only. Returns the cap (None: uncapped)."""
     if device.type != "cuda":
-        return
+        return None
+    cap = None
     if 0 < gpu_share < 1:
-        torch.cuda.set_per_process_memory_fraction(gpu_share, device)
+        cap = memory_cap(gpu_share, torch.cuda.mem_get_info(device)[1])
+        torch.cuda.set_per_process_memory_fraction(cap, device)
     torch.cuda.reset_peak_memory_stats(device)
+    return cap
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -105,6 +142,7 @@ class Run:
     eval_loader: DataLoader
     eval_split: str
     amp_dtype: Optional[torch.dtype] = None
+    memory_cap: Optional[float] = None  # the share of the GPU's memory torch may hold (a packed trial)
     scaler: Optional[torch.amp.GradScaler] = None
     channels_last: bool = False
     forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # the (compiled) training forward
@@ -194,13 +232,15 @@ def build_run(cfg: TrialConfig, gpu_share: float = 0.0) -> Run:
     torch.set_num_threads(cfg.resolved_num_threads)
     seed_everything(cfg.seed, cfg.deterministic)
     device = resolve_device(cfg.device, gpu_share)
-    claim_gpu(device, gpu_share)
+    cap = claim_gpu(device, gpu_share)
     splits = SplitManager(load_records(cfg), cfg.protocol, cfg.val_fraction)
     train_set = ImageDataset(splits.get("trainval" if cfg.final else "train"), train_transform(cfg.image_size))
     eval_split = evaluated_split(cfg)
     eval_set = ImageDataset(splits.get(eval_split, final=cfg.final), eval_transform(cfg.image_size))
-    return build_training(cfg, device, splits, train_set.num_classes, make_loader(train_set, cfg, train=True),
-                          make_loader(eval_set, cfg, train=False), eval_split)
+    run = build_training(cfg, device, splits, train_set.num_classes, make_loader(train_set, cfg, train=True),
+                         make_loader(eval_set, cfg, train=False), eval_split)
+    run.memory_cap = cap
+    return run
 
 
 def build_training(cfg: TrialConfig, device: torch.device, splits: Optional[SplitManager], num_classes: int,

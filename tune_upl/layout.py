@@ -89,6 +89,7 @@ DIVERGED_FLAG = "diverged"
 OOM_FLAG = "oom"
 NO_GPU_FLAG = "no_gpu"  # Ray gave the trial a GPU its torch could not see: errored, not retried
 NO_WEIGHTS_FLAG = "no_weights"  # the node lacks the ImageNet weights file: errored, not retried
+GPU_START_FLAG = "gpu_start_failed"  # the trial's start on its GPU raised (memory cap, device, data): errored, not retried
 ERROR_KEY = "error"
 
 
@@ -98,7 +99,7 @@ def trial_state(status: str, last_result: dict[str, Any], planned_epochs: Any) -
         return DIVERGED
     if last_result.get(OOM_FLAG):
         return OUT_OF_MEMORY
-    if last_result.get(NO_GPU_FLAG) or last_result.get(NO_WEIGHTS_FLAG):
+    if last_result.get(NO_GPU_FLAG) or last_result.get(NO_WEIGHTS_FLAG) or last_result.get(GPU_START_FLAG):
         return ERRORED
     state = STATE_NAMES.get(status, status.lower())
     epochs = last_result.get("training_iteration", 0)

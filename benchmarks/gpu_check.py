@@ -1,0 +1,327 @@
+"""The GPU check: the trial loop on a real GPU, as one prepared run (`scripts/gpu_check.sh`).
+
+(a) `1 / share` processes packed on the one GPU at `resources.gpu` = share, each running the trial loop
+    (`tune_upl.loop.run_trial`): ResNet50 from a stand-in weights file with the published name and shapes,
+    the real loader with workers over a prepared cache at 224 px, bf16, channels-last, AdamP, one epoch,
+    evaluation and a checkpoint save, with no out-of-memory; their epochs start together.
+(b) one such process alone at share 1, with all the node's CPUs: images/s with the real loader, and with
+    in-memory batches (so the loader's share shows).
+(c) the packing ratio: the aggregate images/s of (a) over (b).
+(d) evaluation (Recall@K, MAP@R, R-precision) at N = 20,000 on the GPU, against the CPU's answer.
+Beside them: the memory a process holds outside torch's allocator, measured (NVML) against the figure the
+memory cap leaves for it (`engine.PROCESS_OVERHEAD_BYTES`), and the packed processes' total against the card.
+
+Every part is a child process (`benchmarks/gpu_worker.py`) waited for with a deadline, so this process never
+creates a CUDA context of its own. The report goes to `--out`; at the first failure it says so in one line on
+stderr (the report keeps what was measured) and exits 1; without CUDA it exits 4. `--cpu` is the dry mode:
+the tiny backbone at 32 px, 2 processes, on the CPU, for the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+PROG = "gpu_check"
+GIB = 2**30
+
+
+class Failure(Exception):
+    """A part of the check that failed: its one line."""
+
+
+@dataclass
+class Plan:
+    """What the check runs: one mode's sizes."""
+
+    cpu: bool
+    share: float
+    trial: dict[str, Any]  # the TrialConfig values every trial shares
+    packed_threads: int
+    alone_threads: int
+    copies: int  # each generated image appears this many times in the dataset (a larger epoch)
+    eval_n: int
+    timeout_s: float
+    figures: dict[str, Any] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return round(1 / self.share)
+
+
+def make_plan(cpu: bool, work: Path, cache_dir: Path, timeout_s: float) -> Plan:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    common = dict(num_epochs=1, warm_up=0, cache_dir=str(cache_dir), seed=1)
+    if cpu:
+        trial = dict(common, data_name="synthetic", backbone_type="tiny", image_size=32, batch_size=16,
+                     feature_dim=32, device="cpu", pretrained=str(work / "weights" / "tiny-standin.pth"))
+        return Plan(True, 0.5, trial, 1, max(1, cpus), 1, 2000, timeout_s or 300)
+    trial = dict(common, data_name="folder", data_path=str(work / "images"), backbone_type="resnet50",
+                 image_size=224, batch_size=64, feature_dim=512, device="auto", amp="bf16", channels_last=True,
+                 optimizer="adamp", pretrained="auto", weights_dir=str(work / "weights"))
+    share = 0.25
+    return Plan(False, share, trial, max(1, cpus // round(1 / share)), cpus, 16, 20000, timeout_s or 300)
+
+
+# ---------------------------------------------------------------- the data and the weights
+def prepare(plan: Plan, work: Path) -> None:
+    """The dataset (prepared cache) and the stand-in weights file the trials read."""
+    import torch
+
+    from tune_upl.config import make_config
+    from tune_upl.models import BACKBONES, build_tiny
+    from tune_upl.prepare import prepare_dataset
+    from tune_upl.synthetic import ensure_synthetic
+
+    start = time.perf_counter()
+    weights = work / "weights"
+    weights.mkdir(parents=True, exist_ok=True)
+    if plan.cpu:
+        torch.save(build_tiny(None).state_dict(), plan.trial["pretrained"])
+    else:  # the published file's name, keys and shapes (the classifier too), random values
+        from torchvision.models import resnet50
+
+        name = BACKBONES["resnet50"].weights_url.rsplit("/", 1)[-1]
+        torch.save(resnet50(weights=None).state_dict(), weights / name)
+        source = ensure_synthetic(plan.trial["cache_dir"]) / "images"
+        tree = Path(plan.trial["data_path"])
+        for folder in sorted(p for p in source.iterdir() if p.is_dir()):
+            (tree / folder.name).mkdir(parents=True, exist_ok=True)
+            for image in sorted(folder.iterdir()):
+                for copy in range(plan.copies):
+                    target = tree / folder.name / f"{image.stem}_{copy:02d}{image.suffix}"
+                    if not target.exists():
+                        os.link(image, target)
+    prepared = prepare_dataset(make_config(plan.trial), progress=False)
+    plan.figures["prepare_s"] = time.perf_counter() - start
+    plan.figures["dataset"] = (f"{prepared.images:,} images ({prepared.train_classes} train + "
+                               f"{prepared.test_classes} test classes; the synthetic renders, 80 px, each "
+                               f"{plan.copies} time(s)), prepared in {plan.figures['prepare_s']:.0f} s")
+
+
+# ---------------------------------------------------------------- the child processes
+def spawn(plan: Plan, part: str, mode: str, work: Path, count: int = 1, **options: Any) -> list[dict[str, Any]]:
+    """`count` worker processes started together, each waited for until the part's deadline; their figures.
+    A process that fails or outlives the deadline (killed with its loader workers) fails the part."""
+    folder = work / part
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    if count > 1:
+        options["ready"], options["count"] = str(folder / "ready"), count
+    procs = []
+    for index in range(count):
+        args = [sys.executable, "-m", "benchmarks.gpu_worker", mode, "--out", str(folder / f"{index}.json")]
+        for key, value in options.items():
+            args += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
+        log = open(folder / f"{index}.log", "w")
+        procs.append((subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
+    deadline = time.monotonic() + plan.timeout_s
+    try:
+        for index, (proc, _) in enumerate(procs):
+            try:
+                code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise Failure(f"part {part}: process {index + 1} of {count} still running after {plan.timeout_s:.0f} s; "
+                              f"killed (log: {folder / f'{index}.log'})") from None
+            if code != 0:
+                raise Failure(f"part {part}: process {index + 1} of {count} exited {code}: "
+                              f"{_last_line(folder / f'{index}.log')}")
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            log.close()
+    return [json.loads((folder / f"{index}.json").read_text()) for index in range(count)]
+
+
+def _last_line(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "(no output)"
+
+
+def trained(part: str, figures: dict[str, Any]) -> dict[str, Any]:
+    """The process's epoch, or the failure that ended it (out of memory, a failed start, ...)."""
+    results = figures["results"]
+    last = results[-1] if results else {}
+    if "error" in last:
+        raise Failure(f"part {part}: the trial ended with {last['error']}")
+    if "images_per_s" not in last or "val_recall@1" not in last or not figures.get("checkpoint_bytes"):
+        raise Failure(f"part {part}: the trial reported no trained epoch, evaluation and checkpoint: {last}")
+    return last
+
+
+# ---------------------------------------------------------------- the parts
+def packed(plan: Plan, work: Path) -> None:
+    values = dict(plan.trial, num_threads=plan.packed_threads)
+    runs = spawn(plan, "a", "trial", work, plan.count, config=values, share=plan.share)
+    lasts = [trained("a", run) for run in runs]
+    starts = [run["train_start"] for run in runs]
+    ends = [run["train_start"] + run["images"] / last["images_per_s"] for run, last in zip(runs, lasts)]
+    images = sum(run["images"] for run in runs)
+    plan.figures["a"] = {"runs": runs, "aggregate": images / (max(ends) - min(starts)),
+                         "start_spread_s": max(starts) - min(starts)}
+    first = runs[0]
+    cap = first.get("memory_cap")
+    plan.lines += [
+        f"| (a) packed | {plan.count} trials at resources.gpu {plan.share:g}, {plan.packed_threads} CPUs each "
+        f"({first['workers']} loader workers): aggregate training images/s over their overlapping epochs | "
+        f"{plan.figures['a']['aggregate']:.0f} | {images:,} images; epochs started within "
+        f"{plan.figures['a']['start_spread_s']:.2f} s of each other |",
+        *[f"| (a) trial {i + 1} | images/s; val Recall@1; peak allocated; memory cap; checkpoint | "
+          f"{last['images_per_s']:.0f} | {last['val_recall@1']:.3f}; {_gib(run.get('peak_allocated'))}; "
+          f"{_cap(run.get('memory_cap'), run.get('total'))}; {run['checkpoint_bytes'] / 2**20:.0f} MB; "
+          f"{run['device']}, {run['amp']}, channels-last {run['channels_last']}, {run['optimizer']} |"
+          for i, (run, last) in enumerate(zip(runs, lasts))],
+    ]
+    if not plan.cpu and cap is None:
+        raise Failure(f"part a: a trial at resources.gpu {plan.share:g} was not capped")
+
+
+def alone(plan: Plan, work: Path) -> None:
+    values = dict(plan.trial, num_threads=plan.alone_threads)
+    [run] = spawn(plan, "b", "trial", work, config=values, share=1.0)
+    last = trained("b", run)
+    steps = run["images"] // plan.trial["batch_size"]
+    [memory] = spawn(plan, "b-memory", "memory", work, config=values, steps=steps)
+    plan.figures["b"] = {"run": run, "memory": memory}
+    loader, batches = last["images_per_s"], memory["images_per_s"]
+    ratio = plan.figures["a"]["aggregate"] / loader
+    plan.figures["c"] = ratio
+    plan.lines += [
+        f"| (b) alone | 1 trial at resources.gpu 1, {plan.alone_threads} CPUs ({run['workers']} loader workers): "
+        f"training images/s with the real loader | {loader:.0f} | {run['images']:,} images; val Recall@1 "
+        f"{last['val_recall@1']:.3f}; peak allocated {_gib(run.get('peak_allocated'))} |",
+        f"| (b) alone | the same step over {steps} in-memory batches (no loader) | {batches:.0f} | "
+        f"the loader's share of the epoch: {max(0.0, 1 - loader / batches):.0%} |",
+        f"| (c) packing | aggregate of (a) over (b) with the real loader | {ratio:.2f}x | |",
+    ]
+
+
+def overhead(plan: Plan) -> None:
+    """The memory outside torch's allocator per process (NVML's count for the process less torch's reserved
+    memory) against the figure the cap leaves, and the packed processes' total against the card."""
+    from tune_upl.engine import PROCESS_OVERHEAD_BYTES
+
+    if plan.cpu:
+        plan.lines.append("| memory | process overhead outside torch's allocator | - | the CPU dry mode has no GPU |")
+        return
+    runs = [plan.figures["b"]["run"], *plan.figures["a"]["runs"]]
+    measured = [r["nvml_process"] - r["reserved"] for r in runs if r.get("nvml_process") is not None]
+    if not measured:
+        why = runs[0].get("nvml_error", "NVML lists no process of this check")
+        plan.lines.append(f"| memory | process overhead outside torch's allocator | unmeasured | {why} |")
+        return
+    worst = max(measured)
+    total = runs[0]["total"]
+    packed_sum = sum(r["nvml_process"] for r in plan.figures["a"]["runs"] if r.get("nvml_process") is not None)
+    plan.figures["overhead"] = {"measured": measured, "stated": PROCESS_OVERHEAD_BYTES, "packed_sum": packed_sum}
+    plan.lines += [
+        f"| memory | process overhead outside torch's allocator, largest of {len(measured)} processes | "
+        f"{_gib(worst)} | the cap leaves {_gib(PROCESS_OVERHEAD_BYTES)} (engine.PROCESS_OVERHEAD_BYTES) |",
+        f"| memory | the {plan.count} packed processes together (NVML) | {_gib(packed_sum)} | of {_gib(total)} |",
+    ]
+    if worst > PROCESS_OVERHEAD_BYTES:
+        raise Failure(f"memory: a process holds {_gib(worst)} outside torch's allocator, more than the "
+                      f"{_gib(PROCESS_OVERHEAD_BYTES)} the memory cap leaves for it; raise engine.PROCESS_OVERHEAD_BYTES")
+
+
+def evaluation(plan: Plan, work: Path) -> None:
+    device = "cpu" if plan.cpu else "cuda"
+    [found] = spawn(plan, "d", "eval", work, eval_n=plan.eval_n, device=device)
+    plan.figures["d"] = found
+    plan.lines.append(f"| (d) eval | Recall@1,2,4,8 + MAP@R + R-precision at N = {plan.eval_n:,}, d = 512 on "
+                      f"{device}, best of 3 | {found['seconds']:.3f} s | largest difference to the CPU's answer "
+                      f"{found['largest_gap_to_cpu']:.2g} |")
+    if found["largest_gap_to_cpu"] > 1.0 / plan.eval_n:
+        raise Failure(f"part d: the {device} evaluation differs from the CPU's by {found['largest_gap_to_cpu']:.3g}, "
+                      f"more than one query in {plan.eval_n:,}")
+
+
+def _gib(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value / GIB:.2f} GiB"
+
+
+def _cap(cap: Optional[float], total: Optional[int]) -> str:
+    if cap is None:
+        return "uncapped"
+    return f"capped at {cap:.4f} of the card" + (f" ({_gib(cap * total)})" if total else "")
+
+
+# ---------------------------------------------------------------- the report
+def write_report(plan: Plan, out: Path, argv: list[str], seconds: float, failure: Optional[str]) -> None:
+    gpu = next((r.get("gpu") for r in plan.figures.get("a", {}).get("runs", []) if r.get("gpu")), None)
+    cpu = platform.processor() or "unknown"
+    match = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").exists() else None
+    lines = [
+        "# GPU check", "",
+        f"Written by `bash scripts/gpu_check.sh {' '.join(argv)}` (`benchmarks/gpu_check.py`: what each part "
+        "measures), every trial through the platform's trial loop (`tune_upl.loop.run_trial`).", "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        f"- GPU: {gpu['name']}, {gpu['total_memory'] / GIB:.1f} GiB, capability {gpu['capability']}, "
+        f"torch {gpu['torch']} (CUDA {gpu['cuda']})" if gpu else "- GPU: none (the CPU dry mode)",
+        f"- CPU: {match.group(1).strip() if match else cpu}, {os.cpu_count()} logical CPUs; Python {platform.python_version()}",
+        f"- data: {plan.figures.get('dataset', '-')}",
+        f"- trials: {json.dumps({k: v for k, v in plan.trial.items() if not k.endswith(('_dir', '_path')) and k != 'pretrained'})}",
+        f"- TF32 at each part's start: matmul off, cuDNN on (torch's defaults); {seconds:.0f} s in all", "",
+        "| part | measured | value | note |", "|---|---|---|---|", *plan.lines, "",
+    ]
+    if failure:
+        lines += [f"**Failed**: {failure}", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    (out.parent / (out.stem + ".json")).write_text(json.dumps(plan.figures, indent=1, default=str))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{PROG}", description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true", help="the dry mode: tiny backbone, 32 px, 2 processes, CPU")
+    parser.add_argument("--out", default="reports/gpu.md", help="the report (default reports/gpu.md)")
+    parser.add_argument("--work", help="where the data, weights and logs go (default: a temporary folder)")
+    parser.add_argument("--cache_dir", "--cache-dir", help="where the synthetic images are (default: under --work)")
+    parser.add_argument("--timeout", type=float, default=0.0, help="seconds each part may take (default 300)")
+    args = parser.parse_args(argv)
+    import torch
+
+    if not args.cpu and not torch.cuda.is_available():  # counts devices without creating a context
+        print(f"{PROG}: no CUDA: torch {torch.__version__} of {sys.executable} sees no GPU; nothing measured "
+              "(--cpu runs the dry mode)", file=sys.stderr)
+        return 4
+    work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check-")).resolve()
+    plan = make_plan(args.cpu, work, Path(args.cache_dir or work / "cache").resolve(), args.timeout)
+    start, failure = time.perf_counter(), None
+    try:
+        prepare(plan, work)
+        packed(plan, work)
+        alone(plan, work)
+        overhead(plan)
+        evaluation(plan, work)
+    except Failure as error:
+        failure = str(error)
+    except Exception as error:  # a failure of the check itself (data, weights): its first line, not a traceback
+        failure = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+    write_report(plan, Path(args.out), argv, time.perf_counter() - start, failure)
+    if failure:
+        print(f"{PROG}: {failure}", file=sys.stderr)
+        return 1
+    print("\n".join(plan.lines))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
