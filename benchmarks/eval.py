@@ -11,7 +11,9 @@ Rows, per size:
   scored apart, untimed, to say whether its results equal ours. faiss is a benchmark-only dependency: the
   platform never imports it; without it the suite says so in one line;
 - the previous `retrieval_metrics` (row chunks, `topk` of whole rows, ties repaired by sorting), and the
-  naive N x N sort, run once each: the reference for "equal" and for memory.
+  naive N x N sort, run once each: the reference for "equal" and for memory. Both rank by the same tie rule
+  (similarities rounded to 2^-14, equal ones by index: `neighbours.cells`) over products computed as ours
+  are (`product`), so "equal" compares rankings, not two BLAS libraries' last bits.
 Ours and faiss run `--repeats` times (3, quick 1) alternately; each row is the best.
 
 The baselines are written here, apart from the platform's code: each computes every query's neighbour
@@ -132,10 +134,23 @@ def naive_scores(order: torch.Tensor, labels: torch.Tensor, ks: Iterable[int]) -
                            num_excluded=len(labels) - counted)
 
 
+def product(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`rows @ x.T` as `retrieval_metrics` computes it (`metrics.chunk_similarities`: on the CPU numpy's BLAS,
+    whose products are bit-equal for any number of rows), so that "equal" compares the rankings, not two
+    BLAS libraries' last bits."""
+    from tune_upl.metrics import chunk_similarities, cpu_products
+
+    with cpu_products(x) as pool:
+        return chunk_similarities(rows, x, torch.empty(len(rows), len(x), device=x.device), pool)
+
+
 def naive_metrics(emb: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]) -> RetrievalResult:
-    """The full N x N similarity matrix, its diagonal masked, every row sorted (stable: ties by index)."""
+    """The full N x N similarity matrix, its diagonal masked, every row's rounded similarities (the tie rule,
+    `neighbours.cells`) sorted in full (stable: equal ones by index)."""
+    from tune_upl.neighbours import cells
+
     normed = F.normalize(emb.float(), dim=-1)
-    sims = normed @ normed.t()
+    sims = cells(product(normed, normed))
     sims.fill_diagonal_(float("-inf"))
     order = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :neighbour_depth(labels, ks)].clone()
     del sims
@@ -143,17 +158,18 @@ def naive_metrics(emb: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]) 
 
 
 def previous_metrics(emb: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]) -> RetrievalResult:
-    """The implementation before this one: row chunks, `topk` of whole rows with ties repaired by sorting."""
-    from tune_upl.neighbours import top_depth_by_topk
+    """The implementation before this one: row chunks, `topk` of whole rows with ties repaired by sorting
+    (on the rounded similarities: the same tie rule)."""
+    from tune_upl.neighbours import cells, top_depth_by_topk
 
     normed = F.normalize(emb.float(), dim=-1)
     depth = neighbour_depth(labels, ks)
     orders = []
     for start in range(0, len(labels), CHUNK_SIZE):
         rows = torch.arange(start, min(start + CHUNK_SIZE, len(labels)), device=emb.device)
-        sims = normed[rows] @ normed.t()
+        sims = product(normed[rows], normed)
         sims[torch.arange(len(rows), device=emb.device), rows] = float("-inf")
-        orders.append(top_depth_by_topk(sims, depth))
+        orders.append(top_depth_by_topk(cells(sims), depth))
     return naive_scores(torch.cat(orders), labels, ks)
 
 

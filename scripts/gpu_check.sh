@@ -12,20 +12,21 @@ cd "$(dirname "$0")/.."
 say() { echo "gpu_check: $*" >&2; }
 py=$(command -v python3 || command -v python || true)
 [ -n "$py" ] || { say "no python3 or python on PATH"; exit 3; }
-for module in torch torchvision; do
-  "$py" -c "import $module" 2>/dev/null || { say "$module missing: $py cannot import it; use a Python with PyTorch and torchvision"; exit 3; }
+# which of these modules the interpreter cannot find (found, not imported: importing torch takes seconds)
+missing() { "$py" -c 'import importlib.util, sys; print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))' "$@"; }
+for module in $(missing torch torchvision); do
+  say "$module missing: $py cannot import it; use a Python with PyTorch and torchvision"; exit 3
 done
 # what the trial loop imports beyond torch and torchvision (the carried wheels provide the first eight)
 modules="pydantic pydantic_core annotated_types typing_inspection typing_extensions adamp pretrainedmodels munch numpy PIL tqdm filelock"
-missing() { "$py" -c 'import importlib.util, sys; print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))' $modules; }
-absent=$(missing)
+absent=$(missing $modules)
 if [ -n "$absent" ]; then
   wheels="${GPU_WHEELS:-.gpu_wheels}"
   ls "$wheels"/*.whl >/dev/null 2>&1 || { say "missing $absent and no wheels in $wheels/: run scripts/gpu_wheels.sh here and carry .gpu_wheels"; exit 3; }
   site="${GPU_SITE:-${TMPDIR:-/tmp}/tune_upl_gpu_site}"
   "$py" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$site" "$wheels"/*.whl
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-  absent=$(missing)
+  absent=$(missing $modules)
   [ -z "$absent" ] || { say "missing $absent, which the wheels in $wheels/ do not provide"; exit 3; }
 fi
 exec "$py" -m benchmarks.gpu_check --out "${OUT:-reports}/gpu.md" "$@"

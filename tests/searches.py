@@ -1,4 +1,4 @@
-"""The small real searches the tests share: the demo spec at reduced size (3 trials of 2 epochs, 2 final
+"""The small real searches the tests share: the demo spec at reduced size (3 trials of 2 epochs at 32 px, 2 final
 seeds), and `MINI`, a one-parameter TPE search the driver tests (resume, storage) run from a YAML file."""
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ def small_demo() -> SearchSpec:
     data = spec.model_dump()
     data["num_samples"] = SAMPLES
     data["final_seeds"] = 2
-    data["fixed"] = {**data["fixed"], "num_epochs": 2, "image_size": 48}
+    data["fixed"] = {**data["fixed"], "num_epochs": 2, "image_size": 32}
     return parse_spec(data)
 
 

@@ -13,9 +13,10 @@ def run_cli(*args, timeout=300):
 
 
 def test_train_prints_epochs_and_final_test(cache_dir, synthetic_root):
-    out = run_cli("train", "--data_name", "synthetic", "--backbone-type", "tiny", "--image_size", "64",
+    # one thread: the other xdist worker has the other core
+    out = run_cli("train", "--data_name", "synthetic", "--backbone-type", "tiny", "--image_size", "32",
                   "--num-epochs", "2", "--warm_up", "0", "--lr", "1e-3", "--cache-dir", cache_dir,
-                  "--feature_dim", "32")
+                  "--feature_dim", "32", "--num_threads", "1")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     epochs = [line for line in lines if line.startswith("epoch")]
@@ -24,9 +25,9 @@ def test_train_prints_epochs_and_final_test(cache_dir, synthetic_root):
 
 
 def test_seed_protocol_reports_the_test_selected_best_epoch(cache_dir, synthetic_root):
-    out = run_cli("train", "--data_name", "synthetic", "--backbone_type", "tiny", "--image_size", "48",
+    out = run_cli("train", "--data_name", "synthetic", "--backbone_type", "tiny", "--image_size", "32",
                   "--num_epochs", "2", "--warm_up", "0", "--cache_dir", cache_dir, "--protocol", "seed",
-                  "--feature_dim", "16")
+                  "--feature_dim", "16", "--num_threads", "1")
     assert out.returncode == 0, out.stderr
     assert "test R@1" in out.stdout.splitlines()[1]
     assert "best epoch" in out.stdout and "test-selected" in out.stdout

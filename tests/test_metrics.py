@@ -1,14 +1,18 @@
-"""Recall@K against a brute-force reference, with duplicated points (ties) and singleton classes."""
+"""Recall@K, MAP@R and R-precision against a brute-force reference, with duplicated points (ties) and
+singleton classes; the same answer at any chunk size and however the matrix product rounds (the tie rule:
+similarities compared at 2^-14, equal ones by index)."""
+import math
+
 import pytest
 import torch
 
+from tune_upl import metrics, neighbours
 from tune_upl.metrics import recall_at_k, retrieval_metrics, top_depth
 
 
 def brute_force(emb, labels, ks):
-    """Full N x N cosine matrix, neighbours ordered by (-similarity, index), self excluded.
-
-    Returns Recall@K, MAP@R and R-precision written out as in Musgrave et al. 2020."""
+    """Full N x N cosine matrix in float64, neighbours ordered by (-similarity rounded to 2^-14, index), self
+    excluded. Returns Recall@K, MAP@R and R-precision written out as in Musgrave et al. 2020."""
     emb = torch.nn.functional.normalize(emb.double(), dim=1)
     sims = (emb @ emb.t()).tolist()
     labels = labels.tolist()
@@ -18,7 +22,7 @@ def brute_force(emb, labels, ks):
         if r == 0:
             continue
         counted += 1
-        order = sorted((j for j in range(n) if j != i), key=lambda j: (-round(sims[i][j], 9), j))
+        order = sorted((j for j in range(n) if j != i), key=lambda j: (-math.floor(sims[i][j] * 2**14 + 0.5), j))
         rel = [labels[j] == labels[i] for j in order]
         for k in ks:
             hits[k] += any(rel[:k])
@@ -110,8 +114,9 @@ def tie_heavy(n=700, classes=120, seed=0):
 
 
 def test_equals_full_sort_bit_for_bit_at_any_chunk_size():
-    """The same floats as sorting every row in full (stable), whatever the chunk size: MAP@R's sums are
-    taken over fixed blocks of queries, not over chunks."""
+    """The same floats as sorting every row's rounded similarities in full (stable), whatever the chunk size
+    (a one-row product rounds differently from a many-row one, on some BLAS libraries in many entries of
+    `tie_heavy`): MAP@R's sums are taken over fixed blocks of queries, not over chunks."""
     from benchmarks.eval import naive_metrics
 
     emb, labels = tie_heavy()
@@ -125,3 +130,48 @@ def test_equals_full_sort_bit_for_bit_at_any_chunk_size():
     expected = naive_metrics(spread, labels, ks)
     for chunk_size in (7, 1024):
         assert retrieval_metrics(spread, labels, ks, chunk_size) == expected, chunk_size
+
+
+def perturbed(sims: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Every similarity moved 1 to 4 units in the last place up or down: what another kernel's rounding does."""
+    steps = torch.randint(1, 5, sims.shape, generator=generator) * (2 * torch.randint(0, 2, sims.shape, generator=generator) - 1)
+    out = sims.clone()
+    for step in range(4):
+        out = torch.where(steps > step, torch.nextafter(out, torch.tensor(math.inf)), out)
+        out = torch.where(steps < -step, torch.nextafter(out, torch.tensor(-math.inf)), out)
+    return out
+
+
+def with_another_blas(monkeypatch, seed: int) -> None:
+    """Every chunk's product rounded as another BLAS library might: a few units in the last place off."""
+    generator = torch.Generator().manual_seed(seed)
+    product = metrics.chunk_similarities
+
+    def rounded_otherwise(rows, emb, out, pool=None):
+        return out.copy_(perturbed(product(rows, emb, out, pool), generator))
+
+    monkeypatch.setattr(metrics, "chunk_similarities", rounded_otherwise)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_product_that_rounds_differently_changes_no_metric(monkeypatch, seed):
+    """Stands in for another BLAS, CPU or GPU: the tie-heavy set (exact ties everywhere) and real-valued
+    embeddings give the same results when every similarity is a few units in the last place off."""
+    emb, labels = tie_heavy()
+    spread = torch.randn(900, 32, generator=torch.Generator().manual_seed(1))
+    spread_labels = torch.arange(900) % 60
+    ks = (1, 2, 4, 8)
+    expected = [retrieval_metrics(emb, labels, ks, 128), retrieval_metrics(spread, spread_labels, ks, 128)]
+    with_another_blas(monkeypatch, seed)
+    assert [retrieval_metrics(emb, labels, ks, 128), retrieval_metrics(spread, spread_labels, ks, 128)] == expected
+
+
+def test_without_the_rounding_the_same_perturbation_changes_the_metrics(monkeypatch):
+    """The test above can fail: compared at a resolution finer than float32 (a broken tie rule: exact
+    floats), the tie-heavy set's exact ties are broken by the roundings, and its metrics move."""
+    monkeypatch.setattr(neighbours, "RESOLUTION_BITS", 40)
+    emb, labels = tie_heavy()
+    ks = (1, 2, 4, 8)
+    exact = retrieval_metrics(emb, labels, ks, 128)
+    with_another_blas(monkeypatch, 0)
+    assert retrieval_metrics(emb, labels, ks, 128) != exact

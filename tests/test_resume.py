@@ -40,11 +40,15 @@ def test_existing_experiments_are_refused_or_reported(tmp_path):
     assert out.returncode == 2 and "drop --space" in out.stderr
 
 
-def test_dry_run_of_every_committed_spec_starts_nothing(tmp_path):
+def test_dry_run_of_every_committed_spec_starts_nothing(tmp_path, capsys):
+    """In this process (the command line's own entry point), so that five specs cost no five interpreters."""
+    from tune_upl.cli import main
+
     for spec in sorted((ROOT / "search_spaces").glob("*.yaml")):
-        out = cli("--space", str(spec), "--dry-run", "--storage", str(tmp_path / "runs"))
-        assert out.returncode == 0, (spec, out.stderr)
-        assert out.stdout.startswith("experiment ") and "study " in out.stdout
+        code = main(["--space", str(spec), "--dry-run", "--storage", str(tmp_path / "runs")])
+        out = capsys.readouterr()
+        assert code == 0, (spec, out.err)
+        assert out.out.startswith("experiment ") and "study " in out.out
     assert not (tmp_path / "runs").exists()
 
 

@@ -1,9 +1,12 @@
 """Retrieval metrics on embeddings: exact cosine k-NN, computed in row chunks.
 
 Memory is N x chunk_size, never N x N, so 20,000 test images at d = 512 evaluate on a small GPU.
-The query itself is never its own neighbour; ties are broken by ascending reference index (a top-k whose
-ties are resolved exactly, see `neighbours.top_depth`), so results do not depend on the chunk size (nor on
-the device, where its matrix product gives the same floats).
+The query itself is never its own neighbour. Neighbours are ranked by their similarity rounded to
+2^-14 (6.1e-5), equal ones by ascending index (`neighbours.top_depth`): exact ties stay ties however the
+matrix product rounds, so the chunk size, the BLAS library, the CPU and the GPU change no result, except
+where a similarity lies within the product's own error (a few float32 units in the last place) of a
+rounding boundary (`neighbours` says exactly what is guaranteed). The sums over queries are taken in fixed
+blocks (`_block_sums`), so equal rankings give bit-equal results.
 A query whose class has no other image has nothing to retrieve: it is excluded from every mean and counted.
 
 Recall@K is the fraction of queries with a same-class image among their k nearest; MAP@R and
@@ -13,15 +16,20 @@ MAP@R = (1/R) sum_{i<=R} P(i) rel(i), P(i) the precision at rank i.
 """
 from __future__ import annotations
 
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 
 from tune_upl.neighbours import top_depth
 
 SUM_BLOCK = 1024  # queries per partial sum of MAP@R and R-precision (see `_block_sums`)
+SLAB_FLOPS = 2**26  # below this a CPU chunk's product is one call: threads would cost more than they save
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,23 @@ def _block_sums(per_query: torch.Tensor, valid: torch.Tensor) -> float:
     return sum(torch.stack(sums).tolist()) if sums else 0.0
 
 
+def chunk_similarities(rows: torch.Tensor, emb: torch.Tensor, out: torch.Tensor,
+                       pool: Optional[ThreadPoolExecutor] = None) -> torch.Tensor:
+    """`rows @ emb.T` into `out`. On a GPU (or without `pool`), torch's product. On the CPU, numpy's BLAS (the
+    OpenBLAS of numpy's wheels picks its kernels by CPU model: on an AMD EPYC it took 2.2 s for the products
+    at N = 20,000, d = 512 on 2 threads, where torch's MKL took 2.5-3.9 s), the rows split into one slab per
+    torch thread, each computed single-threaded on a thread of `pool` (see `cpu_products`)."""
+    if rows.device.type != "cpu" or pool is None:
+        return torch.matmul(rows, emb.t(), out=out)
+    a, b, c = rows.numpy(), emb.numpy().T, out.numpy()
+    slabs = torch.get_num_threads() if 2 * a.size * b.shape[1] >= SLAB_FLOPS else 1
+    edges = np.linspace(0, len(a), slabs + 1).astype(int)
+    done = [pool.submit(np.matmul, a[lo:hi], b, out=c[lo:hi]) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+    for future in done:
+        future.result()
+    return out
+
+
 def retrieval_metrics(
     embeddings: torch.Tensor, labels: torch.Tensor, ks: Iterable[int], chunk_size: int = 1024
 ) -> RetrievalResult:
@@ -66,23 +91,21 @@ def retrieval_metrics(
     average_precision = torch.empty(n, dtype=torch.float64, device=device)
     r_precision = torch.empty(n, dtype=torch.float64, device=device)
     ranks = torch.arange(1, depth + 1, device=device)
-    sims_buffer = torch.empty(min(max(chunk_size, 2), n), n, device=device)  # reused: no page faults per chunk
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        # a lone row (chunk_size 1, or the last chunk) goes with the row before it: BLAS computes a one-row
-        # product as a matrix-vector product, whose roundings differ, and would break ties differently
-        first = max(0, min(start, stop - 2))
-        sims = torch.matmul(emb[first:stop], emb.t(), out=sims_buffer[:stop - first])[start - first:]
-        sims[:, start:stop].diagonal().fill_(float("-inf"))  # never match yourself
-        order = top_depth(sims, depth)  # each row's first `depth` neighbours by (-similarity, index)
-        relevant = dense[order] == dense[start:stop, None]
-        first_hit[start:stop] = torch.where(relevant.any(dim=1), relevant.float().argmax(dim=1), n)
-        r = others[start:stop]
-        rel_r = relevant & (ranks[None, :] <= r[:, None])
-        precision_at_i = rel_r.cumsum(dim=1).double() / ranks[None, :]
-        r_safe = r.clamp(min=1).double()
-        average_precision[start:stop] = (precision_at_i * rel_r).sum(dim=1) / r_safe
-        r_precision[start:stop] = rel_r.sum(dim=1).double() / r_safe
+    sims_buffer = torch.empty(min(chunk_size, n), n, device=device)  # reused: no page faults per chunk
+    with cpu_products(emb) as pool:
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            sims = chunk_similarities(emb[start:stop], emb, sims_buffer[:stop - start], pool)
+            sims[:, start:stop].diagonal().fill_(float("-inf"))  # never match yourself
+            order = top_depth(sims, depth)  # each row's first `depth` neighbours by (-rounded similarity, index)
+            relevant = dense[order] == dense[start:stop, None]
+            first_hit[start:stop] = torch.where(relevant.any(dim=1), relevant.float().argmax(dim=1), n)
+            r = others[start:stop]
+            rel_r = relevant & (ranks[None, :] <= r[:, None])
+            precision_at_i = rel_r.cumsum(dim=1).double() / ranks[None, :]
+            r_safe = r.clamp(min=1).double()
+            average_precision[start:stop] = (precision_at_i * rel_r).sum(dim=1) / r_safe
+            r_precision[start:stop] = rel_r.sum(dim=1).double() / r_safe
     del sims_buffer
     counted = int(valid.sum())
     hits = ((first_hit[None, :] < torch.tensor(ks, device=device)[:, None]) & valid).sum(dim=1).tolist()
@@ -94,6 +117,18 @@ def retrieval_metrics(
         num_queries=counted,
         num_excluded=n - counted,
     )
+
+
+@contextlib.contextmanager
+def cpu_products(emb: torch.Tensor) -> Iterator[Optional[ThreadPoolExecutor]]:
+    """For a float32 evaluation on the CPU: a thread per torch thread for the products' slabs, numpy's BLAS
+    held to one thread of its own meanwhile (`threadpoolctl`), since BLAS threads left spinning after each
+    product slowed the torch operations between products by half; elsewhere None (torch's product)."""
+    if emb.device.type != "cpu" or emb.dtype != torch.float32:
+        yield None
+        return
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        yield pool
 
 
 def recall_at_k(

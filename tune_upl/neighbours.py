@@ -1,4 +1,16 @@
-"""Each row's `depth` largest similarities in the order of a stable descending sort: by (-value, index).
+"""Each row's `depth` nearest neighbours, ordered by (-rounded similarity, index).
+
+The tie rule: similarities are compared at a resolution of 2^-RESOLUTION_BITS (`cells`: each value rounded
+to the nearest multiple, halves up), and neighbours whose rounded similarities are equal are ordered by
+ascending index. Why round: exact ties in real arithmetic (duplicated images, collapsed embeddings, grid-like
+features) come out of a matrix product a few units in the last place apart, and how they differ depends on
+the kernel (the BLAS library, the CPU, the GPU, the product's shape). Compared exactly, such ties would be
+broken by those roundings; rounded, they stay ties and are broken by index. What is guaranteed: the order
+depends on each similarity's rounded value only, so a product that rounds differently changes it only
+where a similarity lies within that product's error (a few units in the last place of float32: about 1e-7
+near 1 at d = 6, typically under 1e-6 at d = 512) of a rounding boundary (an odd multiple of
+2^-(RESOLUTION_BITS + 1)). At 2^-14 (6.1e-5 in cosine) the resolution is far finer than the network's own
+precision (bf16 keeps 8 bits), so rounding merges only neighbours no model can tell apart.
 
 This is where exact retrieval spends its time after the matrix product, so it avoids `topk` over whole
 rows (about 4 ns an element on a CPU core: 40% of the product's time at depth 100, d = 512). Instead it bounds
@@ -7,6 +19,8 @@ each row's `depth`-th value from below by block maxima, which cost one pass of v
 then a candidate, so the candidates hold every value at or above the row's `depth`-th, ties included:
 sorting the candidates by (-value, index) is sorting the whole row. A row has ~1.4 x depth candidates, so
 this costs a pass of `max`, a few small gathers and a sort of a few hundred values per row.
+With rounding, the bound is lowered to the bottom of its cell, so the candidates hold every value whose
+rounded similarity reaches the row's `depth`-th; only the candidates are rounded.
 Rows where the bound admits too many candidates (heavy ties: duplicated or collapsed embeddings) are
 sorted in full, a few rows at a time, so memory stays a few columns per row either way.
 """
@@ -14,9 +28,23 @@ from __future__ import annotations
 
 import torch
 
+RESOLUTION_BITS = 14  # similarities are compared at multiples of 2^-14 (see the module's docstring)
 BLOCK = 8  # columns per block, and blocks per super-block: a row of n columns has n / 64 super-blocks
 MAX_BLOCKS = 4  # a row whose candidate blocks exceed MAX_BLOCKS * depth + 64 is sorted in full instead
 FULL_SORT_ROWS = 64  # rows sorted in full at a time: 64 x n values and int64 indices
+
+
+def cells(values: torch.Tensor) -> torch.Tensor:
+    """Similarities as they are compared: rounded to multiples of 2^-RESOLUTION_BITS, in units of it (whole
+    numbers as float32, halves rounded up; -inf stays -inf). Exact: scaling by a power of two and adding a
+    half lose nothing for |value| <= 1."""
+    return torch.floor(values * 2.0 ** RESOLUTION_BITS + 0.5)
+
+
+def cell_bottom(values: torch.Tensor) -> torch.Tensor:
+    """The smallest similarity in each value's cell: every value at or above it rounds to the same cell or a
+    higher one."""
+    return (cells(values) - 0.5) / 2.0 ** RESOLUTION_BITS
 
 
 def _stable_order(values: torch.Tensor, depth: int) -> torch.Tensor:
@@ -25,10 +53,10 @@ def _stable_order(values: torch.Tensor, depth: int) -> torch.Tensor:
 
 
 def _full_sort(sims: torch.Tensor, rows: torch.Tensor, depth: int, out: torch.Tensor) -> None:
-    """`out[rows]` = the first `depth` of each row's stable sort, a few rows at a time."""
+    """`out[rows]` = the first `depth` of each row's stable sort of its cells, a few rows at a time."""
     for start in range(0, len(rows), FULL_SORT_ROWS):
         part = rows[start:start + FULL_SORT_ROWS]
-        out[part] = _stable_order(sims[part], depth)
+        out[part] = _stable_order(cells(sims[part]), depth)
 
 
 def top_depth_by_topk(sims: torch.Tensor, depth: int) -> torch.Tensor:
@@ -75,11 +103,12 @@ def top_depth(sims: torch.Tensor, depth: int) -> torch.Tensor:
     num_rows, n = sims.shape
     m = n // BLOCK  # blocks of BLOCK columns
     if n // BLOCK ** 2 < depth or depth < 1:
-        return top_depth_by_topk(sims, depth)
+        return top_depth_by_topk(cells(sims), depth)
     blocks = _block_max(sims)  # (rows, m)
     supers = _block_max(blocks)  # (rows, m // BLOCK): disjoint groups of columns
-    # the depth-th largest super-block maximum: depth disjoint groups hold a value >= it
-    bound = torch.topk(supers, depth, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    # the depth-th largest super-block maximum: depth disjoint groups hold a value >= it; lowered to the
+    # bottom of its cell, so every value rounding to the row's depth-th cell or above is a candidate
+    bound = cell_bottom(torch.topk(supers, depth, dim=1, sorted=False).values.amin(dim=1, keepdim=True))
     # candidate blocks: those whose maximum reaches the bound (a block below it holds no candidate)
     block_rows, block_ids = (blocks >= bound).nonzero(as_tuple=True)
     heavy = torch.bincount(block_rows, minlength=num_rows) > MAX_BLOCKS * depth + 64
@@ -111,15 +140,9 @@ def top_depth(sims: torch.Tensor, depth: int) -> torch.Tensor:
 
 
 def _sorted_candidates(values: torch.Tensor, cols: torch.Tensor, depth: int) -> torch.Tensor:
-    """The columns of each row's first `depth` candidates by (-value, column). One sort by value settles a
-    row without equal values among its first `depth + 1`; rows with such a tie are put in column order
-    and sorted stably (rare with real embeddings, so the second pair of sorts runs on few rows)."""
-    ordered, position = torch.sort(values, dim=1, descending=True)
-    top = min(depth + 1, values.shape[1])
-    tied = (ordered[:, 1:top] == ordered[:, :top - 1]).any(dim=1)
-    order = cols.gather(1, position[:, :depth])
-    if bool(tied.any()):
-        rows = tied.nonzero().squeeze(1)
-        by_col, place = cols[rows].sort(dim=1)
-        order[rows] = by_col.gather(1, _stable_order(values[rows].gather(1, place), depth))
-    return order
+    """The columns of each row's first `depth` candidates by (-cell, column): one sort of a whole-number key
+    (padding and the query itself, at -inf, sort last)."""
+    limit = 2**RESOLUTION_BITS + 1  # beyond every cell of a similarity in [-1, 1]
+    rank = limit - cells(values).clamp(min=-limit).long()  # 0 for the highest similarity
+    keys = rank * (cols.max() + 1) + cols if cols.numel() else cols
+    return cols.gather(1, keys.sort(dim=1).indices[:, :depth])
