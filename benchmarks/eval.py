@@ -135,9 +135,9 @@ def naive_scores(order: torch.Tensor, labels: torch.Tensor, ks: Iterable[int]) -
 
 
 def product(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """`rows @ x.T` as `retrieval_metrics` computes it (`metrics.chunk_similarities`: on the CPU numpy's BLAS,
-    whose products are bit-equal for any number of rows), so that "equal" compares the rankings, not two
-    BLAS libraries' last bits."""
+    """`rows @ x.T` as `retrieval_metrics` computes it (`metrics.chunk_similarities`: on the CPU numpy's BLAS),
+    so that "equal" compares rankings, not two BLAS libraries' roundings. (The same BLAS may still round a
+    product of one or two rows differently from a larger one; the tie rule absorbs that.)"""
     from tune_upl.metrics import chunk_similarities, cpu_products
 
     with cpu_products(x) as pool:

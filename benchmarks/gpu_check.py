@@ -53,7 +53,8 @@ class Plan:
     alone_threads: int
     copies: int  # each generated image appears this many times in the dataset (a larger epoch)
     eval_n: int
-    timeout_s: float
+    timeout_s: float  # each part at most
+    deadline: float = float("inf")  # time.monotonic() by which the whole check ends
     figures: dict[str, Any] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
 
@@ -114,8 +115,10 @@ def prepare(plan: Plan, work: Path) -> None:
 
 # ---------------------------------------------------------------- the child processes
 def spawn(plan: Plan, part: str, mode: str, work: Path, count: int = 1, **options: Any) -> list[dict[str, Any]]:
-    """`count` worker processes started together, each waited for until the part's deadline; their figures.
-    A process that fails or outlives the deadline (killed with its loader workers) fails the part."""
+    """`count` worker processes started together and watched together until the part's deadline; their
+    figures. The first that fails ends the part: a trial that reported an error (out of memory, a failed
+    start: its peers stop waiting for it), a process that exited non-zero, or the deadline (every process
+    killed with its loader workers). One line says which."""
     folder = work / part
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -128,17 +131,27 @@ def spawn(plan: Plan, part: str, mode: str, work: Path, count: int = 1, **option
             args += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
         log = open(folder / f"{index}.log", "w")
         procs.append((subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
-    deadline = time.monotonic() + plan.timeout_s
+    limit = min(plan.timeout_s, plan.deadline - time.monotonic())
+    deadline = time.monotonic() + limit
+    name = lambda index: f"part {part}: process {index + 1} of {count}"
     try:
-        for index, (proc, _) in enumerate(procs):
-            try:
-                code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                raise Failure(f"part {part}: process {index + 1} of {count} still running after {plan.timeout_s:.0f} s; "
-                              f"killed (log: {folder / f'{index}.log'})") from None
-            if code != 0:
-                raise Failure(f"part {part}: process {index + 1} of {count} exited {code}: "
-                              f"{_last_line(folder / f'{index}.log')}")
+        while True:
+            codes = [proc.poll() for proc, _ in procs]
+            for index, code in enumerate(codes):
+                if code == 0 and mode == "trial":
+                    error = _reported_error(folder / f"{index}.json")
+                    if error:
+                        raise Failure(f"{name(index)}: the trial ended with {error}")
+            for index, code in enumerate(codes):
+                if code not in (None, 0):
+                    raise Failure(f"{name(index)} exited {code}: {_last_line(folder / f'{index}.log')}")
+            if all(code == 0 for code in codes):
+                break
+            if time.monotonic() > deadline:
+                running = [index for index, code in enumerate(codes) if code is None]
+                raise Failure(f"{name(running[0])} still running after {limit:.0f} s; killed "
+                              f"(log: {folder / f'{running[0]}.log'})")
+            time.sleep(0.2)
     finally:
         for proc, log in procs:
             if proc.poll() is None:
@@ -146,6 +159,11 @@ def spawn(plan: Plan, part: str, mode: str, work: Path, count: int = 1, **option
                 proc.wait()
             log.close()
     return [json.loads((folder / f"{index}.json").read_text()) for index in range(count)]
+
+
+def _reported_error(path: Path) -> Optional[str]:
+    results = json.loads(path.read_text()).get("results", []) if path.is_file() else []
+    return results[-1].get("error") if results else None
 
 
 def _last_line(log: Path) -> str:
@@ -211,31 +229,37 @@ def alone(plan: Plan, work: Path) -> None:
     ]
 
 
-def overhead(plan: Plan) -> None:
-    """The memory outside torch's allocator per process (NVML's count for the process less torch's reserved
-    memory) against the figure the cap leaves, and the packed processes' total against the card."""
-    from tune_upl.engine import PROCESS_OVERHEAD_BYTES
+def overhead(plan: Plan, work: Path) -> None:
+    """The memory a process holds outside torch's allocator (the CUDA context, loaded kernels) against the
+    figure the memory cap leaves for it, from the lone process of (b): NVML's count for the process where NVML
+    lists it, else the card's use while it ran less the card's use before it, else the card's use as
+    `cudaMemGetInfo` gives it (an upper bound: what the driver holds counts too); each less torch's reserved
+    memory. Beside it, what the packed processes held together against the card."""
+    from tune_upl.engine import CARD_RESERVE, PROCESS_OVERHEAD_BYTES
 
     if plan.cpu:
         plan.lines.append("| memory | process overhead outside torch's allocator | - | the CPU dry mode has no GPU |")
         return
-    runs = [plan.figures["b"]["run"], *plan.figures["a"]["runs"]]
-    measured = [r["nvml_process"] - r["reserved"] for r in runs if r.get("nvml_process") is not None]
-    if not measured:
-        why = runs[0].get("nvml_error", "NVML lists no process of this check")
-        plan.lines.append(f"| memory | process overhead outside torch's allocator | unmeasured | {why} |")
-        return
-    worst = max(measured)
-    total = runs[0]["total"]
-    packed_sum = sum(r["nvml_process"] for r in plan.figures["a"]["runs"] if r.get("nvml_process") is not None)
-    plan.figures["overhead"] = {"measured": measured, "stated": PROCESS_OVERHEAD_BYTES, "packed_sum": packed_sum}
-    plan.lines += [
-        f"| memory | process overhead outside torch's allocator, largest of {len(measured)} processes | "
-        f"{_gib(worst)} | the cap leaves {_gib(PROCESS_OVERHEAD_BYTES)} (engine.PROCESS_OVERHEAD_BYTES) |",
-        f"| memory | the {plan.count} packed processes together (NVML) | {_gib(packed_sum)} | of {_gib(total)} |",
-    ]
-    if worst > PROCESS_OVERHEAD_BYTES:
-        raise Failure(f"memory: a process holds {_gib(worst)} outside torch's allocator, more than the "
+    run, before = plan.figures["b"]["run"], plan.figures.get("nvml_before_b", {})
+    if run.get("nvml_process") is not None:
+        held, how = run["nvml_process"], "NVML's count for the process"
+    elif run.get("nvml_used") is not None and "used" in before:
+        held, how = run["nvml_used"] - before["used"], "the card's use (NVML) less its use before the process"
+    else:
+        held, how = run["total"] - run["free"], "an upper bound: the card's use as cudaMemGetInfo gives it"
+    measured = held - run["reserved"]
+    plan.figures["overhead"] = {"measured": measured, "how": how, "stated": PROCESS_OVERHEAD_BYTES}
+    plan.lines.append(f"| memory | the lone process's memory outside torch's allocator ({how}, less torch's "
+                      f"{_gib(run['reserved'])} reserved) | {_gib(measured)} | the cap leaves "
+                      f"{_gib(PROCESS_OVERHEAD_BYTES)} (engine.PROCESS_OVERHEAD_BYTES) |")
+    packed_runs = plan.figures["a"]["runs"]
+    if all(r.get("nvml_process") is not None for r in packed_runs):
+        together = sum(r["nvml_process"] for r in packed_runs)
+        plan.lines.append(f"| memory | the {plan.count} packed processes together (NVML, each at its epoch's end) | "
+                          f"{_gib(together)} | of {_gib(run['total'])}; their caps and overheads fill "
+                          f"{1 - CARD_RESERVE:.0%} of it |")
+    if measured > PROCESS_OVERHEAD_BYTES:
+        raise Failure(f"memory: a process holds {_gib(measured)} outside torch's allocator ({how}), more than the "
                       f"{_gib(PROCESS_OVERHEAD_BYTES)} the memory cap leaves for it; raise engine.PROCESS_OVERHEAD_BYTES")
 
 
@@ -262,8 +286,20 @@ def _cap(cap: Optional[float], total: Optional[int]) -> str:
 
 
 # ---------------------------------------------------------------- the report
-def write_report(plan: Plan, out: Path, argv: list[str], seconds: float, failure: Optional[str]) -> None:
+def _gpu_line(plan: Plan) -> str:
+    """The GPU as a trial saw it, else as NVML names it (a check that failed before any trial started)."""
+    if plan.cpu:
+        return "- GPU: none (the CPU dry mode)"
     gpu = next((r.get("gpu") for r in plan.figures.get("a", {}).get("runs", []) if r.get("gpu")), None)
+    if gpu:
+        return (f"- GPU: {gpu['name']}, {gpu['total_memory'] / GIB:.1f} GiB, capability {gpu['capability']}, "
+                f"torch {gpu['torch']} (CUDA {gpu['cuda']})")
+    card = plan.figures.get("card", {})
+    return f"- GPU: {card['name']}, {card['total'] / GIB:.1f} GiB (NVML)" if "name" in card else "- GPU: unknown"
+
+
+def write_report(plan: Plan, out: Path, argv: list[str], seconds: float, failure: Optional[str]) -> None:
+    """The report as far as the check got: written after every part, so an interrupted check leaves one."""
     cpu = platform.processor() or "unknown"
     match = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").exists() else None
     lines = [
@@ -271,8 +307,7 @@ def write_report(plan: Plan, out: Path, argv: list[str], seconds: float, failure
         f"Written by `bash scripts/gpu_check.sh {' '.join(argv)}` (`benchmarks/gpu_check.py`: what each part "
         "measures), every trial through the platform's trial loop (`tune_upl.loop.run_trial`).", "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-        f"- GPU: {gpu['name']}, {gpu['total_memory'] / GIB:.1f} GiB, capability {gpu['capability']}, "
-        f"torch {gpu['torch']} (CUDA {gpu['cuda']})" if gpu else "- GPU: none (the CPU dry mode)",
+        _gpu_line(plan),
         f"- CPU: {match.group(1).strip() if match else cpu}, {os.cpu_count()} logical CPUs; Python {platform.python_version()}",
         f"- data: {plan.figures.get('dataset', '-')}",
         f"- trials: {json.dumps({k: v for k, v in plan.trial.items() if not k.endswith(('_dir', '_path')) and k != 'pretrained'})}",
@@ -286,6 +321,10 @@ def write_report(plan: Plan, out: Path, argv: list[str], seconds: float, failure
     (out.parent / (out.stem + ".json")).write_text(json.dumps(plan.figures, indent=1, default=str))
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise Failure(f"stopped by signal {signal.Signals(signum).name}; the report keeps what was measured")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{PROG}", description=__doc__.splitlines()[0])
@@ -294,6 +333,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--work", help="where the data, weights and logs go (default: a temporary folder)")
     parser.add_argument("--cache_dir", "--cache-dir", help="where the synthetic images are (default: under --work)")
     parser.add_argument("--timeout", type=float, default=0.0, help="seconds each part may take (default 300)")
+    parser.add_argument("--budget", type=float, default=450.0,
+                        help="seconds the whole check may take, preparation included (default 450: it ends "
+                             "inside a 10-minute device run, with time to spare)")
     args = parser.parse_args(argv)
     import torch
 
@@ -301,20 +343,31 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{PROG}: no CUDA: torch {torch.__version__} of {sys.executable} sees no GPU; nothing measured "
               "(--cpu runs the dry mode)", file=sys.stderr)
         return 4
+    from benchmarks.gpu_worker import nvml_card
+
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check-")).resolve()
     plan = make_plan(args.cpu, work, Path(args.cache_dir or work / "cache").resolve(), args.timeout)
     start, failure = time.perf_counter(), None
+    plan.deadline = time.monotonic() + args.budget
+    if not args.cpu:
+        plan.figures["card"] = nvml_card()
+    out = Path(args.out)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        prepare(plan, work)
-        packed(plan, work)
-        alone(plan, work)
-        overhead(plan)
-        evaluation(plan, work)
+        for part in (prepare, packed, alone, overhead, evaluation):
+            if time.monotonic() > plan.deadline:
+                raise Failure(f"the check's budget of {args.budget:.0f} s is spent before {part.__name__}")
+            if part is alone and not args.cpu:
+                plan.figures["nvml_before_b"] = nvml_card()
+            part(plan, work)
+            write_report(plan, out, argv, time.perf_counter() - start, None)
     except Failure as error:
         failure = str(error)
     except Exception as error:  # a failure of the check itself (data, weights): its first line, not a traceback
         failure = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
-    write_report(plan, Path(args.out), argv, time.perf_counter() - start, failure)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    write_report(plan, out, argv, time.perf_counter() - start, failure)
     if failure:
         print(f"{PROG}: {failure}", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-BARRIER_TIMEOUT_S = 300.0  # packed processes that never all start: the check fails instead of waiting
+BARRIER_TIMEOUT_S = 120.0  # packed processes that never all start: the check fails instead of waiting
 
 
 def tf32_defaults() -> dict[str, bool]:
@@ -33,32 +34,53 @@ def tf32_defaults() -> dict[str, bool]:
 
 
 def wait_for_all(ready: Path, count: int) -> float:
-    """Say this process is ready, then wait until `count` are (bounded): the seconds waited."""
+    """Say this process is ready, then wait until `count` are (bounded), or until one says its start failed
+    (`failed_to_start`): the seconds waited."""
     start = time.perf_counter()
     ready.mkdir(parents=True, exist_ok=True)
-    (ready / str(os.getpid())).touch()
-    while len(list(ready.iterdir())) < count:
+    (ready / f"{os.getpid()}.ready").touch()
+    while len(list(ready.glob("*.ready"))) < count:
+        if list(ready.glob("*.failed")):
+            raise RuntimeError("a packed peer failed at its start; this trial stops waiting for it")
         if time.perf_counter() - start > BARRIER_TIMEOUT_S:
-            raise TimeoutError(f"{len(list(ready.iterdir()))} of {count} packed processes started within "
+            raise TimeoutError(f"{len(list(ready.glob('*.ready')))} of {count} packed processes started within "
                                f"{BARRIER_TIMEOUT_S:.0f} s")
         time.sleep(0.05)
     return time.perf_counter() - start
 
 
-def nvml_memory(device: torch.device) -> dict[str, Any]:
-    """The GPU's memory in use as the driver counts it (NVML: contexts and kernels included, which torch's
-    allocator does not see): on the card, and by this process where NVML lists it. Empty without NVML."""
+def failed_to_start(ready: Path) -> None:
+    """Tell the packed peers waiting in `ready` that this process will never join them."""
+    ready.mkdir(parents=True, exist_ok=True)
+    (ready / f"{os.getpid()}.failed").touch()
+
+
+def nvml_card(index: int = 0) -> dict[str, Any]:
+    """The GPU as its driver describes it (NVML creates no CUDA context): name, total memory, memory in use
+    (contexts and kernels included, which torch's allocator does not see), and each process's use where NVML
+    can list it. {"nvml_error": ...} without NVML (no library, no permission, a virtualised GPU)."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else device.index or 0)
-        used = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
-        mine = [p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid == os.getpid()]
-        return {"nvml_used": used, "nvml_process": int(mine[0]) if mine and mine[0] is not None else None}
-    except Exception as error:  # no NVML library, no permission, a virtualised GPU: the figure stays unmeasured
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        name = pynvml.nvmlDeviceGetName(handle)
+        processes = {p.pid: p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)}
+        return {"name": name.decode() if isinstance(name, bytes) else name, "total": int(memory.total),
+                "used": int(memory.used), "processes": processes}
+    except Exception as error:
         return {"nvml_error": f"{type(error).__name__}: {error}"}
+
+
+def nvml_memory(device: torch.device) -> dict[str, Any]:
+    """NVML's count of the card's memory in use, and of this process's, for `device`."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    card = nvml_card(int(visible) if visible.isdigit() else device.index or 0)
+    if "nvml_error" in card:
+        return card
+    mine = card["processes"].get(os.getpid())
+    return {"nvml_used": card["used"], "nvml_process": int(mine) if mine is not None else None}
 
 
 def memory_figures(device: torch.device) -> dict[str, Any]:
@@ -87,6 +109,8 @@ def trial(args: argparse.Namespace) -> dict[str, Any]:
         figures["train_start"] = time.time()
 
     def report(result: dict[str, Any], folder: Optional[Path]) -> None:
+        if args.ready and "train_start" not in figures:  # the trial ended before its start: free the peers
+            failed_to_start(Path(args.ready))
         figures["results"].append(result)
         figures["reported"] = time.time()
         if folder is not None:
@@ -94,7 +118,12 @@ def trial(args: argparse.Namespace) -> dict[str, Any]:
         if "images_per_s" in result:
             figures.update(memory_figures(torch.device(result["device"])))
 
-    run_trial(cfg, args.share, TrialHooks(report=report, started=started, node=socket.gethostname()))
+    try:
+        run_trial(cfg, args.share, TrialHooks(report=report, started=started, node=socket.gethostname()))
+    except BaseException:
+        if args.ready and "train_start" not in figures:
+            failed_to_start(Path(args.ready))
+        raise
     return figures
 
 
@@ -139,6 +168,20 @@ def _gpu(device: torch.device) -> dict[str, Any]:
             "torch": torch.__version__, "cuda": torch.version.cuda}
 
 
+def die_with_parent() -> None:
+    """Killed when the check dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG): no trial keeps training on a
+    GPU after its check is gone. Said first thing, then the parent is checked still to be there."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        sys.exit("the GPU check ended before this process started")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_worker", description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=("trial", "memory", "eval"))
@@ -151,6 +194,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--eval_n", type=int, default=20000, help="eval: images")
     parser.add_argument("--device", default="cuda", help="eval: the device")
     args = parser.parse_args(argv)
+    die_with_parent()
     tf32 = tf32_defaults()
     figures = {"trial": trial, "memory": memory, "eval": evaluation}[args.mode](args)
     Path(args.out).write_text(json.dumps({**figures, **tf32, "pid": os.getpid()}, indent=1, default=str))

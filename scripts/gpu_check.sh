@@ -17,14 +17,23 @@ missing() { "$py" -c 'import importlib.util, sys; print(" ".join(m for m in sys.
 for module in $(missing torch torchvision); do
   say "$module missing: $py cannot import it; use a Python with PyTorch and torchvision"; exit 3
 done
-# what the trial loop imports beyond torch and torchvision (the carried wheels provide the first eight)
-modules="pydantic pydantic_core annotated_types typing_inspection typing_extensions adamp pretrainedmodels munch numpy PIL tqdm filelock"
+# what the trial loop imports beyond torch and torchvision; the carried wheels provide the first nine, each
+# wheel named by its module (pydantic and pydantic_core go together: pydantic pins its core's version)
+modules="pydantic pydantic_core annotated_types typing_inspection typing_extensions adamp pretrainedmodels munch threadpoolctl numpy PIL tqdm filelock yaml"
 absent=$(missing $modules)
 if [ -n "$absent" ]; then
   wheels="${GPU_WHEELS:-.gpu_wheels}"
   ls "$wheels"/*.whl >/dev/null 2>&1 || { say "missing $absent and no wheels in $wheels/: run scripts/gpu_wheels.sh here and carry .gpu_wheels"; exit 3; }
+  wanted=" $absent "
+  case "$wanted" in *" pydantic "*|*" pydantic_core "*) wanted="$wanted pydantic pydantic_core ";; esac
+  files=()
+  for module in $wanted; do
+    for wheel in "$wheels/$module"-*.whl; do [ -f "$wheel" ] && files+=("$wheel"); done
+  done
+  [ ${#files[@]} -gt 0 ] || { say "missing $absent, which the wheels in $wheels/ do not provide"; exit 3; }
   site="${GPU_SITE:-${TMPDIR:-/tmp}/tune_upl_gpu_site}"
-  "$py" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$site" "$wheels"/*.whl
+  # only what is missing: a carried wheel must not hide the machine's own copy of a package it has
+  "$py" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$site" $(printf '%s\n' "${files[@]}" | sort -u)
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   absent=$(missing $modules)
   [ -z "$absent" ] || { say "missing $absent, which the wheels in $wheels/ do not provide"; exit 3; }

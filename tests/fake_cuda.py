@@ -6,11 +6,14 @@ check torch's own Python functions make still runs: `set_per_process_memory_frac
 device, an index past the visible count is refused, `is_bf16_supported` reads the capability. It cannot
 allocate tensors: a test under it stops where a trial would first put a tensor on the GPU.
 
-This is the one place in the tests that touches `torch._C` or assigns to `torch.cuda`.
+This is the one place in the tests that touches `torch._C` or assigns to `torch.cuda`. It needs a torch built
+with CUDA (it replaces that build's primitives) and a machine without NVML (before CUDA is initialised, torch
+counts devices through NVML first); elsewhere its tests are skipped, saying why.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -117,10 +120,24 @@ class FakeCuda:
     _patch: pytest.MonkeyPatch = field(default_factory=pytest.MonkeyPatch, repr=False)
 
 
+def nvml_present() -> bool:
+    """Whether the NVIDIA management library loads here (torch asks it for the device count first)."""
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+        return True
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
-def fake_cuda(**settings: Any) -> Iterator[FakeCuda]:
-    """Torch sees the fake GPUs inside the block; on exit its CUDA state is as before (not initialised, no
-    cached device count, the calls it queues for its initialisation unchanged)."""
+def fake_cuda(visible_devices: Optional[str] = None, **settings: Any) -> Iterator[FakeCuda]:
+    """Torch sees the fake GPUs inside the block, CUDA_VISIBLE_DEVICES set to `visible_devices` (None: unset,
+    every device visible); on exit its CUDA state and the variable are as before (not initialised, no cached
+    device count, the calls it queues for its initialisation unchanged)."""
+    if not hasattr(torch._C, "_cuda_getDeviceCount"):
+        pytest.skip("torch is built without CUDA: there are no CUDA primitives to stand in for")
+    if nvml_present():
+        pytest.skip("NVML is on this machine: torch would count its real GPUs before the stand-in's")
     fake = FakeCuda(**settings)
     state = (torch.cuda._initialized, torch.cuda._cached_device_count, list(torch.cuda._queued_calls))
     primitives = {
@@ -130,6 +147,10 @@ def fake_cuda(**settings: Any) -> Iterator[FakeCuda]:
         "_cuda_emptyCache": fake.empty_cache,
     }
     patch = fake._patch
+    if visible_devices is None:
+        patch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        patch.setenv("CUDA_VISIBLE_DEVICES", visible_devices)
     try:
         for name, function in primitives.items():
             patch.setattr(torch._C, name, function)

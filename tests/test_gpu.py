@@ -5,6 +5,7 @@ anywhere ends only its trial; one node must hold a trial's CPUs and GPU together
 The GPU is proven on this CPU machine by a CUDA stand-in beneath torch (`fake_cuda`: torch's own checks run),
 and by a Ray that declares a fake GPU (its trials' torch sees no CUDA)."""
 import json
+import os
 import socket
 
 import pytest
@@ -20,11 +21,10 @@ from tune_upl.layout import ERRORED, trial_state
 from tune_upl.loop import TrialHooks, run_trial
 
 
-def test_a_trial_given_a_gpu_it_cannot_see_fails_naming_the_node(monkeypatch):
+def test_a_trial_given_a_gpu_it_cannot_see_fails_naming_the_node():
     from tune_upl.errors import NoGPU
 
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # Ray's choice, on a node whose torch sees 2 GPUs: none visible
-    with fake_cuda(physical=2):
+    with fake_cuda(visible_devices="3", physical=2):  # Ray's choice, on a node whose torch sees 2 GPUs: none visible
         for name in ("auto", "cuda", "cuda:1"):
             with pytest.raises(NoGPU, match=rf"Ray gave this trial 0.5 GPU but torch on node {socket.gethostname()} "
                                             r"sees no CUDA device \(CUDA_VISIBLE_DEVICES='3'"):
@@ -33,10 +33,10 @@ def test_a_trial_given_a_gpu_it_cannot_see_fails_naming_the_node(monkeypatch):
         assert resolve_device("auto", gpu_share=0) == torch.device("cpu")  # outside Ray (the train command)
 
 
-def test_the_cuda_stand_in_runs_torchs_own_checks_and_leaves_torch_as_it_found_it(monkeypatch):
-    before = (torch.cuda.is_available(), torch.cuda.is_initialized(), torch.cuda.device_count())
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    with fake_cuda(physical=4) as gpu:
+def test_the_cuda_stand_in_runs_torchs_own_checks_and_leaves_torch_as_it_found_it():
+    before = (torch.cuda.is_available(), torch.cuda.is_initialized(), torch.cuda.device_count(),
+              os.environ.get("CUDA_VISIBLE_DEVICES"))
+    with fake_cuda(visible_devices="0,1", physical=4) as gpu:
         assert torch.cuda.device_count() == 2 and torch.cuda.get_device_properties(1).major == 9
         with pytest.raises(RuntimeError, match=r"invalid device ordinal \(device 3 of 2 visible\)"):
             torch.cuda.set_per_process_memory_fraction(0.5, 3)
@@ -44,33 +44,31 @@ def test_the_cuda_stand_in_runs_torchs_own_checks_and_leaves_torch_as_it_found_i
             torch.cuda.set_per_process_memory_fraction(0.5, torch.device("cuda"))
         torch.cuda.set_per_process_memory_fraction(0.5, torch.device("cuda", 1))
         assert gpu.calls == [("init",), ("setMemoryFraction", 0.5, 1)]
-    assert (torch.cuda.is_available(), torch.cuda.is_initialized(), torch.cuda.device_count()) == before
+    assert (torch.cuda.is_available(), torch.cuda.is_initialized(), torch.cuda.device_count(),
+            os.environ.get("CUDA_VISIBLE_DEVICES")) == before
 
 
-def test_the_device_always_carries_the_index_torch_can_use(monkeypatch):
+def test_the_device_always_carries_the_index_torch_can_use():
     """Ray makes the trial's GPU the only visible one: `auto` and `cuda` are its index 0, and an index past
     what torch sees is refused in one line naming what is allowed."""
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-    with fake_cuda(physical=4):
+    with fake_cuda(visible_devices="3", physical=4):
         assert resolve_device("auto", gpu_share=0.5) == resolve_device("cuda", 1) == torch.device("cuda", 0)
         assert resolve_device("cuda:0", gpu_share=1) == torch.device("cuda", 0)
         with pytest.raises(RuntimeError, match=r"device 'cuda:1': torch sees 1 CUDA device\(s\) here "
                                                r"\(CUDA_VISIBLE_DEVICES='3'\); allowed: auto, cuda or cuda:0 to cuda:0"):
             resolve_device("cuda:1", gpu_share=1)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     with fake_cuda(physical=2):
         assert resolve_device("cuda:1") == torch.device("cuda", 1)  # the train command on a 2-GPU machine
 
 
 @pytest.mark.parametrize("share", [0.25, 0.5, 1.0])
 def test_a_trial_starts_on_its_gpu_at_each_share_capped_at_its_share_less_the_overhead(
-        share, tiny_values, monkeypatch):
+        share, tiny_values):
     """The start of a trial as a Ray worker runs it (one visible GPU, the node's fourth): device, memory cap,
     peak-memory reset, precision and loader settings, through torch's own checks. `1 / share` such trials,
     each with its process's overhead, fit the card."""
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     total = 80 * GIB
-    with fake_cuda(physical=4, total_memory=total) as gpu:
+    with fake_cuda(visible_devices="3", physical=4, total_memory=total) as gpu:
         cfg = make_config(tiny_values, num_workers=2, num_threads=3)
         device = resolve_device(cfg.device, share)
         cap = claim_gpu(device, share)
@@ -80,8 +78,8 @@ def test_a_trial_starts_on_its_gpu_at_each_share_capped_at_its_share_less_the_ov
             assert cap is None and gpu.named("setMemoryFraction") == []  # a whole GPU: no neighbour to protect
         else:
             assert gpu.named("setMemoryFraction") == [("setMemoryFraction", cap, 0)]
-            assert cap == pytest.approx(share - 1 / 80) and cap * total <= share * total - PROCESS_OVERHEAD_BYTES
-            assert round(1 / share) * (cap * total + PROCESS_OVERHEAD_BYTES) <= total
+            assert cap == pytest.approx(share * 0.99 - 1 / 80) and cap * total <= share * total - PROCESS_OVERHEAD_BYTES
+            assert round(1 / share) * (cap * total + PROCESS_OVERHEAD_BYTES) <= 0.99 * total  # 1% left to the driver
         assert resolve_amp(cfg.amp, device) == torch.bfloat16  # a Hopper has native bf16
         loader = make_loader(ImageDataset(load_records(cfg)[:8], eval_transform(32)), cfg, train=True)
         assert loader.pin_memory and loader.num_workers == 2
@@ -90,24 +88,23 @@ def test_a_trial_starts_on_its_gpu_at_each_share_capped_at_its_share_less_the_ov
 def test_a_share_too_small_for_the_process_overhead_is_refused_with_the_figures():
     from tune_upl.engine import memory_cap
 
-    assert memory_cap(0.25, 16 * GIB) == pytest.approx(0.25 - 1 / 16)
+    assert memory_cap(0.25, 16 * GIB) == pytest.approx(0.25 * 0.99 - 1 / 16)
     with pytest.raises(ValueError, match=r"resources.gpu 0.05 of a 16.0 GiB GPU is 0.80 GiB, which leaves no memory "
                                          r"for training after the process's 1 GiB outside torch's allocator"):
         memory_cap(0.05, 16 * GIB)
 
 
 @pytest.mark.filterwarnings("ignore:0 loader workers")
-def test_any_failure_while_a_gpu_trial_starts_ends_it_as_errored_with_its_first_line(tiny_values, monkeypatch):
+def test_any_failure_while_a_gpu_trial_starts_ends_it_as_errored_with_its_first_line(tiny_values):
     """Under the stand-in the trial claims its share, then fails where it first puts the model on the GPU
     (torch finds no driver): one last result with the flag and the error's first line, never raised (so never
     retried). The same failure in a CPU trial is raised, for Tune to retry."""
     reports = []
     hooks = TrialHooks(report=lambda result, folder: reports.append((result, folder)), node="n7")
     cfg = make_config(tiny_values, feature_dim=16)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
-    with fake_cuda(physical=2, total_memory=40 * GIB) as gpu:
+    with fake_cuda(visible_devices="1", physical=2, total_memory=40 * GIB) as gpu:
         run_trial(cfg, 0.5, hooks)
-        assert gpu.named("setMemoryFraction") == [("setMemoryFraction", pytest.approx(0.5 - 1 / 40), 0)]
+        assert gpu.named("setMemoryFraction") == [("setMemoryFraction", pytest.approx(0.5 * 0.99 - 1 / 40), 0)]
     [(result, folder)] = reports
     assert folder is None and result["gpu_start_failed"] is True and result["val_recall@1"] == 0.0
     assert result["error"].startswith("the trial's start on its GPU failed (Ray node n7, CUDA_VISIBLE_DEVICES='1'): "

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 import zipfile
 from importlib import metadata
 from pathlib import Path
@@ -93,6 +94,19 @@ def test_a_part_past_its_deadline_is_killed_and_failed_in_one_line(tmp_path, cac
     assert left == []  # the packed processes and their loader workers are gone
 
 
+def test_packed_trials_that_cannot_start_fail_the_part_at_once_with_the_cause(tmp_path, cache_dir, synthetic_root):
+    """Packed trials wait for each other after their start; one that never starts must not keep the others
+    waiting until the deadline: the part fails within seconds, naming the failure."""
+    from benchmarks.gpu_check import Failure, make_plan, spawn
+
+    plan = make_plan(True, tmp_path, Path(cache_dir), 120)
+    values = dict(plan.trial, pretrained="none", dataset_seed=99)  # a synthetic set nobody prepared
+    start = time.monotonic()
+    with pytest.raises(Failure, match=r"part a: process \d of 2 exited 1: .*synthetic is not prepared"):
+        spawn(plan, "a", "trial", tmp_path, 2, config=values, share=0.5)
+    assert time.monotonic() - start < 60
+
+
 def installed_wheel(dist_name: str, folder: Path) -> Path:
     """An installed distribution packed back into a wheel from its files (the registry is not needed)."""
     dist = metadata.distribution(dist_name)
@@ -116,7 +130,7 @@ def test_the_dry_run_installs_the_carried_wheels_beside_the_interpreter_and_runs
     in-memory step, the evaluation, each through the trial loop, and writes gpu.md into $OUT."""
     python3 = externally_managed_python(tmp_path / "py", lambda name: not name.startswith(CARRIED))
     for name in ("pydantic", "pydantic-core", "annotated-types", "typing-inspection", "adamp", "pretrainedmodels",
-                 "munch"):
+                 "munch", "typing-extensions"):
         installed_wheel(name, tmp_path / "wheels")
     refused = subprocess.run([str(python3), "-m", "pip", "install", "--no-index", "--find-links",
                               str(tmp_path / "wheels"), "adamp"], capture_output=True, text=True)
@@ -126,6 +140,7 @@ def test_the_dry_run_installs_the_carried_wheels_beside_the_interpreter_and_runs
                         GPU_WHEELS=str(tmp_path / "wheels"), GPU_SITE=str(site), OUT=str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert {p.name for p in site.iterdir()} >= set(CARRIED)
+    assert not (site / "typing_extensions.py").exists()  # the interpreter has it: its own copy stays in use
     assert not list(python3.parents[1].glob("lib/python3*/site-packages/adamp"))  # the system stays as it was
     report = (tmp_path / "out" / "gpu.md").read_text()
     figures = json.loads((tmp_path / "out" / "gpu.json").read_text())

@@ -80,15 +80,17 @@ def resolve_device(name: str, gpu_share: float = 0.0) -> torch.device:
 # (cuBLAS, cuDNN), about 0.5-1 GB per process (cuBLAS and cuDNN workspaces are allocated through the
 # caching allocator, inside the cap). `scripts/gpu_check.sh` measures it on a real GPU against this figure.
 PROCESS_OVERHEAD_BYTES = 2**30
+CARD_RESERVE = 0.01  # of the card's memory, kept free for the driver's own allocations: packed trials fill 99%
 
 
 def memory_cap(gpu_share: float, total_bytes: int) -> Optional[float]:
-    """The fraction of the GPU's memory a packed trial's caching allocator may hold: its share less the
-    process overhead, so that `1 / gpu_share` trials, each with its context, fit the card together. None for
-    a whole GPU (no neighbour to protect); a share too small to hold even the overhead is refused."""
+    """The fraction of the GPU's memory a packed trial's caching allocator may hold: its share of 99% of the
+    card less the process overhead, so that `1 / gpu_share` trials, each with its context, fit the card
+    together with room for the driver. None for a whole GPU (no neighbour to protect); a share too small to
+    hold even the overhead is refused."""
     if gpu_share >= 1:
         return None
-    cap = gpu_share - PROCESS_OVERHEAD_BYTES / total_bytes
+    cap = gpu_share * (1 - CARD_RESERVE) - PROCESS_OVERHEAD_BYTES / total_bytes
     if cap <= 0:
         raise ValueError(
             f"resources.gpu {gpu_share:g} of a {total_bytes / 2**30:.1f} GiB GPU is {gpu_share * total_bytes / 2**30:.2f} "

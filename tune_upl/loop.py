@@ -6,7 +6,7 @@ passes plain ones on a machine without Ray. One loop, so what the check measures
 
 A failure no retry can mend ends the trial with the worst score, a flag naming it and the message, reported
 as its last result (Tune has no per-exception "do not retry"): a diverged loss, out of memory anywhere, a GPU
-torch cannot see, a missing weights file, and on a GPU node any failure while the trial starts (claiming the
+torch cannot see, a missing weights file, and on a GPU node any failure while the run is built (claiming the
 device, its memory share, data, model): each attempt there fails the same way and holds a GPU while it does.
 """
 from __future__ import annotations
@@ -103,15 +103,15 @@ def run_trial(cfg: TrialConfig, gpu_share: float, hooks: TrialHooks) -> None:
     try:
         try:
             run = build_run(cfg, gpu_share=gpu_share)
-            state = hooks.restore()
-            if state is not None:
-                run.load_state_dict(state)
         except Exception as error:
-            result = stop_result(cfg, run, error, hooks.node, gpu_start=gpu_share > 0)
+            result = stop_result(cfg, run, error, hooks.node, gpu_start=gpu_share > 0 and cfg.device != "cpu")
             if result is None:
                 raise
             hooks.report(result, None)
             return
+        state = hooks.restore()  # reading a checkpoint may fail for the storage's sake: left to Tune's retries
+        if state is not None:
+            run.load_state_dict(state)
         run.fault_dir = hooks.fault_dir
         hooks.started(run)
         _epochs(run, hooks)

@@ -81,7 +81,7 @@ def retrieval_metrics(
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
-    emb = F.normalize(embeddings.float(), dim=-1)
+    emb = F.normalize(embeddings.detach().float(), dim=-1)
     n, device = emb.shape[0], emb.device
     _, dense = torch.unique(labels.to(device), return_inverse=True)
     others = torch.bincount(dense)[dense] - 1  # R: other images of each query's class

@@ -36,9 +36,11 @@ FULL_SORT_ROWS = 64  # rows sorted in full at a time: 64 x n values and int64 in
 
 def cells(values: torch.Tensor) -> torch.Tensor:
     """Similarities as they are compared: rounded to multiples of 2^-RESOLUTION_BITS, in units of it (whole
-    numbers as float32, halves rounded up; -inf stays -inf). Exact: scaling by a power of two and adding a
-    half lose nothing for |value| <= 1."""
-    return torch.floor(values * 2.0 ** RESOLUTION_BITS + 0.5)
+    numbers as float32, halves rounded up; -inf stays -inf). Exact for |value| <= 1: the scaling is by a power
+    of two, and the fraction is compared with a half instead of added to it (an addition would round)."""
+    scaled = values * 2.0 ** RESOLUTION_BITS
+    whole = torch.floor(scaled)
+    return whole + (scaled - whole >= 0.5)
 
 
 def cell_bottom(values: torch.Tensor) -> torch.Tensor:
@@ -52,25 +54,27 @@ def _stable_order(values: torch.Tensor, depth: int) -> torch.Tensor:
     return torch.sort(values, dim=1, descending=True, stable=True).indices[:, :depth]
 
 
-def _full_sort(sims: torch.Tensor, rows: torch.Tensor, depth: int, out: torch.Tensor) -> None:
-    """`out[rows]` = the first `depth` of each row's stable sort of its cells, a few rows at a time."""
+def _full_sort(values: torch.Tensor, rows: torch.Tensor, depth: int, out: torch.Tensor, rounded: bool) -> None:
+    """`out[rows]` = the first `depth` of each row's stable descending sort (of its cells unless the values
+    are `rounded` already), a few rows at a time."""
     for start in range(0, len(rows), FULL_SORT_ROWS):
-        part = rows[start:start + FULL_SORT_ROWS]
-        out[part] = _stable_order(cells(sims[part]), depth)
+        part = values[rows[start:start + FULL_SORT_ROWS]]
+        out[rows[start:start + FULL_SORT_ROWS]] = _stable_order(part if rounded else cells(part), depth)
 
 
-def top_depth_by_topk(sims: torch.Tensor, depth: int) -> torch.Tensor:
-    """The same order for rows too narrow for blocks to pay (and the method before them): `topk` of
-    `depth + 1`, its first `depth` reordered by (-value, index); a row with a tie across the cut is sorted
-    in full, since topk may have picked the wrong ones."""
-    if depth >= sims.shape[1]:
-        return _stable_order(sims, depth)
-    values, indices = torch.topk(sims, depth + 1, dim=1)  # sorted; one more, to see a tie at the cut
+def top_depth_by_topk(keys: torch.Tensor, depth: int) -> torch.Tensor:
+    """Each row's first `depth` by (-key, index) of the keys given, as is (`top_depth` passes `cells`, the
+    rounded similarities): for rows too narrow for blocks to pay, and the method before them. `topk` of
+    `depth + 1`, its first `depth` reordered by (-key, index); a row with a tie across the cut is sorted in
+    full, since topk may have picked the wrong ones."""
+    if depth >= keys.shape[1]:
+        return _stable_order(keys, depth)
+    values, indices = torch.topk(keys, depth + 1, dim=1)  # sorted; one more, to see a tie at the cut
     tied = values[:, depth] == values[:, depth - 1]
     indices, by_index = indices[:, :depth].sort(dim=1)
     indices = indices.gather(1, _stable_order(values[:, :depth].gather(1, by_index), depth))
     if bool(tied.any()):
-        _full_sort(sims, tied.nonzero().squeeze(1), depth, indices)
+        _full_sort(keys, tied.nonzero().squeeze(1), depth, indices, rounded=True)
     return indices
 
 
@@ -135,7 +139,7 @@ def top_depth(sims: torch.Tensor, depth: int) -> torch.Tensor:
     light = (~heavy).nonzero().squeeze(1)
     if len(light):  # each light row has at least `depth` candidates
         order[light] = _sorted_candidates(padded[light], padded_cols[light], depth)
-    _full_sort(sims, heavy.nonzero().squeeze(1), depth, order)
+    _full_sort(sims, heavy.nonzero().squeeze(1), depth, order, rounded=False)
     return order
 
 
