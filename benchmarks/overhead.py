@@ -87,8 +87,10 @@ def measure(args: argparse.Namespace) -> SuiteResult:
         result.rows += [
             Row("overhead", f"seconds per trial under Ray Tune, {label} ({trials} trials of tiny, {epochs} "
                 f"epoch(s), one at a time)", tuned[reuse], "s", "the same training in this process", inline),
+            # the target is the searches' (reuse_actors: true, the spec default); a new process a trial is the
+            # baseline that shows why reuse is the default (its cost is mostly importing torch: CPU-bound)
             Row("overhead", f"fixed overhead per trial, {label}", per_trial, "s",
-                target="<= 6 s (10% of a 60-second trial)", met=per_trial <= 6.0,
+                target="<= 6 s (10% of a 60-second trial)" if reuse else "-", met=per_trial <= 6.0 if reuse else None,
                 note=f"ray.init once: {ray_init:.1f} s (not counted); trial errors: {errors}; "
                      f"worker processes: {processes[reuse]}"),
         ]
