@@ -38,7 +38,7 @@ from benchmarks.harness import Row, SuiteResult, fmt, sync
 if TYPE_CHECKING:
     from tune_upl.metrics import RetrievalResult
 
-CHUNK_SIZE = 1024  # rows per chunk of `retrieval_metrics`, and per block of the baselines' sums
+CHUNK_SIZE = 1024  # rows per chunk of the previous implementation, and per block of the baselines' sums
 
 
 def _rss_kb(field_name: str) -> int:
@@ -134,14 +134,22 @@ def naive_scores(order: torch.Tensor, labels: torch.Tensor, ks: Iterable[int]) -
                            num_excluded=len(labels) - counted)
 
 
-def product(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """`rows @ x.T` as `retrieval_metrics` computes it (`metrics.chunk_similarities`: on the CPU numpy's BLAS),
-    so that "equal" compares rankings, not two BLAS libraries' roundings. (The same BLAS may still round a
-    product of one or two rows differently from a larger one; the tie rule absorbs that.)"""
-    from tune_upl.metrics import chunk_similarities, cpu_products
+def product(x: torch.Tensor, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+    """Rows `start:stop` of `x @ x.T`, each computed exactly as `retrieval_metrics` computes it: in its chunks
+    of rows (`metrics.CHUNK_SIZE`), through `metrics.chunk_similarities` (on the CPU numpy's BLAS, in slabs).
+    So "equal" compares rankings, not two products' roundings: a product of another shape may round a few
+    similarities across a boundary of the tie rule, which moves real-valued results in their last digits."""
+    from tune_upl.metrics import CHUNK_SIZE as ROWS, chunk_similarities, cpu_products
 
+    stop = len(x) if stop is None else stop
+    out = torch.empty(stop - start, len(x), device=x.device)
     with cpu_products(x) as pool:
-        return chunk_similarities(rows, x, torch.empty(len(rows), len(x), device=x.device), pool)
+        for first in range(start - start % ROWS, stop, ROWS):  # the chunks of retrieval_metrics that hold the rows
+            chunk = chunk_similarities(x[first:first + ROWS], x, torch.empty(min(ROWS, len(x) - first), len(x),
+                                                                             device=x.device), pool)
+            lo, hi = max(first, start), min(first + ROWS, stop)
+            out[lo - start:hi - start] = chunk[lo - first:hi - first]
+    return out
 
 
 def naive_metrics(emb: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]) -> RetrievalResult:
@@ -150,7 +158,9 @@ def naive_metrics(emb: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]) 
     from tune_upl.neighbours import cells
 
     normed = F.normalize(emb.float(), dim=-1)
-    sims = cells(product(normed, normed))
+    sims = product(normed)
+    for start in range(0, len(sims), CHUNK_SIZE):  # rounded in place, a block of rows at a time: the baseline's
+        sims[start:start + CHUNK_SIZE] = cells(sims[start:start + CHUNK_SIZE])  # memory is the N x N sort's
     sims.fill_diagonal_(float("-inf"))
     order = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :neighbour_depth(labels, ks)].clone()
     del sims
@@ -167,7 +177,7 @@ def previous_metrics(emb: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
     orders = []
     for start in range(0, len(labels), CHUNK_SIZE):
         rows = torch.arange(start, min(start + CHUNK_SIZE, len(labels)), device=emb.device)
-        sims = product(normed[rows], normed)
+        sims = product(normed, start, start + len(rows))
         sims[torch.arange(len(rows), device=emb.device), rows] = float("-inf")
         orders.append(top_depth_by_topk(cells(sims), depth))
     return naive_scores(torch.cat(orders), labels, ks)
@@ -213,7 +223,7 @@ def measure(args: argparse.Namespace) -> SuiteResult:
         seconds: dict[str, float] = {}
         memory: dict[str, Optional[float]] = {}
         seen: dict[str, Any] = {}
-        methods = {"current": lambda: retrieval_metrics(emb, labels, ks, CHUNK_SIZE)}
+        methods = {"current": lambda: retrieval_metrics(emb, labels, ks)}
         if faiss is not None:
             methods["faiss"] = lambda: knn_peer.search(faiss, x, depth)
         for _ in range(repeats):
