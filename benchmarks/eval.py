@@ -13,7 +13,7 @@ Rows, per size:
 - the previous `retrieval_metrics` (row chunks, `topk` of whole rows, ties repaired by sorting), and the
   naive N x N sort, run once each: the reference for "equal" and for memory. Both rank by the same tie rule
   (similarities rounded to 2^-14, equal ones by index: `neighbours.cells`) over products computed as ours
-  are (`product`), so "equal" compares rankings, not two BLAS libraries' last bits.
+  are (`chunk_products`), so "equal" compares rankings, not two BLAS libraries' last bits.
 Ours and faiss run `--repeats` times (3, quick 1) alternately; each row is the best.
 
 The baselines are written here, apart from the platform's code: each computes every query's neighbour
@@ -28,7 +28,7 @@ import gc
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,6 @@ from benchmarks.harness import Row, SuiteResult, fmt, sync
 if TYPE_CHECKING:
     from tune_upl.metrics import RetrievalResult
 
-CHUNK_SIZE = 1024  # rows per chunk of the previous implementation, and per block of the baselines' sums
 
 
 def _rss_kb(field_name: str) -> int:
@@ -114,7 +113,7 @@ def neighbour_depth(labels: torch.Tensor, ks: Iterable[int]) -> int:
 def naive_scores(order: torch.Tensor, labels: torch.Tensor, ks: Iterable[int]) -> RetrievalResult:
     """Recall@K, MAP@R and R-precision of every query's neighbour order (N x depth), read off the whole
     relevance matrix; the sums over queries are taken block by block as `retrieval_metrics` takes them."""
-    from tune_upl.metrics import RetrievalResult
+    from tune_upl.metrics import SUM_BLOCK, RetrievalResult
 
     r = others_in_class(labels)
     valid = r > 0
@@ -124,7 +123,7 @@ def naive_scores(order: torch.Tensor, labels: torch.Tensor, ks: Iterable[int]) -
     in_top_r = relevant & (ranks <= r[:, None])
     r = r.clamp(min=1).double()
     map_sum = rp_sum = 0.0
-    for block in (slice(s, s + CHUNK_SIZE) for s in range(0, len(labels), CHUNK_SIZE)):
+    for block in (slice(s, s + SUM_BLOCK) for s in range(0, len(labels), SUM_BLOCK)):
         hits, mask = in_top_r[block], valid[block]
         map_sum += float(((hits.cumsum(dim=1).double() / ranks * hits).sum(dim=1) / r[block])[mask].sum())
         rp_sum += float((hits.sum(dim=1).double() / r[block])[mask].sum())
@@ -134,63 +133,51 @@ def naive_scores(order: torch.Tensor, labels: torch.Tensor, ks: Iterable[int]) -
                            num_excluded=len(labels) - counted)
 
 
-def product(x: torch.Tensor, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
-    """Rows `start:stop` of `x @ x.T`, each computed exactly as `retrieval_metrics` computes it: in its chunks
-    of rows (`metrics.CHUNK_SIZE`), through `metrics.chunk_similarities` (on the CPU numpy's BLAS, in slabs).
-    So "equal" compares rankings, not two products' roundings: a product of another shape may round a few
-    similarities across a boundary of the tie rule, which moves real-valued results in their last digits."""
+def chunk_products(x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, similarities) of each chunk of `x @ x.T`, computed exactly as `retrieval_metrics` computes
+    them: in its chunks of rows (`metrics.CHUNK_SIZE`), through `metrics.chunk_similarities` (on the CPU
+    numpy's BLAS, in slabs), into one reused buffer, each chunk's own rows masked (never their own
+    neighbour). So "equal" compares rankings, not two products' roundings: a product of another shape may
+    round a few similarities across a boundary of the tie rule and move real-valued results in their last
+    digits."""
     from tune_upl.metrics import CHUNK_SIZE as ROWS, chunk_similarities, cpu_products
 
-    stop = len(x) if stop is None else stop
-    out = torch.empty(stop - start, len(x), device=x.device)
+    buffer = torch.empty(min(ROWS, len(x)), len(x), device=x.device)
     with cpu_products(x) as pool:
-        for first in range(start - start % ROWS, stop, ROWS):  # the chunks of retrieval_metrics that hold the rows
-            chunk = chunk_similarities(x[first:first + ROWS], x, torch.empty(min(ROWS, len(x) - first), len(x),
-                                                                             device=x.device), pool)
-            lo, hi = max(first, start), min(first + ROWS, stop)
-            out[lo - start:hi - start] = chunk[lo - first:hi - first]
-    return out
+        for start in range(0, len(x), ROWS):
+            stop = min(start + ROWS, len(x))
+            sims = chunk_similarities(x[start:stop], x, buffer[:stop - start], pool)
+            sims[:, start:stop].diagonal().fill_(float("-inf"))
+            yield start, sims
 
 
 def naive_metrics(emb: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]) -> RetrievalResult:
-    """The full N x N similarity matrix, its diagonal masked, every row's rounded similarities (the tie rule,
-    `neighbours.cells`) sorted in full (stable: equal ones by index)."""
+    """The full N x N matrix of rounded similarities (the tie rule, `neighbours.cells`), its diagonal masked,
+    every row sorted in full (stable: equal ones by index)."""
     from tune_upl.neighbours import cells
 
     normed = F.normalize(emb.float(), dim=-1)
-    sims = product(normed)
-    for start in range(0, len(sims), CHUNK_SIZE):  # rounded in place, a block of rows at a time: the baseline's
-        sims[start:start + CHUNK_SIZE] = cells(sims[start:start + CHUNK_SIZE])  # memory is the N x N sort's
-    sims.fill_diagonal_(float("-inf"))
+    sims = torch.empty(len(normed), len(normed), device=normed.device)
+    for start, chunk in chunk_products(normed):
+        sims[start:start + len(chunk)] = cells(chunk)
     order = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :neighbour_depth(labels, ks)].clone()
     del sims
     return naive_scores(order, labels, ks)
 
 
 def previous_metrics(emb: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]) -> RetrievalResult:
-    """The implementation before this one: row chunks, `topk` of whole rows with ties repaired by sorting
-    (on the rounded similarities: the same tie rule)."""
-    from tune_upl.neighbours import cells, top_depth_by_topk
+    """The implementation before this one, on the same chunks: `topk` of whole rows with ties repaired by
+    sorting (of the rounded similarities: the same tie rule)."""
+    from tune_upl.neighbours import top_depth_by_topk
 
-    normed = F.normalize(emb.float(), dim=-1)
     depth = neighbour_depth(labels, ks)
-    orders = []
-    for start in range(0, len(labels), CHUNK_SIZE):
-        rows = torch.arange(start, min(start + CHUNK_SIZE, len(labels)), device=emb.device)
-        sims = product(normed, start, start + len(rows))
-        sims[torch.arange(len(rows), device=emb.device), rows] = float("-inf")
-        orders.append(top_depth_by_topk(cells(sims), depth))
+    orders = [top_depth_by_topk(sims, depth) for _, sims in chunk_products(F.normalize(emb.float(), dim=-1))]
     return naive_scores(torch.cat(orders), labels, ks)
 
 
 def first_neighbours(x: torch.Tensor) -> torch.Tensor:
     """Each row's nearest other row (the first of equal ones: argmax returns the first maximum), in chunks."""
-    found = []
-    for start in range(0, len(x), CHUNK_SIZE):
-        sims = x[start:start + CHUNK_SIZE] @ x.t()
-        sims[:, start:start + CHUNK_SIZE].diagonal().fill_(float("-inf"))
-        found.append(sims.argmax(dim=1))
-    return torch.cat(found)
+    return torch.cat([sims.argmax(dim=1) for _, sims in chunk_products(x)])
 
 
 def timed(method, device: torch.device) -> tuple[Any, float, Optional[float]]:

@@ -134,11 +134,13 @@ def spawn(plan: Plan, part: str, mode: str, work: Path, count: int = 1, **option
     limit = min(plan.timeout_s, plan.deadline - time.monotonic())
     deadline = time.monotonic() + limit
     name = lambda index: f"part {part}: process {index + 1} of {count}"
+    read: set[int] = set()  # finished processes whose figures were read
     try:
         while True:
             codes = [proc.poll() for proc, _ in procs]
             for index, code in enumerate(codes):
-                if code == 0 and mode == "trial":
+                if code == 0 and mode == "trial" and index not in read:
+                    read.add(index)
                     error = _reported_error(folder / f"{index}.json")
                     if error:
                         raise Failure(f"{name(index)}: the trial ended with {error}")
@@ -172,11 +174,9 @@ def _last_line(log: Path) -> str:
 
 
 def trained(part: str, figures: dict[str, Any]) -> dict[str, Any]:
-    """The process's epoch, or the failure that ended it (out of memory, a failed start, ...)."""
+    """The process's trained epoch (a trial that ended with an error has failed its part in `spawn`)."""
     results = figures["results"]
     last = results[-1] if results else {}
-    if "error" in last:
-        raise Failure(f"part {part}: the trial ended with {last['error']}")
     if "images_per_s" not in last or "val_recall@1" not in last or not figures.get("checkpoint_bytes"):
         raise Failure(f"part {part}: the trial reported no trained epoch, evaluation and checkpoint: {last}")
     return last
@@ -344,6 +344,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               "(--cpu runs the dry mode)", file=sys.stderr)
         return 4
     from benchmarks.gpu_worker import nvml_card
+    from tune_upl.errors import first_line
 
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check-")).resolve()
     plan = make_plan(args.cpu, work, Path(args.cache_dir or work / "cache").resolve(), args.timeout)
@@ -364,7 +365,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Failure as error:
         failure = str(error)
     except Exception as error:  # a failure of the check itself (data, weights): its first line, not a traceback
-        failure = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+        failure = f"{type(error).__name__}: {first_line(error)}"
     finally:
         signal.signal(signal.SIGTERM, previous)
     write_report(plan, out, argv, time.perf_counter() - start, failure)

@@ -109,8 +109,6 @@ def trial(args: argparse.Namespace) -> dict[str, Any]:
         figures["train_start"] = time.time()
 
     def report(result: dict[str, Any], folder: Optional[Path]) -> None:
-        if args.ready and "train_start" not in figures:  # the trial ended before its start: free the peers
-            failed_to_start(Path(args.ready))
         figures["results"].append(result)
         figures["reported"] = time.time()
         if folder is not None:
@@ -120,10 +118,9 @@ def trial(args: argparse.Namespace) -> dict[str, Any]:
 
     try:
         run_trial(cfg, args.share, TrialHooks(report=report, started=started, node=socket.gethostname()))
-    except BaseException:
-        if args.ready and "train_start" not in figures:
+    finally:
+        if args.ready and "train_start" not in figures:  # ended (reported or raised) before its start
             failed_to_start(Path(args.ready))
-        raise
     return figures
 
 

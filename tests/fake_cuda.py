@@ -139,7 +139,7 @@ def fake_cuda(visible_devices: Optional[str] = None, **settings: Any) -> Iterato
     if nvml_present():
         pytest.skip("NVML is on this machine: torch would count its real GPUs before the stand-in's")
     fake = FakeCuda(**settings)
-    state = (torch.cuda._initialized, torch.cuda._cached_device_count, list(torch.cuda._queued_calls))
+    queued = list(torch.cuda._queued_calls)
     primitives = {
         "_cuda_getDeviceCount": fake.get_device_count, "_cuda_init": fake.init, "_cuda_getDevice": fake.get_device,
         "_cuda_setDevice": fake.set_device, "_cuda_setMemoryFraction": fake.set_memory_fraction,
@@ -159,6 +159,5 @@ def fake_cuda(visible_devices: Optional[str] = None, **settings: Any) -> Iterato
         patch.setattr(torch.cuda, "_cached_device_count", None)
         yield fake
     finally:
-        patch.undo()
-        torch.cuda._initialized, torch.cuda._cached_device_count = state[0], state[1]
-        torch.cuda._queued_calls[:] = state[2]
+        patch.undo()  # torch's initialised flag and cached device count too
+        torch.cuda._queued_calls[:] = queued  # the list torch extends in place when it initialises

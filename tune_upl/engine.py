@@ -28,7 +28,7 @@ from tune_upl.losses import LOSS_PARAMETERS, build_loss
 from tune_upl.metrics import retrieval_metrics
 from tune_upl.models import MetricModel, build_model
 from tune_upl.optim import OPTIMIZERS
-from tune_upl.errors import CheckpointError, DivergedError, NoGPU, OutOfMemory
+from tune_upl.errors import CheckpointError, DivergedError, NoGPU, OutOfMemory, first_line
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -125,7 +125,7 @@ def out_of_memory(cfg: TrialConfig, device: Any, error: BaseException) -> OutOfM
     return OutOfMemory(
         f"out of memory with batch_size {cfg.batch_size}, backbone {cfg.backbone_type}, image_size "
         f"{cfg.image_size} on {device}: lower batch_size or image_size, or give the trial more "
-        f"GPU memory ({(str(error).splitlines() or [type(error).__name__])[0]})"
+        f"GPU memory ({first_line(error)})"
     )
 
 

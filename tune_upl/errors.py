@@ -76,3 +76,9 @@ class WeightsMissing(RuntimeError):
 
     def __reduce__(self) -> tuple[type, tuple[list[tuple[str, str, str]], str]]:  # Ray pickles a trial's error
         return type(self), (self.missing, self.reason)
+
+
+def first_line(error: BaseException) -> str:
+    """An error's message in one line (its first), or its type's name where it has none: what a trial line,
+    a report or a one-line exit shows of it."""
+    return (str(error).splitlines() or [""])[0] or type(error).__name__

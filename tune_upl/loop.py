@@ -22,7 +22,7 @@ import torch
 
 from tune_upl.config import TrialConfig
 from tune_upl.engine import Run, build_run, evaluated_split, is_out_of_memory, out_of_memory, save_state, train_epoch
-from tune_upl.errors import DivergedError, NoGPU, OutOfMemory, WeightsMissing
+from tune_upl.errors import DivergedError, NoGPU, OutOfMemory, WeightsMissing, first_line
 from tune_upl.layout import (
     CHECKPOINT_FILE, DIVERGED_FLAG, EMBEDDINGS_FILE, ERROR_KEY, GPU_START_FLAG, NO_GPU_FLAG, NO_WEIGHTS_FLAG, OOM_FLAG,
 )
@@ -72,10 +72,6 @@ def checkpoint_due(cfg: TrialConfig, history: list[dict[str, float]]) -> bool:
     return metric in history[-1] and (not earlier or sign * history[-1][metric] > max(earlier))
 
 
-def first_line(error: BaseException) -> str:
-    return (str(error).splitlines() or [""])[0] or type(error).__name__
-
-
 def stop_result(cfg: TrialConfig, run: Optional[Run], error: BaseException, node: str,
                 gpu_start: bool = False) -> Optional[dict[str, Any]]:
     """The last result of a trial ended by a failure no retry can mend (the worst score, its flag, the
@@ -104,27 +100,31 @@ def run_trial(cfg: TrialConfig, gpu_share: float, hooks: TrialHooks) -> None:
         try:
             run = build_run(cfg, gpu_share=gpu_share)
         except Exception as error:
-            result = stop_result(cfg, run, error, hooks.node, gpu_start=gpu_share > 0 and cfg.device != "cpu")
-            if result is None:
-                raise
-            hooks.report(result, None)
+            _stop(cfg, None, error, hooks, gpu_start=gpu_share > 0 and cfg.device != "cpu")
             return
         state = hooks.restore()  # reading a checkpoint may fail for the storage's sake: left to Tune's retries
         if state is not None:
             run.load_state_dict(state)
         run.fault_dir = hooks.fault_dir
         hooks.started(run)
-        _epochs(run, hooks)
-    except RuntimeError as error:  # torch.OutOfMemoryError and the errors of STOPS are RuntimeErrors
-        result = stop_result(cfg, run, error, hooks.node)
-        if result is None:
-            raise  # retried by Tune (max_failures), from the last checkpoint
-        hooks.report(result, None)
+        try:
+            _epochs(run, hooks)
+        except RuntimeError as error:  # torch.OutOfMemoryError and the errors of STOPS are RuntimeErrors
+            _stop(cfg, run, error, hooks)
     finally:
         del run
         gc.collect()  # loader workers and CUDA tensors held in reference cycles go now, not at some later gc
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()
+
+
+def _stop(cfg: TrialConfig, run: Optional[Run], error: Exception, hooks: TrialHooks, gpu_start: bool = False) -> None:
+    """Report the trial's last result if no retry can mend `error`; else raise it again, for Tune to retry
+    the trial (max_failures) from its last checkpoint."""
+    result = stop_result(cfg, run, error, hooks.node, gpu_start)
+    if result is None:
+        raise error
+    hooks.report(result, None)
 
 
 def _epochs(run: Run, hooks: TrialHooks) -> None:

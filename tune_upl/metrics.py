@@ -124,10 +124,11 @@ def retrieval_metrics(
 
 @contextlib.contextmanager
 def cpu_products(emb: torch.Tensor) -> Iterator[Optional[ThreadPoolExecutor]]:
-    """For a float32 evaluation on the CPU: a thread per torch thread for the products' slabs, numpy's BLAS
-    held to one thread of its own meanwhile (`threadpoolctl`), since BLAS threads left spinning after each
-    product slowed the torch operations between products by half; elsewhere None (torch's product)."""
-    if emb.device.type != "cpu" or emb.dtype != torch.float32:
+    """For an evaluation on the CPU (float32, as `retrieval_metrics` makes it): a thread per torch thread for
+    the products' slabs, numpy's BLAS held to one thread of its own meanwhile (`threadpoolctl`), since BLAS
+    threads left spinning after each product slowed the torch operations between products by half; on a
+    GPU None (torch's product)."""
+    if emb.device.type != "cpu":
         yield None
         return
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:

@@ -54,19 +54,18 @@ def _stable_order(values: torch.Tensor, depth: int) -> torch.Tensor:
     return torch.sort(values, dim=1, descending=True, stable=True).indices[:, :depth]
 
 
-def _full_sort(values: torch.Tensor, rows: torch.Tensor, depth: int, out: torch.Tensor, rounded: bool) -> None:
-    """`out[rows]` = the first `depth` of each row's stable descending sort (of its cells unless the values
-    are `rounded` already), a few rows at a time."""
+def _full_sort(sims: torch.Tensor, rows: torch.Tensor, depth: int, out: torch.Tensor) -> None:
+    """`out[rows]` = the first `depth` of each row's stable descending sort of its cells, a few rows at a time."""
     for start in range(0, len(rows), FULL_SORT_ROWS):
-        part = values[rows[start:start + FULL_SORT_ROWS]]
-        out[rows[start:start + FULL_SORT_ROWS]] = _stable_order(part if rounded else cells(part), depth)
+        part = rows[start:start + FULL_SORT_ROWS]
+        out[part] = _stable_order(cells(sims[part]), depth)
 
 
-def top_depth_by_topk(keys: torch.Tensor, depth: int) -> torch.Tensor:
-    """Each row's first `depth` by (-key, index) of the keys given, as is (`top_depth` passes `cells`, the
-    rounded similarities): for rows too narrow for blocks to pay, and the method before them. `topk` of
-    `depth + 1`, its first `depth` reordered by (-key, index); a row with a tie across the cut is sorted in
-    full, since topk may have picked the wrong ones."""
+def top_depth_by_topk(sims: torch.Tensor, depth: int) -> torch.Tensor:
+    """The same order for rows too narrow for blocks to pay (and the method before them): `topk` of
+    `depth + 1` cells, its first `depth` reordered by (-cell, index); a row with a tie across the cut is
+    sorted in full, since topk may have picked the wrong ones."""
+    keys = cells(sims)
     if depth >= keys.shape[1]:
         return _stable_order(keys, depth)
     values, indices = torch.topk(keys, depth + 1, dim=1)  # sorted; one more, to see a tie at the cut
@@ -74,7 +73,7 @@ def top_depth_by_topk(keys: torch.Tensor, depth: int) -> torch.Tensor:
     indices, by_index = indices[:, :depth].sort(dim=1)
     indices = indices.gather(1, _stable_order(values[:, :depth].gather(1, by_index), depth))
     if bool(tied.any()):
-        _full_sort(keys, tied.nonzero().squeeze(1), depth, indices, rounded=True)
+        _full_sort(sims, tied.nonzero().squeeze(1), depth, indices)
     return indices
 
 
@@ -107,7 +106,7 @@ def top_depth(sims: torch.Tensor, depth: int) -> torch.Tensor:
     num_rows, n = sims.shape
     m = n // BLOCK  # blocks of BLOCK columns
     if n // BLOCK ** 2 < depth or depth < 1:
-        return top_depth_by_topk(cells(sims), depth)
+        return top_depth_by_topk(sims, depth)
     blocks = _block_max(sims)  # (rows, m)
     supers = _block_max(blocks)  # (rows, m // BLOCK): disjoint groups of columns
     # the depth-th largest super-block maximum: depth disjoint groups hold a value >= it; lowered to the
@@ -139,7 +138,7 @@ def top_depth(sims: torch.Tensor, depth: int) -> torch.Tensor:
     light = (~heavy).nonzero().squeeze(1)
     if len(light):  # each light row has at least `depth` candidates
         order[light] = _sorted_candidates(padded[light], padded_cols[light], depth)
-    _full_sort(sims, heavy.nonzero().squeeze(1), depth, order, rounded=False)
+    _full_sort(sims, heavy.nonzero().squeeze(1), depth, order)
     return order
 
 
