@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tune_upl"
-LEAVES = {"errors": set(), "layout": {"errors"}, "loss_axes": set()}  # a leaf and what it may import of ours
+LEAVES = {"errors": set(), "layout": {"errors"}, "loss_axes": set(), "signals": {"errors"}}  # a leaf and what it may import of ours
 READERS = ("results", "report", "ablation", "figures", "importance", "retrieve")
 # at module level a reader imports only leaf modules, the config and spec schemas (no torch, no Ray), or readers
 READER_MAY_IMPORT = {"config", "spec", *READERS}

@@ -1,6 +1,6 @@
-"""Issue 18: a refused start leaves no stub, an unusable storage or a damaged experiment file is one line and
-exit 2 (never a traceback), damaged trial results are named in the report, SIGTERM is handled like SIGINT,
-`--name` is a plain name, and resumed progress lines continue the experiment's count.
+"""A refused start leaves no stub, an unusable storage or a damaged experiment file is one line and exit 2
+(never a traceback), damaged trial results are named in the report, `--name` is a plain name, and resumed
+progress lines continue the experiment's count (stop signals: test_signals.py, test_interruptions.py).
 
 The damaged files are copies of the shared small demo search's, cut or garbled here."""
 import json
@@ -135,6 +135,8 @@ def test_damaged_driver_files_are_one_line_naming_the_file_and_the_fix(demo_copy
             assert code == 2 and one_line(err).startswith(f"error: {path}: damaged (") and fix in err, command
         path.write_bytes(kept)
     (experiment / "COMPLETE").unlink()  # an interrupted search: its study not selected yet, its database open
+    saved = json.loads(spec_file.read_text())  # made here, not copied (a copy is refused before its database)
+    spec_file.write_text(json.dumps({**saved, "location": str(experiment.resolve())}))
     selection.unlink()
     database.write_bytes(database.read_bytes()[:5000])
     code, err = run_main(capsys, *resume)
@@ -170,28 +172,42 @@ def test_a_damaged_trial_result_is_read_to_its_good_rows_and_named_in_the_report
     assert "## Damaged files" in text and all(f"- `{line}`" in text for line in data.damaged)
 
 
-# ---------------------------------------------------------------- 6. SIGTERM as SIGINT (the driver: slow tests)
-def test_sigterm_calls_tunes_sigint_handler_during_a_run_and_stops_the_driver_outside_one():
-    from tune_upl.errors import Terminated
-    from tune_upl.search import SIGTERM_SEEN, handle_sigterm, restore_sigterm
-
-    calls = []
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    handle_sigterm()
-    try:
-        signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))  # as Tune's, during a fit
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert calls == [signal.SIGINT] and SIGTERM_SEEN.is_set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # outside a fit
-        with pytest.raises(Terminated):
-            os.kill(os.getpid(), signal.SIGTERM)
-    finally:
-        restore_sigterm()
-        signal.signal(signal.SIGINT, before[0])
-    assert signal.getsignal(signal.SIGTERM) == before[1]
-
-
 # ---------------------------------------------------------------- 7. smaller points
+def test_done_is_read_from_the_folder_every_selection_and_every_final_runs_last_epoch(demo_copy):
+    """What `--resume` must still do, read from the files alone (Tune's counts call a stopped trial ended)."""
+    from searches import small_demo
+
+    from tune_upl.final import unfinished
+
+    spec, (_, experiment) = small_demo(), demo_copy
+    assert unfinished(spec, ["main"], experiment) == []
+    final = sorted(experiment.glob("trials/*.final/result.json"))[0]
+    final.write_text(final.read_text().splitlines(keepends=True)[0])  # stopped after its first epoch
+    seed = json.loads((final.parent / "params.json").read_text())["seed"]
+    assert unfinished(spec, ["main"], experiment) == [
+        f"study main: final run of seed {seed} without 2 epochs and a test result"]
+    (experiment / "main" / "selection.json").unlink()
+    assert unfinished(spec, ["main"], experiment) == ["study main not selected"]
+
+
+def test_a_copied_experiment_is_refused_before_ray_and_left_as_it_was_unless_complete(demo_search, demo_copy,
+                                                                                        tmp_path, capsys):
+    """A copy (`cp -a`) resumed where it lies would write into the original (Tune's state names that folder):
+    one line naming the original and the command that resumes it; a complete copy is only reported."""
+    _, original, _ = demo_search
+    runs, copy = demo_copy
+    resume = ("search", "--resume", "--name", "demo", "--storage", str(runs), "--reports-dir", str(tmp_path / "r"))
+    assert main(list(resume)) == 0 and "experiment demo is complete already" in capsys.readouterr().out
+    (copy / "COMPLETE").unlink()
+    before = {p: p.stat().st_mtime for p in copy.rglob("*")}
+    code, err = run_main(capsys, *resume)
+    assert code == 2 and one_line(err) == (
+        f"error: --resume: {copy} is a copy of experiment demo at {original} (Tune's saved state names that folder, "
+        f"so a resume here would write into the original); resume the original with: python run_search.py search "
+        f"--resume --name demo --storage {original.parent}")
+    assert {p: p.stat().st_mtime for p in copy.rglob("*")} == before
+
+
 def test_the_resume_command_names_the_storage_and_a_reports_folder_that_is_not_the_default(tmp_path):
     from tune_upl.cli import resume_command
 

@@ -2,10 +2,8 @@
 search killed with SIGKILL (during the search, then during the final stage) that resumes and completes."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from experiments import ROOT, cli, kill_when, saved_trials, trial_results
@@ -96,33 +94,3 @@ def test_killed_search_resumes_to_exactly_num_samples_trials(tmp_path, cache_dir
     assert (runs / "mini" / "COMPLETE").is_file()
     report = (tmp_path / "mini.md").read_text()
     assert "± " in report and report.count("| main ") == 3
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_sigint_or_sigterm_before_the_first_result_saves_state_and_resume_completes(tmp_path, cache_dir, signum,
-                                                                                     code, word):
-    spec, runs = write_spec(tmp_path, num_samples=2, final_seeds=1), tmp_path / "runs"
-    base = [sys.executable, "run_search.py", "--storage", str(runs), "--reports-dir", str(tmp_path),
-            "--cache-dir", cache_dir]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen(base + ["--space", str(spec)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    start = time.time()
-    while not list((runs / "mini" / "trials").glob("*/params.json")):  # a trial started, no result yet
-        assert proc.poll() is None and time.time() - start < 300
-        time.sleep(0.2)
-    proc.send_signal(signum)  # to the driver, as Ctrl-C, SLURM's --signal, scancel or Kubernetes would
-    _, err = proc.communicate(timeout=300)
-    os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
-    assert proc.returncode == code, err[-2000:]
-    assert err.strip().splitlines()[-1].startswith(f"{word} (trials: ")
-    assert err.strip().endswith(f"; continue with: python run_search.py search --resume --name mini --storage {runs} "
-                                f"--reports-dir {tmp_path}")
-    assert "Aborted" not in err and "*** SIG" not in err  # no C++ stack dump from Ray's core worker
-    assert not (runs / "mini" / "main" / "selection.json").exists()  # nothing selected from a partial search
-    out = subprocess.run(base + ["--resume", "--name", "mini"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600, env=env)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert len(trial_results(runs / "mini" / "trials", final=False)) == 2 and (runs / "mini" / "COMPLETE").is_file()

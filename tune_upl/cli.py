@@ -18,17 +18,15 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from tune_upl.config import FIELD_DEFAULTS, FIELD_HELP, FIELD_NAMES, Paths, is_path, make_config, validate_field
 from tune_upl.errors import (
-    ConfigError, DatasetError, DivergedError, ExperimentError, OutOfMemory, SpecError, SplitAccessError, StorageError,
-    Terminated, WeightsMissing,
+    ConfigError, DatasetError, DivergedError, ExperimentError, Incomplete, OutOfMemory, SpecError, SplitAccessError,
+    StorageError, Terminated, WeightsMissing,
 )
-from tune_upl.layout import NAME_PATTERN, PULLED_FOLDER, report_file
+from tune_upl.layout import NAME_PATTERN, PULLED_FOLDER, report_file, search_command
 
 if TYPE_CHECKING:
     from tune_upl.storage import Remote
 
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130  # SIGINT: 128 + 2, as a shell reports it
-EXIT_TERMINATED = 143  # SIGTERM: 128 + 15
 
 
 def option_spellings(name: str) -> list[str]:
@@ -202,10 +200,23 @@ def _spec_name(args: argparse.Namespace) -> str:
         return "NAME"
 
 
+def reports_folder(args: argparse.Namespace) -> Path:
+    """`--reports-dir`, absolute and writable (checked before any work: a search must not run for hours to
+    fail at its report)."""
+    from tune_upl.storage import writable_folder
+
+    folder = Path(args.reports_dir).expanduser().resolve()
+    writable_folder(folder, "--reports-dir")
+    return folder
+
+
 def cmd_search(args: argparse.Namespace) -> int:
-    """Validate the spec (before Ray starts), run or resume the search, write the report."""
+    """Validate the spec and the output folders (before Ray starts), run or resume the search, write the
+    report. A stop signal at any moment ends it with exit 130 or 143 and the command that resumes it."""
     storage, remote = storage_location(args)
     spec, overrides, paths = search_spec(args, storage, remote)  # a bad spec is named before Ray and torch load
+    reports = reports_folder(args)
+    from tune_upl import signals
     from tune_upl.experiment import Options, describe, run_search
     from tune_upl.report import write_report
     from tune_upl.planning import plan_studies
@@ -217,10 +228,22 @@ def cmd_search(args: argparse.Namespace) -> int:
                       resume=args.resume, overwrite=args.overwrite, autoscaling=args.autoscaling,
                       allow_cpu=args.allow_cpu, loggers=tuple(args.logger))
     start = time.perf_counter()
-    experiment = run_search(spec, overrides, options, paths)
-    if remote:
-        experiment = pulled_experiment(storage, remote, spec.name)
-    report = write_report(experiment, Path(args.reports_dir).expanduser().resolve(), remote and remote.uri)
+    signals.install(resume_command(args), watchdog=True)
+    try:
+        experiment = run_search(spec, overrides, options, paths)
+        if remote:
+            experiment = pulled_experiment(storage, remote, spec.name)
+        report = write_report(experiment, reports, remote and remote.uri)
+    finally:
+        signals.uninstall()
+    from tune_upl.results import load_experiment
+
+    unselectable = load_experiment(experiment).unselectable
+    if unselectable:
+        print(f"error: search {spec.name} ended without a selection in stud{'y' if len(unselectable) == 1 else 'ies'} "
+              f"{', '.join(unselectable)} (no trial reported {spec.objective.metric}); the trials' errors are in the "
+              f"report: {report}", file=sys.stderr)
+        return 1
     print(f"search {spec.name} done in {time.perf_counter() - start:.0f} s; report: {report}")
     return 0
 
@@ -253,8 +276,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from tune_upl.report import write_report
 
     local, remote = storage_location(args)
+    reports = reports_folder(args)
     experiment = pulled_experiment(local, remote, experiment_name(args.name))
-    print(write_report(experiment, Path(args.reports_dir).expanduser().resolve(), remote and remote.uri))
+    print(write_report(experiment, reports, remote and remote.uri))
     return 0
 
 
@@ -359,24 +383,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DivergedError, OutOfMemory) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as error:  # SIGINT, SIGUSR1 and (handled as SIGINT) SIGTERM
+    except Incomplete as error:
+        print(f"error: {error}; continue with: {resume_command(args)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as error:  # SIGINT or SIGTERM (tune_upl.signals), before or during a search
+        from tune_upl import signals
+
         where = f" ({error})" if str(error) else ""
         resume = ""
         if args.command == "search" and not getattr(args, "dry_run", False):
             resume = f"; continue with: {resume_command(args)}"
-        print(f"{'terminated' if isinstance(error, Terminated) else 'interrupted'}{where}{resume}", file=sys.stderr)
-        return EXIT_TERMINATED if isinstance(error, Terminated) else EXIT_INTERRUPTED
+        print(f"{'terminated' if isinstance(error, Terminated) else 'interrupted'}{where}{resume}", file=sys.stderr,
+              flush=True)
+        signals.said()
+        return signals.exit_code(error)
 
 
 def resume_command(args: argparse.Namespace) -> str:
-    """The command that continues this search from any working directory: its name, storage (absolute, or the
-    URI), the reports folder and the cluster address when they are not the defaults."""
+    """The command that continues this search from any working directory, quoted for the shell: its name,
+    storage (absolute, or the URI), the reports folder and the cluster address when they are not the defaults."""
     from tune_upl.storage import is_uri
 
     storage = args.storage if is_uri(args.storage) else absolute_path(args.storage)
-    parts = ["python run_search.py search --resume --name", args.name or _spec_name(args), "--storage", storage]
-    if args.reports_dir != "reports":
-        parts += ["--reports-dir", absolute_path(args.reports_dir)]
-    if args.address:
-        parts += ["--address", args.address]
-    return " ".join(parts)
+    reports = absolute_path(args.reports_dir) if args.reports_dir != "reports" else None
+    return search_command("search", "--resume", name=args.name or _spec_name(args), storage=storage,
+                          reports_dir=reports, address=args.address)

@@ -5,6 +5,8 @@ them (so `report` never loads torch or Ray to catch an engine error); every modu
 """
 from __future__ import annotations
 
+import shlex
+
 
 class ConfigError(ValueError):
     """A bad configuration value: the message names the field, the value and what is allowed."""
@@ -32,6 +34,10 @@ class SplitAccessError(RuntimeError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled as SIGINT (Tune saves its state and returns early); the search exits 143, not 130."""
+
+
+class Incomplete(RuntimeError):
+    """Tune returned, and the experiment folder lacks a selection or a final run's last epoch and test."""
 
 
 class CheckpointError(RuntimeError):
@@ -67,8 +73,9 @@ class WeightsMissing(RuntimeError):
         parts = []
         for backbone, path, url in missing:
             folder, _, name = path.rpartition("/")
-            parts.append(f"{backbone} needs {name} in {folder} (from {url}; or run: python run_search.py prepare "
-                         f"--backbone_type {backbone} --weights_dir {folder})")
+            command = shlex.join(["python", "run_search.py", "prepare", "--backbone_type", backbone, "--weights_dir",
+                                  folder])
+            parts.append(f"{backbone} needs {name} in {folder} (from {url}; or run: {command})")
         tried = f" and could not be downloaded ({reason})" if reason else ""
         super().__init__(f"ImageNet weights missing{tried}: {'; '.join(parts)}; or set pretrained to none or a "
                          "weights file")

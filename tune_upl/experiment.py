@@ -18,7 +18,6 @@ import platform
 import shutil
 import sqlite3
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -29,7 +28,9 @@ from filelock import FileLock, Timeout
 
 from tune_upl.atomic import write_json
 from tune_upl.config import Paths
-from tune_upl.final import Selection, final_stage_line, load_selection, save_selection, select, selected_line
+from tune_upl.final import (
+    Selection, final_stage_line, load_selection, save_selection, save_unselectable, select, selected_line, unfinished,
+)
 from tune_upl.layout import (
     COMPLETE_FILE,
     GRID_STUDY,
@@ -37,10 +38,14 @@ from tune_upl.layout import (
     RECORD_FILE,
     RUN_FOLDER,
     SELECTION_FILE,
+    PULLED_FOLDER,
     SPEC_FILE,
     TUNE_STATE_PATTERN,
+    UNSELECTABLE_FILE,
     driver_file,
     driver_lock_name,
+    report_file,
+    search_command,
     study_key,
 )
 from tune_upl.results import read_saved_spec
@@ -48,11 +53,13 @@ from tune_upl.planning import (
     Study, baseline_point, grid_points, plan_studies, prepare_data, prepare_weights, serial_loading,
 )
 from tune_upl.search import (
-    check_resources, init_ray, logger_callbacks, restore_sigterm, run_final, run_grid, run_studies, trials_at_once,
+    check_resources, init_ray, logger_callbacks, per_study, ray_session, run_final, run_grid, run_studies,
+    trials_at_once,
 )
 from tune_upl.spec import SearchSpec, parse_spec
-from tune_upl.storage import Remote, prune_checkpoints, push_file
-from tune_upl.errors import ExperimentError, StorageError
+from tune_upl.storage import Remote, prune_checkpoints, push_file, writable_folder
+from tune_upl import signals
+from tune_upl.errors import ExperimentError, Incomplete
 
 PACKAGES = ("torch", "torchvision", "ray", "optuna", "numpy", "pydantic", "adamp", "pillow")
 
@@ -91,7 +98,7 @@ def describe(spec: SearchSpec, studies: list[Study]) -> str:
         total = trials_at_once(spec, len(studies))
         cap = f", capped by max_concurrent_total {spec.max_concurrent_total}" if spec.max_concurrent_total else ""
         at_once = (f"all {len(studies)} stud{'y' if len(studies) == 1 else 'ies'} in one run: up to {total} trials at "
-                   f"once ({spec.max_concurrent} per study{cap}), {per_trial}: {total * spec.resources.gpu:g} GPUs "
+                   f"once ({per_study(spec)} per study{cap}), {per_trial}: {total * spec.resources.gpu:g} GPUs "
                    f"for {total} at once")
     lines = [f"experiment {spec.name}: {spec.searcher.type} + {spec.scheduler.type}, objective "
              f"{spec.objective.metric} ({spec.objective.mode}), protocol {spec.protocol}, {at_once}"]
@@ -127,10 +134,12 @@ def experiment_status(spec: SearchSpec, options: Options) -> bool:
             f"--overwrite: experiment {spec.name} is in {options.remote.uri}, where moving a folder aside means "
             "copying every object; choose another --name, or delete it with your storage's own tools"
         )
-    if not exists or options.overwrite or options.resume:
+    if not exists or options.overwrite:
         return False
     if (experiment / COMPLETE_FILE).is_file():
         return True
+    if options.resume:
+        return False
     raise ExperimentError(
         f"experiment {spec.name} in {options.remote.uri if options.remote else options.storage} is unfinished: add --resume to "
         "continue it, or --overwrite to start again (the old folder is kept)"
@@ -148,7 +157,7 @@ def open_experiment(spec: SearchSpec, overrides: dict[str, Any], options: Option
     experiment.mkdir(parents=True, exist_ok=True)
     if not (experiment / SPEC_FILE).is_file():
         write_json(experiment / SPEC_FILE, {"spec": spec.model_dump(mode="json"), "overrides": overrides,
-                                            "paths": paths.to_dict()})
+                                            "paths": paths.to_dict(), "location": location(experiment, options.remote)})
         _publish(options, experiment, SPEC_FILE)
     return experiment
 
@@ -173,29 +182,42 @@ def resolve_resume(name: str, storage: Path,
         where = remote.uri if remote else storage
         raise ExperimentError(f"no experiment {name!r} to resume in {where}; allowed: {', '.join(known) or 'none found'}")
     saved = load_saved_spec(experiment)
+    if not (experiment / COMPLETE_FILE).is_file():  # a complete one is only reported: nothing of Tune's runs
+        refuse_moved(experiment, remote)
     refuse_old_layout(saved[0], experiment, remote)
     check_optuna_database(experiment)
     return saved
 
 
+def location(experiment: Path, remote: Optional[Remote]) -> str:
+    """Where an experiment's folder is: its absolute path, or its URI; recorded when it is made, because Tune's
+    saved state names it too (a restored run writes its new trials there)."""
+    return remote.experiment_uri(experiment.name) if remote else str(experiment.resolve())
+
+
+def refuse_moved(experiment: Path, remote: Optional[Remote]) -> None:
+    """A resume where the experiment was made, or nowhere: Tune's saved state names the folder it was written
+    in, and a resumed run would write its new trials there (into the original, for a copy; into a folder that
+    is gone, for a move, every new trial failing). Refused before Ray starts, with the command that resumes
+    it where it was. A folder recorded before locations were is not checked."""
+    was = read_saved_spec(experiment).get("location")
+    now = location(experiment, remote)
+    if was is None or was == now:
+        return
+    name, storage = experiment.name, was.rsplit("/", 1)[0]
+    resume = search_command("search", "--resume", name=name, storage=storage)
+    if remote is None and (Path(was) / SPEC_FILE).is_file():
+        raise ExperimentError(f"--resume: {now} is a copy of experiment {name} at {was} (Tune's saved state names that "
+                              f"folder, so a resume here would write into the original); resume the original with: "
+                              f"{resume}")
+    raise ExperimentError(f"--resume: experiment {name} was written at {was} and is now at {now}; Tune's saved state "
+                          f"names the first folder, so it resumes only there: move it back, then {resume}")
+
+
 def check_storage(storage: Path) -> Path:
-    """An unusable --storage (a file, a read-only or unwritable folder) is one message before anything is
-    written; a missing folder is made later, so its nearest existing parent must take it. Probed by writing
-    a temporary file (permissions alone do not tell a read-only file system, nor root's rights). Returns
-    that nearest existing folder: what a refused start leaves the storage as (`leave_as_found`)."""
-    existing = storage
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise StorageError(f"--storage {storage}: {existing} is a file, not a folder; allowed: a folder (made if "
-                           "missing) whose parents are folders, or a URI")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise StorageError(f"--storage {storage}: cannot write in {existing} ({error.strerror}); allowed: a folder "
-                           "this user can write to, or a URI") from None
-    return existing
+    """`--storage` usable (`storage.writable_folder`); returns its nearest existing folder: what a refused
+    start leaves the storage as (`leave_as_found`)."""
+    return writable_folder(storage, "--storage")
 
 
 def check_optuna_database(experiment: Path) -> None:
@@ -222,7 +244,7 @@ def preflight(spec: SearchSpec, overrides: dict[str, Any], options: Options, pat
     prepare_data(studies)
     prepare_weights(studies)
     classes = _class_lists(studies)  # too few classes, or a val_fraction that leaves no training class
-    init_ray(options.address, options.verbose)
+    print(init_ray(options.address, options.verbose), flush=True)
     spec = check_resources(spec, autoscaling=options.autoscaling, allow_cpu=options.allow_cpu)
     return spec, plan_studies(spec, overrides, paths), classes
 
@@ -298,6 +320,7 @@ def write_record(experiment: Path, studies: list[Study], spec: SearchSpec,
             "driver": platform.node(),
             "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
             "cluster_resources": ray.cluster_resources(),
+            "ray": ray_session(),
         },
         "baselines": baselines,
         "classes": classes,
@@ -334,9 +357,17 @@ def _run_grid(spec: SearchSpec, studies: list[Study], experiment: Path, options:
     if not all(picked):
         grid = Study(GRID_STUDY, {}, studies[0].base, studies[0].space)
         results = run_grid(spec, grid, experiment, options.verbose, callbacks, tune_root=root)
-        picked = [select(spec, results, study_key(point), point) for point in points]
-        for selection in picked:  # every study's selection is saved before any is pruned
-            _save(options, experiment, selection)
+        picked = []
+        for point in points:  # every study's selection is saved before any is pruned
+            try:
+                picked.append(select(spec, results, study_key(point), point))
+            except RuntimeError as nothing:
+                save_unselectable(study_key(point), str(nothing), experiment / study_key(point))
+                _publish(options, experiment, f"{study_key(point)}/{UNSELECTABLE_FILE}")
+                print(f"error: {nothing}", flush=True)
+                continue
+            _save(options, experiment, picked[-1])
+    picked = [s for s in picked if s is not None]
     for selection in picked:
         print(selected_line(spec, selection), flush=True)
     _prune(spec, options, experiment, GRID_STUDY, picked)
@@ -356,7 +387,7 @@ def _run_studies(spec: SearchSpec, studies: list[Study], experiment: Path, optio
     gpus = f", {at_once * spec.resources.gpu:g} GPUs" if spec.resources.gpu else ""
     print(f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} in one run: {spec.num_samples} trials each, "
           f"{spec.searcher.type} + {spec.scheduler.type}, objective {spec.objective.metric} ({spec.objective.mode}); "
-          f"up to {at_once} trials at once ({spec.max_concurrent} per study{gpus})", flush=True)
+          f"up to {at_once} trials at once ({per_study(spec)} per study{gpus})", flush=True)
     publish = functools.partial(push_file, options.remote, experiment) if options.remote else None
     try:
         run_studies(spec, studies, experiment, options.verbose, at_once, callbacks,
@@ -364,11 +395,6 @@ def _run_studies(spec: SearchSpec, studies: list[Study], experiment: Path, optio
     finally:
         _publish(options, experiment, OPTUNA_FILE)
     selections = [load_selection(experiment / study.key) for study in studies]
-    missing = [study.key for study, selection in zip(studies, selections) if selection is None]
-    if missing:
-        raise ExperimentError(f"no trial of stud{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)} reported "
-                              f"{spec.objective.metric}, so nothing could be selected; the trial errors are in the "
-                              f"report (python run_search.py report --name {spec.name})")
     _prune(spec, options, experiment, RUN_FOLDER, [s for s in selections if s is not None])
 
 
@@ -388,14 +414,37 @@ def refuse_old_layout(spec: SearchSpec, experiment: Path, remote: Optional[Remot
         )
 
 
+def readable(options: Options, name: str) -> Path:
+    """The experiment folder with its trials, to read: the local one, or a copy of the URI's (without the
+    search's checkpoints) in the mirror's `pulled/` folder."""
+    if options.remote is None:
+        return options.storage / name
+    view = options.storage / PULLED_FOLDER / name
+    options.remote.pull(name, view, report_file)
+    return view
+
+
+def finish(spec: SearchSpec, studies: list[Study], options: Options, experiment: Path) -> None:
+    """Mark the experiment complete when the folder says it is (`final.unfinished`): never from Tune's
+    counts, which call a stopped trial ended. Otherwise `Incomplete`, naming what is missing."""
+    missing = unfinished(spec, [s.key for s in studies], readable(options, experiment.name))
+    if missing:
+        raise Incomplete(f"search {spec.name} is not complete: {'; '.join(missing)}")
+    (experiment / COMPLETE_FILE).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+    _publish(options, experiment, COMPLETE_FILE)
+
+
 def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options, paths: Paths = Paths()) -> Path:
     """Run (or resume) every study, then the final stage; returns the experiment folder. `paths`: the
-    driver's (`cli.driver_paths`); without them, paths reach the trials as the spec and overrides give them."""
+    driver's (`cli.driver_paths`); without them, paths reach the trials as the spec and overrides give them.
+    A stop signal ends it with `signals.Interrupted` or `Terminated` (nothing selected, started or marked
+    after it); a run that ends without everything done, with `Incomplete`."""
     studies = plan_studies(spec, overrides, paths)  # validates every study before anything starts
     callbacks = (*logger_callbacks(options.loggers, spec.name), *options.callbacks)
     found = check_storage(options.storage)
     lock = driver_lock(options.storage, spec.name)
     experiment = None
+    signals.install()
     try:
         if options.remote:
             options.remote.check()
@@ -415,11 +464,12 @@ def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options, pa
             _run_grid(spec, studies, experiment, options, callbacks)
         else:
             _run_studies(spec, studies, experiment, options, callbacks)
-        (experiment / COMPLETE_FILE).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
-        _publish(options, experiment, COMPLETE_FILE)
+        if signals.stopping():  # came after Tune's last step: nothing is marked after it
+            raise signals.stop_error("after the last trial")
+        finish(spec, studies, options, experiment)
         return experiment
     finally:
-        restore_sigterm()
+        signals.uninstall()
         if experiment is None:
             leave_as_found(lock, options.storage, found)
         else:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import pandas as pd
 
 from tune_upl.atomic import write_json
-from tune_upl.layout import FINAL_SUFFIX, SELECTION_FILE
+from tune_upl.layout import FINAL_SUFFIX, SELECTION_FILE, UNSELECTABLE_FILE
 from tune_upl.results import Selection, last_per_epoch, read_selection  # Selection: the schema of selection.json
 from tune_upl.spec import SearchSpec
 
@@ -73,6 +73,13 @@ def save_selection(selection: Selection, folder: Path) -> None:
     write_json(folder / SELECTION_FILE, asdict(selection))
 
 
+def save_unselectable(key: str, reason: str, folder: Path) -> None:
+    """A study where nothing could be selected (no trial reported the objective), on disk: the search is
+    done with it, and the report says why."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / UNSELECTABLE_FILE, {"key": key, "reason": reason, "at": time.time()})
+
+
 def load_selection(folder: Path) -> Optional[Selection]:
     """The study's saved selection, or None before it is selected (a resume does not search it again)."""
     path = folder / SELECTION_FILE
@@ -87,3 +94,30 @@ def final_seeds(spec: SearchSpec, selection: Selection) -> list[int]:
 
 def final_param_space(selection: Selection) -> dict[str, Any]:
     return {**selection.config, "final": True}
+
+
+def unfinished(spec: SearchSpec, keys: list[str], experiment: Path) -> list[str]:
+    """What the experiment folder still lacks, per study (`keys`), read from the files alone: a selection
+    (or the record that nothing could be selected), and under protocol `val` each final seed's run with its
+    last epoch and its test result. [] when the search is done."""
+    from tune_upl.results import load_experiment
+
+    data = load_experiment(experiment)
+    finals = {f.key: f for f in data.finals}
+    missing = []
+    for key in keys:
+        if key in data.unselectable:
+            continue
+        final = finals.get(key)
+        if final is None:
+            missing.append(f"study {key} not selected")
+            continue
+        if spec.protocol == "seed":
+            continue
+        epochs = int(final.config["num_epochs"])
+        done = {int(r["seed"]) for r in final.runs if int(r.get("epochs", 0)) >= epochs}
+        lacking = [seed for seed in final_seeds(spec, Selection(**final.selection)) if seed not in done]
+        if lacking:
+            missing.append(f"study {key}: final run{'s' if len(lacking) > 1 else ''} of seed "
+                           f"{', '.join(map(str, lacking))} without {epochs} epochs and a test result")
+    return missing

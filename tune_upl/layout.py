@@ -15,6 +15,7 @@ its trial id) holds Tune's `params.json`, `result.json` and `checkpoint_*/` fold
 """
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,6 +27,7 @@ RECORD_FILE = "record.json"
 COMPLETE_FILE = "COMPLETE"
 OPTUNA_FILE = "optuna.db"  # each TPE study's Optuna storage, in the experiment's local folder
 SELECTION_FILE = "selection.json"  # in each study's folder
+UNSELECTABLE_FILE = "unselectable.json"  # instead, in a study's folder where no trial reported the objective
 FINAL_SUFFIX = ".final"  # a grid's final stage of study `<key>` runs in `<key>.final`; a final run's folder in RUN_FOLDER
 RUN_FOLDER = "trials"  # the one Tune experiment of a TPE or random search: every study's trials and final runs
 GRID_STUDY = "grid"  # the one Tune experiment of a grid search
@@ -47,6 +49,19 @@ MIRRORS_FOLDER = "mirrors"  # under cache_dir: the driver's local mirror of the 
 PULLED_FOLDER = "pulled"  # under a mirror: experiments pulled for a report, apart from a running driver's files
 
 
+def search_command(*words: str, name: str, storage: str, reports_dir: Optional[str] = None,
+                   address: Optional[str] = None) -> str:
+    """`python run_search.py WORDS --name NAME --storage STORAGE [--reports-dir ...] [--address ...]`, every
+    value quoted for a POSIX shell, so that it can be pasted back whatever the folders are called. `storage`
+    and `reports_dir` are absolute (or a URI): the command works from any working directory."""
+    parts = ["python", "run_search.py", *words, "--name", name, "--storage", storage]
+    if reports_dir is not None:
+        parts += ["--reports-dir", reports_dir]
+    if address is not None:
+        parts += ["--address", address]
+    return shlex.join(parts)
+
+
 def driver_lock_name(name: str) -> str:
     """The lock file of experiment `name`'s driver, in the storage folder beside the experiment."""
     return f".{name}.driver.lock"
@@ -60,7 +75,7 @@ def study_key(point: dict[str, Any]) -> str:
 def driver_file(relative: str) -> bool:
     """What a resume needs of an experiment: the driver's files, not the trial folders Tune restores itself."""
     parts = relative.split("/")
-    return len(parts) == 1 or (len(parts) == 2 and parts[1] == SELECTION_FILE)
+    return len(parts) == 1 or (len(parts) == 2 and parts[1] in (SELECTION_FILE, UNSELECTABLE_FILE))
 
 
 def report_file(relative: str) -> bool:

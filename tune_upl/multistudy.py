@@ -40,10 +40,12 @@ import pandas as pd
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
+from tune_upl import signals
 from tune_upl.final import (
-    Selection, final_param_space, final_seeds, final_stage_line, save_selection, select_trials, selected_line,
+    Selection, final_param_space, final_seeds, final_stage_line, save_selection, save_unselectable, select_trials,
+    selected_line,
 )
-from tune_upl.layout import OPTUNA_FILE, SELECTION_FILE
+from tune_upl.layout import OPTUNA_FILE, SELECTION_FILE, UNSELECTABLE_FILE
 from tune_upl.planning import Study, baseline_point, max_epochs, study_of, suggest_config
 from tune_upl.spec import SearchSpec
 
@@ -161,6 +163,8 @@ class StudySearcher(Searcher):
         return True
 
     def suggest(self, trial_id: str) -> Optional[dict[str, Any]]:
+        if signals.stopping():  # the run is stopping: nothing starts, nothing is said after the signal
+            return None
         for line in self._notes:
             print(line, flush=True)
         self._notes.clear()
@@ -229,6 +233,8 @@ class StudySearcher(Searcher):
                 for trial in opened.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
                     if trial.number not in known:
                         opened.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        for study in self._studies:
+            self._select_when_done(study)
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__ | {"_optuna": {}, "_asked": {}, "_notes": []}
@@ -315,8 +321,14 @@ class StudySearcher(Searcher):
         try:
             selection = select_trials(self._spec, trials, key, {})
         except RuntimeError as nothing:
+            if signals.stopping():
+                return
             self._book.failed[key] = str(nothing)
+            save_unselectable(key, str(nothing), self._experiment / key)
+            self._push(f"{key}/{UNSELECTABLE_FILE}")
             self._notes.append(f"error: {nothing}")
+            return
+        if signals.stopping():  # the signal came while selecting: the resumed run selects (`restore`)
             return
         self._book.selections[key] = selection
         save_selection(selection, self._experiment / key)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import multiprocessing
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -91,13 +92,13 @@ def entry_dir(cfg: TrialConfig) -> Path:
 
 def prepare_command(cfg: TrialConfig) -> str:
     """The command that prepares what `cfg` reads (shown when it is missing)."""
-    parts = ["python run_search.py prepare", f"--data_name {cfg.data_name}"]
+    parts = ["python", "run_search.py", "prepare", "--data_name", cfg.data_name]
     if cfg.data_name == "synthetic":
-        parts.append(f"--dataset_seed {cfg.dataset_seed}")
+        parts += ["--dataset_seed", str(cfg.dataset_seed)]
     else:
-        parts.append(f"--data_path {cfg.data_path}")
-    parts += [f"--crop {cfg.crop}", f"--cache_size {cfg.cache_size}", f"--cache_dir {cfg.cache_dir}"]
-    return " ".join(parts)
+        parts += ["--data_path", str(cfg.data_path)]
+    parts += ["--crop", cfg.crop, "--cache_size", str(cfg.cache_size), "--cache_dir", str(cfg.cache_dir)]
+    return shlex.join(parts)  # quoted for the shell: paths may hold spaces
 
 
 def read_marker(entry: Path) -> Optional[dict[str, Any]]:

@@ -11,6 +11,7 @@ instead of failing it.
 from __future__ import annotations
 
 import math
+import shlex
 import statistics
 import sys
 import time
@@ -31,7 +32,7 @@ from tune_upl.ablation import (
 from tune_upl.loss_axes import AGGREGATIONS, ANCHORS, DEFAULT_CELL, PROXY_ANCHOR_CELL
 from tune_upl.importance import MEANINGFUL_TRIALS, MIN_TOP_TRIALS, TARGET_QUANTILE, Importance, importances
 from tune_upl.references import References, load_references
-from tune_upl.layout import COMPLETED, DIVERGED, ERRORED, OPEN_STATES, STATES, STOPPED_EARLY
+from tune_upl.layout import COMPLETED, DIVERGED, ERRORED, OPEN_STATES, STATES, STOPPED_EARLY, search_command
 from tune_upl.results import ExperimentData, FinalResult, load_experiment
 from tune_upl.storage import is_uri
 from tune_upl.errors import ExperimentError
@@ -106,14 +107,19 @@ def _tested(data: ExperimentData) -> dict[str, list[FinalResult]]:
     return by_data
 
 
-def benchmark_tables(data: ExperimentData, refs: References) -> list[str]:
+def resume_hint(data: ExperimentData, storage: Optional[str] = None) -> str:
+    """The command that continues the experiment: its storage is the URI it was pulled from, or its folder's."""
+    return search_command("search", "--resume", name=data.name, storage=storage or str(data.folder.parent))
+
+
+def benchmark_tables(data: ExperimentData, refs: References, storage: Optional[str] = None) -> list[str]:
     """The seed README's format: per dataset, rows backbone × loss (with the dimension), Recall@K on the
     test classes, the published number and our difference beside each; then MAP@R and R-precision."""
     lines: list[str] = []
     tested = _tested(data)
     if not tested:
         return ["No selection has been tested yet (the search or its final stage is still running, or was "
-                "interrupted: `python run_search.py search --resume --name " + data.name + "`).", ""]
+                f"interrupted: `{resume_hint(data, storage)}`).", ""]
     ks = tuple(data.finals[0].config["recalls"])
     for data_name, finals in sorted(tested.items()):
         selected = any(f.test_selected for f in finals)
@@ -558,8 +564,9 @@ def retrieval_section(data: ExperimentData, figures: Figures) -> list[str]:
         lines += [f"### {data_display(data_name)}: `{best.key}`", ""]
         if not link:
             if "why" in info:
-                lines += [f"*No picture: {info['why']} (`python run_search.py retrieve --name {data.name} --study "
-                          f"{best.key} --query_img_name IMAGE` embeds the test images once).*", ""]
+                command = shlex.join(["python", "run_search.py", "retrieve", "--name", data.name, "--study", best.key,
+                                      "--query_img_name", "IMAGE"])
+                lines += [f"*No picture: {info['why']} (`{command}` embeds the test images once).*", ""]
             continue
         db = info["db"]
         example = tail(db.paths[0])
@@ -567,8 +574,9 @@ def retrieval_section(data: ExperimentData, figures: Figures) -> list[str]:
                   f"*Each row: a query from the test classes (the first image of {RETRIEVAL_QUERIES} evenly "
                   f"spaced test classes) and its {RETRIEVAL_NUM} nearest test images by cosine similarity (under "
                   "each), framed green when of the query's class, red otherwise. Model: the "
-                  f"{db.source}. Any image: `python run_search.py retrieve --name {data.name} "
-                  f"--query_img_name {example} --retrieval_num {RETRIEVAL_NUM}`.*", ""]
+                  f"{db.source}. Any image: `" + shlex.join(["python", "run_search.py", "retrieve", "--name", data.name,
+                                                             "--query_img_name", example, "--retrieval_num",
+                                                             str(RETRIEVAL_NUM)]) + "`.*", ""]
     return lines
 
 
@@ -590,16 +598,15 @@ def _header(data: ExperimentData, storage: Optional[str] = None) -> list[str]:
     open_trials = sum(counts.get(s, 0) for s in OPEN_STATES)
     storage = storage or _shown_path(data.folder.parent)
     where = f"{storage}/{data.name}" if is_uri(storage) else _shown_path(data.folder)
-    option = "" if storage == "runs" else f" --storage {storage}"
     status = ("complete" if data.complete else
               f"unfinished: interrupted or still running ({open_trials} unfinished or pending "
               f"trial{'' if open_trials == 1 else 's'} in Tune's last saved state; continue with "
-              f"`python run_search.py search --resume --name {data.name}{option}`)")
+              f"`{resume_hint(data, storage if is_uri(storage) else None)}`)")
     return [
         f"# Search `{data.name}`",
         "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{where}`; regenerate with "
-        f"`python run_search.py report --name {data.name}{option}`.",
+        f"`{search_command('report', name=data.name, storage=storage if is_uri(storage) else str(data.folder.parent))}`.",
         "",
         f"- status: {status}",
         f"- searcher: {spec['searcher']['type']} (seed {spec['searcher']['seed']}), scheduler: "
@@ -623,6 +630,15 @@ def damaged_note(data: ExperimentData) -> list[str]:
             *[f"- `{line}`" for line in data.damaged], ""]
 
 
+def unselectable_note(data: ExperimentData) -> list[str]:
+    """Studies where no trial reported the objective: the search is done with them, and says why here."""
+    if not data.unselectable:
+        return []
+    return ["## Studies without a selection", "",
+            *[f"- `{key}`: {reason} (the trials' errors are in the trial table)" for key, reason in
+              data.unselectable.items()], ""]
+
+
 def render(data: ExperimentData, folder: Path, storage: Optional[str] = None) -> str:
     """The markdown; figures go into `folder` (linked by its name, beside the markdown file). `storage`: the
     URI the experiment was pulled from, if it was."""
@@ -634,8 +650,8 @@ def render(data: ExperimentData, folder: Path, storage: Optional[str] = None) ->
 
     groups = {k: {loss: _values(f, "test_recall@1") for loss, f in v.items()} for k, v in loss_groups(data).items()}
     loss_figure = figures.draw("loss_comparison.png", lambda p: draw.loss_comparison(groups, p, "test R@1"))
-    lines = _header(data, storage) + damaged_note(data)
-    lines += ["## Benchmark (test classes)", "", *benchmark_tables(data, refs)]
+    lines = _header(data, storage) + damaged_note(data) + unselectable_note(data)
+    lines += ["## Benchmark (test classes)", "", *benchmark_tables(data, refs, storage)]
     lines += ["## Loss comparison", "", *loss_comparison(data, loss_figure)]
     ablation = ablation_section(data, refs)
     if ablation:

@@ -33,7 +33,9 @@ from tune_upl.layout import (
     SPEC_FILE,
     TUNE_STATE_PATTERN,
     UNFINISHED,
+    UNSELECTABLE_FILE,
     error_line,
+    search_command,
     study_key,
     trial_state,
 )
@@ -51,6 +53,7 @@ class SavedSpec(BaseModel):
     spec: dict[str, Any]
     overrides: dict[str, Any]
     paths: dict[str, Any] = {}
+    location: Optional[str] = None  # where the folder was made (Tune's state names it); None: recorded before
 
 
 @dataclass(frozen=True)
@@ -105,14 +108,14 @@ def read_saved(path: Path, model: type, fix: str) -> dict[str, Any]:
 
 
 def _command(experiment: Path, *options: str) -> str:
-    return " ".join(["python run_search.py", *options, "--name", experiment.name, "--storage", str(experiment.parent)])
+    return search_command(*options, name=experiment.name, storage=str(experiment.parent))
 
 
 def read_saved_spec(experiment: Path) -> dict[str, Any]:
     """The experiment's `search_spec.json`, its spec validated as a spec file is."""
     path = experiment / SPEC_FILE
     fix = (f"it cannot be rebuilt from the folder: restore it from a copy, or start again with "
-           f"`{_command(experiment, 'search --space SPEC')} --overwrite` (the old folder is kept)")
+           f"`{_command(experiment, 'search', '--space', 'SPEC')} --overwrite` (the old folder is kept)")
     saved = read_saved(path, SavedSpec, fix)
     parse_spec(saved["spec"], str(path))
     return saved
@@ -130,7 +133,7 @@ def read_record(experiment: Path) -> dict[str, Any]:
 def read_selection(path: Path) -> dict[str, Any]:
     """One study's `selection.json`."""
     experiment = path.parent.parent
-    fix = (f"delete it (and {COMPLETE_FILE}, if there), then `{_command(experiment, 'search --resume')}` selects the "
+    fix = (f"delete it (and {COMPLETE_FILE}, if there), then `{_command(experiment, 'search', '--resume')}` selects the "
            "study again from its trials")
     return read_saved(path, Selection, fix)
 
@@ -166,6 +169,7 @@ class ExperimentData:
     final_trials: pd.DataFrame  # one row per final-stage run: study, trial, seed, state, hours, test_*
     finals: list[FinalResult] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)  # result files with rows that could not be read, and how many
+    unselectable: dict[str, str] = field(default_factory=dict)  # study -> why nothing could be selected
 
     @property
     def name(self) -> str:
@@ -426,6 +430,8 @@ def load_experiment(experiment: Path) -> ExperimentData:
             runs = [r for r in map(_clean, mine.sort_values("seed").to_dict("records") if len(mine) else [])
                     if any(k.startswith("test_") for k in r)]  # a run tested after its last epoch
         finals.append(FinalResult(selection["key"], selection, runs))
+    unselectable = {p.parent.name: json.loads(p.read_text()).get("reason", "") for p in
+                    sorted(experiment.glob(f"*/{UNSELECTABLE_FILE}"))}
     return ExperimentData(experiment, spec, overrides, record, (experiment / COMPLETE_FILE).is_file(),
-                          trials, epochs, final_trials, finals, damaged)
+                          trials, epochs, final_trials, finals, damaged, unselectable)
 

@@ -7,11 +7,12 @@ Ray is the distributed engine: this module only configures it. What to run is `t
 from __future__ import annotations
 
 import collections
+import fnmatch
 import logging
 import math
 import os
 import signal
-import threading
+import socket
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -21,12 +22,14 @@ from ray import tune
 from tune_upl.config import FIELD_DEFAULTS
 from tune_upl.final import Selection, final_param_space, final_seeds
 from tune_upl.layout import (
-    COMPLETED, ERROR_KEY, ERRORED, FINAL_SUFFIX, RUN_FOLDER, SELECTION_FILE, STOPPED_EARLY, error_line, trial_state,
+    COMPLETED, ERROR_KEY, ERRORED, FINAL_SUFFIX, OPTUNA_FILE, RUN_FOLDER, SELECTION_FILE, STOPPED_EARLY,
+    TUNE_STATE_PATTERN, error_line, trial_state,
 )
 from tune_upl.multistudy import Session, StudyRouter, StudySearcher, make_scheduler, resuming
 from tune_upl.planning import Study, grid_points, study_of
 from tune_upl.spec import SearchSpec
-from tune_upl.errors import SpecError, Terminated
+from tune_upl import signals
+from tune_upl.errors import SpecError, first_line
 
 
 def check_resources(spec: SearchSpec, autoscaling: bool = False, allow_cpu: bool = False,
@@ -148,7 +151,7 @@ def _run_config(spec: SearchSpec, name: str, storage: str, verbose: bool, callba
         name=name,
         storage_path=storage,
         verbose=2 if verbose else 0,
-        callbacks=callbacks,
+        callbacks=[*callbacks, StopOnSignal()],
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         checkpoint_config=checkpoints,
     )
@@ -161,37 +164,23 @@ def _trainable(spec: SearchSpec, function: Optional[Callable[[dict[str, Any]], N
     return tune.with_resources(function or train_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
-class Interrupted(KeyboardInterrupt):
-    """Tune stopped before every trial ended (SIGINT, SIGUSR1): its state is saved, so resume it."""
+class StopOnSignal(tune.Callback):
+    """Ends the run at the step after a stop signal (`tune_upl.signals`), as Tune's SIGUSR1 handler does:
+    Tune saves the experiment and returns. The handler is Tune's own, installed for the length of its run
+    (and SIGINT's is off, `TUNE_DISABLE_SIGINT_HANDLER`, so that the driver's handler records the signal)."""
 
+    def __init__(self) -> None:
+        self.asked = False
 
-SIGTERM_SEEN = threading.Event()  # set by `_on_sigterm`: the interruption was a SIGTERM (exit 143)
-_replaced: list[Any] = []  # the SIGTERM handler `handle_sigterm` replaced, until `restore_sigterm`
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if signals.stopping() and not self.asked:
+            self.asked = True
+            handler = signal.getsignal(signal.SIGUSR1)
+            if callable(handler):
+                handler(signal.SIGUSR1, None)
 
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    """SIGTERM (Kubernetes, `scancel`) as SIGINT: inside a Tune run, Tune's own SIGINT handler saves the
-    experiment and returns early; elsewhere the driver stops at once, as on Ctrl-C."""
-    SIGTERM_SEEN.set()
-    handler = signal.getsignal(signal.SIGINT)
-    if callable(handler) and handler is not signal.default_int_handler:
-        handler(signal.SIGINT, frame)
-    else:
-        raise Terminated("SIGTERM")
-
-
-def handle_sigterm() -> None:
-    """Install `_on_sigterm` in the driver's main thread for the run. Called after `ray.init`, whose core
-    worker installs a C++ handler that dumps a stack and aborts (exit 134) on SIGTERM."""
-    if threading.current_thread() is threading.main_thread() and not _replaced:
-        SIGTERM_SEEN.clear()
-        _replaced.append(signal.signal(signal.SIGTERM, _on_sigterm))
-
-
-def restore_sigterm() -> None:
-    """Put back the SIGTERM handler `handle_sigterm` replaced (a program that embeds the search keeps its own)."""
-    if _replaced and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _replaced.pop())
+    def __getstate__(self) -> dict[str, Any]:
+        return {"asked": False}  # a restored run has not been asked
 
 
 def _fit(spec: SearchSpec, folder: str, new_tuner: Any, expected: int | Callable[[], int],
@@ -200,18 +189,44 @@ def _fit(spec: SearchSpec, folder: str, new_tuner: Any, expected: int | Callable
     `rerun_errored`, errored trials resumed from their last checkpoint), else start `new_tuner()`. A
     restored ASHA starts with empty rungs (Ray pickles the scheduler as it was when the search began).
 
-    Raises `Interrupted` when Tune returns early (fewer trials than `expected`, known once the run ends, or
-    some not ended), so nothing is selected from a partial search."""
-    if tune.Tuner.can_restore(folder):
-        results = tune.Tuner.restore(folder, _trainable(spec, function), resume_errored=rerun_errored).fit()
-    else:
-        results = new_tuner().fit()
+    Raises `signals.stop_error` when a stop signal came (Tune saved the experiment, or, when the signal took
+    Ray down too, what it saved last), so nothing is selected or started after it; `Interrupted` when Tune
+    returned with fewer trials than `expected` (known once the run ends). Whether the whole search is done
+    is decided from the experiment folder, not from these counts (`tune_upl.experiment`)."""
+    signals.set_run(True)
+    try:
+        if restorable(folder):
+            results = tune.Tuner.restore(folder, _trainable(spec, function), resume_errored=rerun_errored).fit()
+        else:
+            results = new_tuner().fit()
+    except Exception as error:
+        if signals.stopping():
+            raise signals.stop_error(ray_gone() or f"Tune stopped: {first_line(error)}") from error
+        raise
+    finally:
+        signals.set_run(False)
+    if signals.stopping():
+        raise signals.stop_error(f"Tune saved {folder.rsplit('/', 1)[-1]}")
     expected = expected() if callable(expected) else expected
-    ended = results.num_terminated + results.num_errors
-    if len(results) < expected or ended < len(results):
-        stop = Terminated if SIGTERM_SEEN.is_set() else Interrupted
-        raise stop(f"{folder.rsplit('/', 1)[-1]}: {ended} of {expected} trials ended before Tune stopped")
+    if len(results) < expected:
+        raise signals.Interrupted(f"{folder.rsplit('/', 1)[-1]}: {len(results)} of {expected} trials before Tune stopped")
     return results
+
+
+def restorable(folder: str) -> bool:
+    """Whether Tune saved the run in `folder` (a path or a URI): its `experiment_state-*.json`. A run stopped
+    before Tune's first save (Ray taken down by the same signal) leaves only `tuner.pkl`, which Tune would
+    "restore" into a run without its trials: that folder starts again instead."""
+    import pyarrow.fs as pafs
+
+    if not tune.Tuner.can_restore(folder):
+        return False
+    try:
+        fs, path = pafs.FileSystem.from_uri(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
+        found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except (OSError, ValueError):
+        return False
+    return any(fnmatch.fnmatch(info.base_name, TUNE_STATE_PATTERN) for info in found)
 
 
 def logger_callbacks(names: tuple[str, ...], experiment_name: str) -> list[tune.Callback]:
@@ -275,12 +290,19 @@ def _best_kept(spec: SearchSpec) -> tune.CheckpointConfig:
                                  checkpoint_score_order=spec.objective.mode)
 
 
+def per_study(spec: SearchSpec) -> int:
+    """A study's trials at once: its `max_concurrent`, or fewer when it never has that many to run (its
+    search trials, then its final runs)."""
+    finals = 0 if spec.protocol == "seed" else spec.final_seeds
+    return min(spec.max_concurrent, max(spec.num_samples, finals))
+
+
 def trials_at_once(spec: SearchSpec, studies: int, cluster: Optional[dict[str, float]] = None) -> int:
     """How many trials of all studies run at once: `max_concurrent_total`, else what the cluster holds at the
     per-trial request (`cluster`: `ray.cluster_resources()`; None: not known, as for a growing cluster),
     and never more than every study's `max_concurrent` together. A number, never "unlimited": it also
     bounds how far ahead of their results the samplers propose."""
-    wanted = spec.max_concurrent * studies
+    wanted = per_study(spec) * studies
     if spec.max_concurrent_total is not None:
         return min(wanted, spec.max_concurrent_total)
     if cluster is None:
@@ -289,6 +311,16 @@ def trials_at_once(spec: SearchSpec, studies: int, cluster: Optional[dict[str, f
     if spec.resources.gpu > 0:
         fits.append(cluster.get("GPU", 0.0) / spec.resources.gpu)
     return max(1, min(wanted, math.floor(min(fits) + 1e-9)))
+
+
+def _discard(folder: str) -> None:
+    """Remove what a run Tune never saved left in `folder` (`tuner.pkl`, trial folders), so that the new run
+    and the report see only the new run's trials."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
 
 
 def run_studies(spec: SearchSpec, studies: list[Study], storage: Path, verbose: bool, at_once: int,
@@ -301,6 +333,10 @@ def run_studies(spec: SearchSpec, studies: list[Study], storage: Path, verbose: 
     copies one of its files to remote storage); Tune's folders go under `tune_root` (a URI) when given.
     `function` replaces the trial function (the cluster benchmark replays recorded curves)."""
     root = tune_root or str(storage)
+    folder = f"{root}/{RUN_FOLDER}"
+    if not restorable(folder):  # a run Tune never saved starts again: its asked trials would be told twice
+        (storage / OPTUNA_FILE).unlink(missing_ok=True)
+        _discard(folder)
     finals = 0 if spec.protocol == "seed" else spec.final_seeds
     total = len(studies) * (spec.num_samples + finals)
     names = list(dict.fromkeys(name for study in studies for name in study.space))
@@ -330,7 +366,7 @@ def run_studies(spec: SearchSpec, studies: list[Study], storage: Path, verbose: 
 
     # errored trials are not rerun: their studies counted them as failed, and may have selected since
     with resuming(Session(storage, publish, at_once)):
-        return _fit(spec, f"{root}/{RUN_FOLDER}", new_tuner, expected, function, rerun_errored=False)
+        return _fit(spec, folder, new_tuner, expected, function, rerun_errored=False)
 
 
 def run_final(spec: SearchSpec, selection: Selection, storage: Path, verbose: bool,
@@ -390,15 +426,52 @@ def quiet_ray(verbose: bool) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
-def init_ray(address: Optional[str], verbose: bool) -> None:
-    """Start or join Ray, then take over SIGTERM for the run (`restore_sigterm` gives it back)."""
+def init_ray(address: Optional[str], verbose: bool) -> str:
+    """Start this driver's own local Ray, or join the cluster at `address` (or $RAY_ADDRESS; `auto`: the one
+    `ray start` left on this machine). Without either, a cluster found on the machine is never joined: it
+    may be someone else's, and stopped under the search. Then the driver's signal handlers go back in
+    place (`ray.init`'s core worker replaces SIGTERM's). Returns a line saying which Ray, and where."""
     quiet_ray(verbose)
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # the driver's own handler records SIGINT (`StopOnSignal`)
     if not ray.is_initialized():
-        _start_ray(address, verbose)
-    handle_sigterm()
+        _start_ray(address or os.environ.get("RAY_ADDRESS") or "local", verbose)
+    signals.reinstall()
+    signals.set_ray_probe(ray_gone)
+    return ray_line()
 
 
-def _start_ray(address: Optional[str], verbose: bool) -> None:
+def ray_session() -> dict[str, str]:
+    """The Ray this driver is connected to: its session folder and its GCS address (for the record)."""
+    context = ray.get_runtime_context()
+    return {"session": os.path.join(context.get_temp_dir(), context.get_session_name()),
+            "address": context.gcs_address}
+
+
+def ray_line() -> str:
+    """Which Ray the search runs on: its session folder, its address and its size."""
+    where = ray_session()
+    resources = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return (f"Ray: session {where['session']} at {where['address']}, {nodes} node{'' if nodes == 1 else 's'}, "
+            f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
+
+
+def ray_gone() -> Optional[str]:
+    """Why Ray cannot be reached (its GCS takes no connection), or None while it can: a SIGTERM to the
+    driver's process group reaches Ray's own processes too (they are the driver's children)."""
+    if not ray.is_initialized():
+        return None
+    address = "its address"
+    try:
+        address = ray.get_runtime_context().gcs_address
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=2):
+            return None
+    except Exception as error:  # refused, reset, timed out, or the context itself gone
+        return f"Ray's own processes were stopped too (no GCS at {address}: {error.__class__.__name__})"
+
+
+def _start_ray(address: str, verbose: bool) -> None:
     ray.init(
         address=address,
         include_dashboard=False,

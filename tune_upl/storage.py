@@ -151,3 +151,25 @@ def prune_checkpoints(study: str, keep: Callable[[str, dict[str, Any]], bool]) -
             fs.delete_dir(path)
             deleted += 1
     return deleted
+
+
+def writable_folder(path: Path, option: str) -> Path:
+    """An unusable `option` folder (a file, a read-only or unwritable folder) is one message before anything
+    is written; a missing folder is made later, so its nearest existing parent must take it. Probed by
+    writing a temporary file (permissions alone do not tell a read-only file system, nor root's rights).
+    Returns that nearest existing folder."""
+    import tempfile
+
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise StorageError(f"{option} {path}: {existing} is a file, not a folder; allowed: a folder (made if "
+                           "missing) whose parents are folders" + (", or a URI" if option == "--storage" else ""))
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise StorageError(f"{option} {path}: cannot write in {existing} ({error.strerror}); allowed: a folder "
+                           "this user can write to" + (", or a URI" if option == "--storage" else "")) from None
+    return existing
