@@ -75,7 +75,7 @@ def record_grid(out: Path) -> Any:
         studies = plan_studies(spec, {})
         prepare_data(studies)
         frames = []
-        for result in run_grid(spec, studies[0], Path(tmp) / "runs", verbose=False):
+        for result in run_grid(spec, studies, Path(tmp) / "runs", verbose=False):
             if result.error is not None:
                 raise RuntimeError(f"a grid trial failed: {result.error}")
             frame = result.metrics_dataframe

@@ -72,22 +72,26 @@ def test_final_runs_start_once_a_study_ended_and_the_searcher_then_finishes(tmp_
     assert searcher.suggest("t2") is None  # each study at its limit
     good = next(t for t, c in first.items() if c["scale"] == 8.0)
     searcher.on_trial_result(good, {"val_recall@1": 0.7, "training_iteration": 1})
-    searcher.on_trial_complete(good, {"val_recall@1": 0.6, "training_iteration": 2})
+    searcher.on_trial_complete(good, {"val_recall@1": 0.6, "training_iteration": 3})  # all its epochs
     second = searcher.suggest("t3")
     assert second["scale"] == 8.0 and not second["final"]
     assert searcher.suggest("t4") is None  # scale=8.0 at its limit, scale=64.0 still running its first
-    searcher.on_trial_complete("t3", {"val_recall@1": 0.65, "training_iteration": 2})
+    searcher.on_trial_result("t3", {"val_recall@1": 0.65, "training_iteration": 1})
+    searcher.on_trial_complete("t3", {"val_recall@1": 0.65, "training_iteration": 1})  # stopped by ASHA
     selection = json.loads((tmp_path / "scale=8.0" / "selection.json").read_text())
     assert selection["trial_id"] == good and selection["epoch"] == 1 and selection["objective"] == {"val_recall@1": 0.7}
     assert "selected" not in capsys.readouterr().out  # said at the next suggest, after that trial's own line
-    assert pushed == ["optuna.db", "scale=8.0/selection.json", "optuna.db"]  # the database with each ended trial
-    curve = optuna.load_study(study_name="scale=8.0", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials[0]
-    assert curve.intermediate_values == {1: 0.7} and curve.value == 0.6  # its curve, and its last objective
+    # the database with each asked trial (before Tune can save it) and each ended one
+    assert pushed == ["optuna.db"] * 4 + ["scale=8.0/selection.json", "optuna.db"]
+    curve, stopped = optuna.load_study(study_name="scale=8.0", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
+    assert curve.intermediate_values == {1: 0.7, 3: 0.6} and curve.value == 0.6  # its curve, and its last objective
+    assert curve.state.name == "COMPLETE" and stopped.state.name == "PRUNED" and stopped.value == 0.65
     final = searcher.suggest("t5")  # the study's final run, before the other study has ended
     assert f"selected trial {good} of scale=8.0 (epoch 1, val_recall@1 0.7000)" in capsys.readouterr().out
     assert final["final"] is True and final["seed"] == first[good]["seed"] + 1
     assert {k: v for k, v in final.items() if k not in ("final", "seed")} == {
-        k: v for k, v in first[good].items() if k not in ("final", "seed")}
+        k: v for k, v in first[good].items() if k not in ("final", "seed", "optuna_trial")}
+    assert final["study"] == first[good]["study"] == "scale=8.0" and first[good]["optuna_trial"] == 0
     assert searcher.suggest("t6") is None  # scale=8.0 runs a final run: at its limit
     searcher.on_trial_complete("t5", {"test_recall@1": 0.5, "training_iteration": 4})
     assert searcher.suggest("t7")["seed"] == first[good]["seed"] + 2
@@ -99,7 +103,7 @@ def test_final_runs_start_once_a_study_ended_and_the_searcher_then_finishes(tmp_
     searcher.on_trial_complete("t9", None)  # ended without a score
     assert not (tmp_path / "scale=64.0" / "selection.json").exists()  # nothing reported the objective
     assert searcher.suggest("t10") == Searcher.FINISHED  # no selection, so no final runs: nothing left
-    assert "error: no trial of study scale=64.0 reported val_recall@1" in capsys.readouterr().out
+    assert "error: study scale=64.0: all 2 of its trials failed, so nothing could be selected" in capsys.readouterr().out
     studies_db = {s.study_name: s for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'optuna.db'}")}
     assert studies_db["scale=8.0"].n_trials == 2 and studies_db["scale=64.0"].n_trials == 2
     poor_study = optuna.load_study(study_name="scale=64.0", storage=f"sqlite:///{tmp_path / 'optuna.db'}")

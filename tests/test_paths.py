@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from tune_upl.cli import build_parser, main, search_spec
+from tune_upl.errors import SpecError
 from tune_upl.experiment import Options, open_experiment
 from tune_upl.planning import plan_studies
 
@@ -41,14 +42,16 @@ def test_each_study_reads_its_own_data_path_unless_the_command_line_gives_one(he
     work, home = here
     spec = write_spec(work, ["/data/a", "b"])
     cache = str(work / "cache")  # $TUNE_UPL_CACHE, relative to the working directory
-    assert planned("--space", str(spec)) == [("data_path=/data/a", "/data/a", cache),
+    assert planned("--space", str(spec)) == [("data_path=%2Fdata%2Fa", "/data/a", cache),
                                              ("data_path=b", str(work / "b"), cache)]
-    assert planned("--space", str(spec), "--data_path", "~/c", "--cache_dir", "/x") == [
-        ("data_path=/data/a", str(home / "c"), "/x"), ("data_path=b", str(home / "c"), "/x")]
+    assert planned("--space", str(spec), "--cache_dir", "/x") == [
+        ("data_path=%2Fdata%2Fa", "/data/a", "/x"), ("data_path=b", str(work / "b"), "/x")]
+    with pytest.raises(SpecError, match="data_path is listed under studies"):
+        planned("--space", str(spec), "--data_path", "~/c")  # both studies would read one folder
     assert main(["search", "--space", str(spec), "--dry-run"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  study ")]
     assert len(lines) == 2
-    assert "study data_path=/data/a:" in lines[0] and f"data /data/a, cache {cache}," in lines[0]
+    assert "study data_path=%2Fdata%2Fa:" in lines[0] and f"data /data/a, cache {cache}," in lines[0]
     assert "study data_path=b:" in lines[1] and f"data {work / 'b'}, cache {cache}," in lines[1]
 
 

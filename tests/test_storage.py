@@ -3,6 +3,7 @@ driver's files are pushed as they are written, Tune writes its folders there, an
 cache_dir, so another mirror) reports on it or is refused where moving folders would mean copying them."""
 import json
 import os
+import sys
 
 import pytest
 from experiments import cli
@@ -118,3 +119,68 @@ def test_a_search_on_s3_completes_and_reports_from_another_machine(s3, tmp_path,
     assert again.returncode == 0 and "is complete already" in again.stdout
     overwrite = cli("--space", str(spec), "--storage", uri, "--cache_dir", str(elsewhere), "--overwrite")
     assert overwrite.returncode == 2 and "choose another --name" in overwrite.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_two_study_search_killed_on_s3_resumes_from_an_empty_folder_with_optuna_and_tune_agreeing(
+        s3, tmp_path, cache_dir, synthetic_root):
+    """SIGKILL of the driver's session once trials have been told, then `--resume` from another machine (an
+    empty mirror): the search finishes, and every Optuna trial was told about the Tune trial of its number."""
+    import shutil
+
+    import optuna
+    import pyarrow.fs as pafs
+    from experiments import kill_when, result_rows, saved_trials
+
+    from tune_upl.layout import OPTUNA_NUMBER_KEY, STUDY_KEY
+
+    spec = write_spec(tmp_path, name="killed", num_samples=3, studies={"lr": [1.0e-3, 3.0e-3]},
+                      space={"feature_dim": {"choice": [16, 32, 64]}},
+                      fixed={**{k: v for k, v in MINI["fixed"].items() if k != "feature_dim"}, "num_epochs": 2,
+                             "checkpoint_every": 1}, final_seeds=1)
+    uri = f"s3://{BUCKET}/killed"
+
+    state = tmp_path / "state"
+
+    def saved_on_s3() -> dict:
+        """Tune's newest saved experiment state in the bucket (what a resume restores)."""
+        fs, path = pafs.FileSystem.from_uri(f"{uri}/killed/trials")
+        found = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                       if i.base_name.startswith("experiment_state-"))
+        shutil.rmtree(state, ignore_errors=True)
+        state.mkdir()
+        if found:
+            with fs.open_input_stream(found[-1]) as source:
+                (state / found[-1].rsplit("/", 1)[1]).write_bytes(source.read())
+        return saved_trials(state)
+
+    def ready() -> bool:
+        """A trial has ended (told, and `optuna.db` pushed then), and Tune's state in the bucket holds a trial
+        that has reported an epoch and not ended since: one asked after that push, or running beside it."""
+        saved = [v for v in saved_on_s3().values() if not v[2]]
+        return (sum(status == "TERMINATED" for status, _, _ in saved) >= 1 and
+                sum(epochs >= 1 for _, epochs, _ in saved) >= 3 and
+                any(status != "TERMINATED" and epochs >= 1 for status, epochs, _ in saved))
+
+    kill_when([sys.executable, "run_search.py", "--space", str(spec), "--storage", uri, "--cache_dir", cache_dir,
+               "--reports_dir", str(tmp_path / "reports")], ready)
+    elsewhere = tmp_path / "elsewhere"
+    out = cli("search", "--resume", "--name", "killed", "--storage", uri, "--cache_dir", str(elsewhere),
+              "--reports_dir", str(elsewhere / "reports"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    pulled = elsewhere / "check"
+    assert Remote(uri).pull("killed", pulled) > 0
+    storage = f"sqlite:///{pulled / 'optuna.db'}"
+    tune_trials = [(json.loads((p.parent / "params.json").read_text()), result_rows(p))
+                   for p in (pulled / "trials").glob("*/result.json") if not p.parent.name.endswith(".final")]
+    assert len(tune_trials) == 6  # every search trial once
+    numbers = {}
+    for config, rows in tune_trials:
+        key, number = config[STUDY_KEY], config[OPTUNA_NUMBER_KEY]
+        assert (key, number) not in numbers  # no Optuna number handed to two Tune trials
+        numbers[(key, number)] = config
+        trial = optuna.load_study(study_name=key, storage=storage).trials[number]
+        assert trial.params == {"feature_dim": config["feature_dim"]}, (trial, config)
+        assert trial.state.name == "COMPLETE" and trial.value == pytest.approx(rows[-1]["val_recall@1"])
+        assert trial.intermediate_values == pytest.approx({r["training_iteration"]: r["val_recall@1"] for r in rows})

@@ -241,8 +241,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     unselectable = load_experiment(experiment).unselectable
     if unselectable:
         print(f"error: search {spec.name} ended without a selection in stud{'y' if len(unselectable) == 1 else 'ies'} "
-              f"{', '.join(unselectable)} (no trial reported {spec.objective.metric}); the trials' errors are in the "
-              f"report: {report}", file=sys.stderr)
+              f"{', '.join(unselectable)} ({'; '.join(unselectable.values())}); the other studies are done, and the "
+              f"report names why: {report}", file=sys.stderr)
         return 1
     print(f"search {spec.name} done in {time.perf_counter() - start:.0f} s; report: {report}")
     return 0

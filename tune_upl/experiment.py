@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import json
 import platform
 import shutil
 import sqlite3
@@ -35,18 +36,19 @@ from tune_upl.layout import (
     COMPLETE_FILE,
     GRID_STUDY,
     OPTUNA_FILE,
+    PARAMS_FILE,
     RECORD_FILE,
     RUN_FOLDER,
     SELECTION_FILE,
     PULLED_FOLDER,
     SPEC_FILE,
+    STUDY_KEY,
     TUNE_STATE_PATTERN,
     UNSELECTABLE_FILE,
     driver_file,
     driver_lock_name,
     report_file,
     search_command,
-    study_key,
 )
 from tune_upl.results import read_saved_spec
 from tune_upl.planning import (
@@ -103,8 +105,7 @@ def describe(spec: SearchSpec, studies: list[Study]) -> str:
     lines = [f"experiment {spec.name}: {spec.searcher.type} + {spec.scheduler.type}, objective "
              f"{spec.objective.metric} ({spec.objective.mode}), protocol {spec.protocol}, {at_once}"]
     if spec.searcher.type == "grid":
-        grid = Study(GRID_STUDY, {}, studies[0].base, studies[0].space)
-        lines.append(f"  grid: {len(grid_points(spec, grid)) * spec.num_samples} trials")
+        lines.append(f"  grid: {sum(len(grid_points(study)) for study in studies) * spec.num_samples} trials")
     for study in studies:
         epochs = study.base.get("num_epochs", "searched")
         trials = "" if spec.searcher.type == "grid" else f"{spec.num_samples} trials, "
@@ -352,18 +353,16 @@ def _run_grid(spec: SearchSpec, studies: list[Study], experiment: Path, options:
     every selection is saved the grid is done: a resume does not restore it (its errored trials would be
     resumed from checkpoints that pruning deleted)."""
     root = _tune_root(options, experiment)
-    points = spec.study_points()
-    picked = [load_selection(experiment / study_key(point)) for point in points]
+    picked = [load_selection(experiment / study.key) for study in studies]
     if not all(picked):
-        grid = Study(GRID_STUDY, {}, studies[0].base, studies[0].space)
-        results = run_grid(spec, grid, experiment, options.verbose, callbacks, tune_root=root)
+        results = run_grid(spec, studies, experiment, options.verbose, callbacks, tune_root=root)
         picked = []
-        for point in points:  # every study's selection is saved before any is pruned
+        for study in studies:  # every study's selection is saved before any is pruned
             try:
-                picked.append(select(spec, results, study_key(point), point))
+                picked.append(select(spec, results, study.key, study.point))
             except RuntimeError as nothing:
-                save_unselectable(study_key(point), str(nothing), experiment / study_key(point))
-                _publish(options, experiment, f"{study_key(point)}/{UNSELECTABLE_FILE}")
+                save_unselectable(study.key, str(nothing), experiment / study.key)
+                _publish(options, experiment, f"{study.key}/{UNSELECTABLE_FILE}")
                 print(f"error: {nothing}", flush=True)
                 continue
             _save(options, experiment, picked[-1])
@@ -412,6 +411,20 @@ def refuse_old_layout(spec: SearchSpec, experiment: Path, remote: Optional[Remot
             "which this version cannot continue; `report` still reads it; start it again with --overwrite "
             "(the old folder is kept) or under another --name"
         )
+    unnamed = [p.parent.name for p in sorted((experiment / RUN_FOLDER).glob(f"*/{PARAMS_FILE}")) if not _names_study(p)]
+    if unnamed:  # the run's scheduler routes each trial by the study it names
+        raise ExperimentError(
+            f"--resume: experiment {spec.name} was written by an older tune_upl, whose trials do not name their "
+            f"study (trial {unnamed[0]}), which this version cannot continue; `report` still reads it; start it "
+            "again with --overwrite (the old folder is kept) or under another --name")
+
+
+def _names_study(params: Path) -> bool:
+    """Whether a trial's `params.json` names its study (a damaged one is Tune's to restore: not judged here)."""
+    try:
+        return STUDY_KEY in json.loads(params.read_text(errors="replace"))
+    except ValueError:
+        return True
 
 
 def readable(options: Options, name: str) -> Path:

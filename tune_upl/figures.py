@@ -92,7 +92,8 @@ def epoch_curves(data: ExperimentData, path: Path, metric: str, top: int = 5) ->
             axis.plot(frame["training_iteration"], frame[metric], marker="o", ms=3, label=label)
         axis.set(xlabel="epoch", ylabel=metric, title=f"top {len(best)} trials of {study}")
         axis.xaxis.get_major_locator().set_params(integer=True)
-        axis.legend(fontsize=7)
+        if len(best):  # a study whose every trial failed has no curve to name
+            axis.legend(fontsize=7)
     return _save(figure, path)
 
 

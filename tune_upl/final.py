@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import pandas as pd
 
 from tune_upl.atomic import write_json
-from tune_upl.layout import FINAL_SUFFIX, SELECTION_FILE, UNSELECTABLE_FILE
+from tune_upl.layout import FINAL_SUFFIX, SELECTION_FILE, STUDY_KEY, UNSELECTABLE_FILE, faulted, trial_fields
 from tune_upl.results import Selection, last_per_epoch, read_selection  # Selection: the schema of selection.json
 from tune_upl.spec import SearchSpec
 
@@ -27,20 +27,29 @@ if TYPE_CHECKING:  # a Tune result grid is only passed in: selecting needs no Ra
 
 
 def select(spec: SearchSpec, results: tune.ResultGrid, key: str, group: dict[str, Any]) -> Selection:
-    """The trial with the best objective over its epochs among those of a Tune result grid matching `group`."""
-    trials = [(r.config, r.metrics_dataframe) for r in results
-              if r.metrics_dataframe is not None and all(r.config.get(k) == v for k, v in group.items())]
-    return select_trials(spec, trials, key, group, where=str(results.experiment_path))
+    """The trial with the best objective over its epochs among the trials of study `key` in a Tune result
+    grid that did not error."""
+    mine = [r for r in results if r.config.get(STUDY_KEY) == key]
+    trials = [(trial_fields(r.config), r.metrics_dataframe) for r in mine
+              if r.error is None and r.metrics_dataframe is not None]
+    return select_trials(spec, trials, key, group, where=str(results.experiment_path), failed=len(mine) - len(trials))
 
 
 def select_trials(spec: SearchSpec, trials: list[tuple[dict[str, Any], pd.DataFrame]], key: str,
-                  group: dict[str, Any], where: str = "the trial folders") -> Selection:
-    """The trial with the best objective over its epochs: `trials` are (config, its results, a row per
-    reported epoch with `trial_id` and `training_iteration`)."""
+                  group: dict[str, Any], where: str = "the trial folders", failed: int = 0) -> Selection:
+    """The trial with the best objective over its epochs among those that did not fail: `trials` are
+    (config, its results, a row per reported epoch with `trial_id` and `training_iteration`); a trial whose
+    last result names a fault (diverged, out of memory, no GPU...) has only the worst score, and is left out
+    like the `failed` trials the caller left out (errored)."""
     metric, mode = spec.objective.metric, spec.objective.mode
-    candidates = [(config, last_per_epoch(frame)) for config, frame in trials if metric in frame]  # retried epochs: the last row
+    good = [(config, last_per_epoch(frame)) for config, frame in trials if not _faulted(frame)]
+    candidates = [(config, frame) for config, frame in good if metric in frame]  # retried epochs: the last row
     if not candidates:
-        raise RuntimeError(f"no trial of study {key} reported {metric}; see the trial errors under {where}")
+        total = failed + len(trials)
+        faults = failed + len(trials) - len(good)
+        why = (f"all {total} of its trials failed" if faults == total and total else
+               f"no trial of it reported {metric}" + (f" ({faults} of {total} failed)" if faults else ""))
+        raise RuntimeError(f"study {key}: {why}, so nothing could be selected; see the trial errors under {where}")
     pick = max if mode == "max" else min
     config, frame = pick(candidates, key=lambda c: pick(c[1][metric]))
     row = frame.loc[frame[metric].idxmax() if mode == "max" else frame[metric].idxmin()]
@@ -55,6 +64,14 @@ def select_trials(spec: SearchSpec, trials: list[tuple[dict[str, Any], pd.DataFr
         test_selected=test,
         selected_at=time.time(),
     )
+
+
+def _faulted(frame: pd.DataFrame) -> bool:
+    """Whether a trial's last reported epoch is the result of a fault (its flag set)."""
+    if frame.empty:
+        return False
+    last = frame.iloc[-1].to_dict()
+    return faulted({k: v for k, v in last.items() if not (isinstance(v, float) and v != v)})  # NaN: not reported
 
 
 def selected_line(spec: SearchSpec, selection: Selection) -> str:

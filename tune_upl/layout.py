@@ -15,6 +15,7 @@ its trial id) holds Tune's `params.json`, `result.json` and `checkpoint_*/` fold
 """
 from __future__ import annotations
 
+import hashlib
 import shlex
 from pathlib import Path
 from typing import Any, Optional
@@ -67,9 +68,36 @@ def driver_lock_name(name: str) -> str:
     return f".{name}.driver.lock"
 
 
+KEY_BYTES = 200  # a study's key is a folder name (at most 255 bytes on most file systems), and Optuna's study name
+
+
 def study_key(point: dict[str, Any]) -> str:
-    """A study's folder name: its `studies` values (`data_name=cub,loss_name=proxy_anchor`), or `main`."""
-    return ",".join(f"{k}={v}" for k, v in point.items()) or MAIN_STUDY
+    """A study's key and folder name: its `studies` values (`data_name=cub,loss_name=proxy_anchor`), or `main`.
+    One folder name whatever the values: `%` and `/` are percent-encoded (`data_path=%2Fdata%2Fcub`), and a
+    key longer than KEY_BYTES is cut and ends with a hash of the whole."""
+    key = ",".join(f"{k}={_folder_safe(str(v))}" for k, v in point.items()) or MAIN_STUDY
+    if len(key.encode()) <= KEY_BYTES:
+        return key
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return key.encode()[: KEY_BYTES - 13].decode(errors="ignore") + "~" + digest
+
+
+def _folder_safe(value: str) -> str:
+    return value.replace("%", "%25").replace("/", "%2F").replace("\0", "%00")
+
+
+# ---------------------------------------------------------------- what the searcher adds to a trial's config
+# The searcher names each trial's study (and a search trial's Optuna trial number) in its config: Tune keeps
+# them through `Tuner.restore` and writes them to `params.json`, so the scheduler, the progress lines and
+# every reader take a trial's study from the trial itself. The trainable removes them before `make_config`.
+STUDY_KEY = "study"
+OPTUNA_NUMBER_KEY = "optuna_trial"
+SEARCH_KEYS = (STUDY_KEY, OPTUNA_NUMBER_KEY)
+
+
+def trial_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's config without what the searcher added: its `TrialConfig` fields (and Tune's `final`)."""
+    return {k: v for k, v in config.items() if k not in SEARCH_KEYS}
 
 
 def driver_file(relative: str) -> bool:
@@ -106,6 +134,12 @@ NO_GPU_FLAG = "no_gpu"  # Ray gave the trial a GPU its torch could not see: erro
 NO_WEIGHTS_FLAG = "no_weights"  # the node lacks the ImageNet weights file: errored, not retried
 GPU_START_FLAG = "gpu_start_failed"  # the trial's start on its GPU raised (memory cap, device, data): errored, not retried
 ERROR_KEY = "error"
+FAULT_FLAGS = (DIVERGED_FLAG, OOM_FLAG, NO_GPU_FLAG, NO_WEIGHTS_FLAG, GPU_START_FLAG)  # its score is no score
+
+
+def faulted(result: dict[str, Any]) -> bool:
+    """Whether a result is the last of a trial ended by its own failure (its metrics are the worst, not real)."""
+    return any(result.get(flag) for flag in FAULT_FLAGS)
 
 
 def trial_state(status: str, last_result: dict[str, Any], planned_epochs: Any) -> str:

@@ -11,9 +11,10 @@ one searcher and its one scheduler is built here, thinly, on Tune's public `Sear
 - `StudySearcher` gives each free slot of the run (Tune's `max_concurrent_trials`, the spec's
   `max_concurrent_total`) to a study under its own `max_concurrent` with trials left, the one furthest
   behind its budget first. It asks that study's sampler through Optuna's ask/tell, on the study of that
-  name in the experiment's SQLite `optuna.db` (browsable in optuna-dashboard), and tells it each trial's
-  last objective: a trial's result reaches only its own study. When a study's last search trial has
-  ended it selects the study's trial (`final.select_trials`, on the results it was told), writes
+  name in the experiment's SQLite `optuna.db` (browsable in optuna-dashboard), and tells it each epoch's
+  objective and how each trial ended, COMPLETE, PRUNED or FAIL (`tune_upl.telling`): a trial's result
+  reaches only its own study. When a study's last search trial has ended it selects among the study's
+  trials that did not fail (`final.select_trials`, on the results it was told), writes
   `<study>/selection.json`, and suggests the `final_seeds` final runs. Its saved state (Tune saves it
   with the experiment) is its bookkeeping and each study's sampler, whose random state must carry on: a
   sampler made again from the spec's seed would propose the study's first start-up points a second time.
@@ -21,14 +22,13 @@ one searcher and its one scheduler is built here, thinly, on Tune's public `Sear
 - `StudyRouter` sends each trial's results to its own study's ASHA (or FIFO); final runs are FIFO. Tune
   pickles the scheduler when the run starts, so after a resume every study's rungs start empty.
 
-A trial's study is never written into its config (`make_config` refuses unknown keys): it is the study
-whose `studies` values the config holds (`planning.study_of`).
+Each trial's config names its study (and a search trial its Optuna trial number): `layout.SEARCH_KEYS`,
+which Tune keeps through a restore and writes to `params.json`, and the trainable drops.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
-import math
 import pickle
 import warnings
 from dataclasses import dataclass, field
@@ -40,13 +40,15 @@ import pandas as pd
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from tune_upl import signals
+from tune_upl import signals, telling
 from tune_upl.final import (
     Selection, final_param_space, final_seeds, final_stage_line, save_selection, save_unselectable, select_trials,
     selected_line,
 )
-from tune_upl.layout import OPTUNA_FILE, SELECTION_FILE, UNSELECTABLE_FILE
-from tune_upl.planning import Study, baseline_point, max_epochs, study_of, suggest_config
+from tune_upl.layout import (
+    ERROR_KEY, FAULT_FLAGS, OPTUNA_FILE, OPTUNA_NUMBER_KEY, SELECTION_FILE, STUDY_KEY, UNSELECTABLE_FILE, faulted,
+)
+from tune_upl.planning import Study, baseline_point, max_epochs, suggest_config
 from tune_upl.spec import SearchSpec
 
 
@@ -85,12 +87,14 @@ def make_scheduler(spec: SearchSpec, study: Study) -> TrialScheduler:
 
 @dataclass
 class Entry:
-    """One trial the searcher suggested: its study, its Optuna trial number (None for a final run)."""
+    """One trial the searcher suggested: its study, its Optuna trial number (None for a final run), and once
+    it ended, what its Optuna trial was told (state and value)."""
 
     study: str
     config: dict[str, Any]
     number: Optional[int] = None
     ended: bool = False
+    told: Optional[tuple[optuna.trial.TrialState, Optional[float]]] = None
 
     @property
     def final(self) -> bool:
@@ -151,7 +155,6 @@ class StudySearcher(Searcher):
         self._limit = spec.max_concurrent * len(studies)  # Tune's max_concurrent_trials replaces it
         self._book = Book()
         self._optuna: dict[str, optuna.Study] = {}  # opened on demand from SQLite, never pickled
-        self._asked: dict[str, optuna.trial.Trial] = {}  # Tune trial id -> its Optuna trial, this session's only
         # lines said at the next suggest: Tune tells the searcher that a trial ended before its callbacks print
         # that trial's line, and a study's selection line belongs after the line of the trial that ended it
         self._notes: list[str] = []
@@ -181,22 +184,20 @@ class StudySearcher(Searcher):
             entry = Entry(study.key, {**final_param_space(selection), "seed": seed})
         else:
             trial = self._open(study).ask()
-            self._asked[trial_id] = trial
             entry = Entry(study.key, suggest_config(trial, study.space, study.base), trial.number)
+            # remote storage gets every asked trial before Tune can save the entry: a resume elsewhere must not
+            # hand this trial's number to another
+            self._push(OPTUNA_FILE)
         self._book.entries[trial_id] = entry
-        return dict(entry.config)
+        return {**entry.config, STUDY_KEY: study.key, **({} if final else {OPTUNA_NUMBER_KEY: entry.number})}
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        """Keep the epoch for selection; give Optuna its learning curve (optuna-dashboard draws it) where the
-        trial was asked in this session (a resumed one's curve stops at the interruption)."""
+        """Keep the epoch for selection; give Optuna its learning curve (the intermediate values TPE ranks
+        pruned trials by, and optuna-dashboard draws), by trial number, so resumed trials' curves go on."""
         entry = self._book.entries.get(trial_id)
         if entry is not None and not entry.final:
             self._book.rows.setdefault(trial_id, []).append(self._row(trial_id, result))
-            value = result.get(self._spec.objective.metric)
-            if trial_id in self._asked and value is not None and math.isfinite(value):
-                with warnings.catch_warnings():  # an epoch run again after a restart: Optuna keeps the first
-                    warnings.simplefilter("ignore")
-                    self._asked[trial_id].report(float(value), int(result.get("training_iteration", 0)))
+            self._report(entry, result)
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict[str, Any]] = None, error: bool = False) -> None:
         entry = self._book.entries.get(trial_id)
@@ -204,12 +205,19 @@ class StudySearcher(Searcher):
             return
         entry.ended = True
         if not entry.final:
-            if result:
+            if result:  # the result that made ASHA stop the trial reaches only this call
                 self._book.rows.setdefault(trial_id, []).append(self._row(trial_id, result))
-            self._tell(entry, result, error)
-            self._asked.pop(trial_id, None)
-            self._select_when_done(next(s for s in self._studies if s.key == entry.study))
+                self._report(entry, result)
+            entry.told = telling.outcome(result, error, int(entry.config["num_epochs"]), self._spec.objective.metric)
+            telling.tell(self._open(self._planned(entry.study)), entry.number, *entry.told)
+            self._select_when_done(self._planned(entry.study))
             self._push(OPTUNA_FILE)  # a final run has no Optuna trial
+
+    def _report(self, entry: Entry, result: dict[str, Any]) -> None:
+        """An epoch's objective as its Optuna trial's intermediate value; not a fault's worst score."""
+        if not faulted(result):
+            telling.report(self._open(self._planned(entry.study)), entry.number,
+                           result.get("training_iteration", 0), result.get(self._spec.objective.metric))
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as out:
@@ -218,8 +226,9 @@ class StudySearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         """The bookkeeping and samplers as Tune saved them, with the resuming driver's folder, publisher and
         limit (`resuming`). An Optuna trial asked after that save (the driver died before the next) has no
-        Tune trial and is marked failed, so TPE's constant liar stops counting it. (A study is selected in
-        the same event that ends its last trial, so a saved state never holds one left to select.)"""
+        Tune trial and is marked failed, so TPE's constant liar stops counting it; what the saved state knows
+        and the Optuna study lacks (told after its file last reached remote storage) is told again. A study
+        whose last trial ended just before the interruption is selected now."""
         with open(checkpoint_path, "rb") as source:
             self._book = pickle.load(source)
         if _resuming:
@@ -228,16 +237,27 @@ class StudySearcher(Searcher):
         self._optuna = {}
         for study in self._studies:
             if study.key in self._book.created:
-                known = {e.number for e in self._book.entries.values() if e.study == study.key}
+                mine = {tid: e for tid, e in self._book.entries.items() if e.study == study.key and not e.final}
+                known = {e.number for e in mine.values()}
                 opened = self._open(study)
                 for trial in opened.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
                     if trial.number not in known:
                         opened.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+                for tid, entry in mine.items():
+                    telling.catch_up(opened, entry.number, self._book.rows.get(tid, []),
+                                     self._spec.objective.metric, entry.told)
         for study in self._studies:
             self._select_when_done(study)
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__ | {"_optuna": {}, "_asked": {}, "_notes": []}
+        return self.__dict__ | {"_optuna": {}, "_notes": []}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.pop("_asked", None)  # kept by an older searcher
+        self.__dict__.update(state)
+
+    def _planned(self, key: str) -> Study:
+        return next(s for s in self._studies if s.key == key)
 
     # ------------------------------------------------------------ what to run next
     def _started(self, key: str, final: bool) -> int:
@@ -291,35 +311,24 @@ class StudySearcher(Searcher):
             self._optuna[study.key] = opened
         return self._optuna[study.key]
 
-    def _tell(self, entry: Entry, result: Optional[dict[str, Any]], error: bool) -> None:
-        """The trial's last objective (a stopped trial's at its rung, a diverged one's worst score); an
-        errored trial, or one without a finite score, is told as failed."""
-        value = (result or {}).get(self._spec.objective.metric)
-        study = self._open(next(s for s in self._studies if s.key == entry.study))
-        try:
-            if error or value is None or not math.isfinite(value):
-                study.tell(entry.number, state=optuna.trial.TrialState.FAIL)
-            else:
-                study.tell(entry.number, float(value))
-        except (RuntimeError, ValueError) as told:  # told before the driver died, and Tune reran the trial
-            warnings.warn(f"optuna study {entry.study}: trial {entry.number}: {told}", stacklevel=2)
-
     # ------------------------------------------------------------ selection
     def _row(self, trial_id: str, result: dict[str, Any]) -> dict[str, Any]:
-        keep = {k: v for k, v in result.items() if k == self._spec.objective.metric or k.startswith("test_")}
+        keep = {k: v for k, v in result.items()
+                if k in (self._spec.objective.metric, ERROR_KEY, *FAULT_FLAGS) or k.startswith("test_")}
         return {"trial_id": trial_id, "training_iteration": result.get("training_iteration", 0), **keep}
 
     def _select_when_done(self, study: Study) -> None:
-        """Once the study's last search trial has ended: select, save `selection.json`, and say so (at the
-        next suggest)."""
+        """Once the study's last search trial has ended: select among its trials that did not fail, save
+        `selection.json`, and say so (at the next suggest)."""
         key = study.key
         mine = {tid: e for tid, e in self._book.entries.items() if e.study == key and not e.final}
         if (key in self._book.selections or key in self._book.failed or len(mine) < self._spec.num_samples
                 or not all(e.ended for e in mine.values())):
             return
-        trials = [(e.config, pd.DataFrame(self._book.rows.get(tid, []))) for tid, e in mine.items()]
+        good = {tid: e for tid, e in mine.items() if e.told is None or e.told[0] != optuna.trial.TrialState.FAIL}
+        trials = [(e.config, pd.DataFrame(self._book.rows.get(tid, []))) for tid, e in good.items()]
         try:
-            selection = select_trials(self._spec, trials, key, {})
+            selection = select_trials(self._spec, trials, key, {}, failed=len(mine) - len(good))
         except RuntimeError as nothing:
             if signals.stopping():
                 return
@@ -355,7 +364,7 @@ class StudyRouter(FIFOScheduler):
     def _route(self, trial: Any) -> TrialScheduler:
         if trial.config.get("final"):
             return self._finals
-        return self._routes[study_of(trial.config, self._studies).key]
+        return self._routes[trial.config[STUDY_KEY]]
 
     def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec: Any) -> bool:
         return metric is None and mode is None  # each study's scheduler has the objective already

@@ -52,7 +52,12 @@ def plan_studies(spec: SearchSpec, overrides: dict[str, Any], paths: Paths = Pat
     command-line override over all, then made absolute by `paths`. A `when` on a field that is not
     searched is decided here, once per study.
     """
-    studies = []
+    merged = [name for name in overrides if name in spec.studies]
+    if merged:  # every study would hold the same value: they would be one study, searched several times
+        raise SpecError(f"--{merged[0]} {overrides[merged[0]]}: {merged[0]} is listed under studies (one study per "
+                        f"value: {', '.join(map(str, spec.studies[merged[0]]))}); drop the option, or remove "
+                        f"{merged[0]} from studies to give every trial this value")
+    studies: list[Study] = []
     for point in spec.study_points():
         base = {**FIELD_DEFAULTS, **paths.apply({**spec.fixed, **point, **overrides}), "protocol": spec.protocol}
         if "num_threads" not in {**spec.fixed, **overrides}:
@@ -78,9 +83,22 @@ def plan_studies(spec: SearchSpec, overrides: dict[str, Any], paths: Paths = Pat
         if problem:  # a command-line num_epochs shorter than the spec's grace period
             raise SpecError(problem)
         base.update(checkpoint_plan(spec, base, space, {**spec.fixed, **point, **overrides}))
-        make_config(base)  # every study's fixed part must be a valid config on its own
-        studies.append(Study(study_key(point), point, base, space))
+        cfg = make_config(base)  # every study's fixed part must be a valid config on its own
+        study = Study(study_key(point), point, base, space)
+        twin = next((s for s in studies if same_study(make_config(s.base), cfg, point)), None)
+        if twin is not None:
+            raise SpecError(f"studies: {twin.key} and {study.key} are the same study (equal once validated and paths "
+                            f"made absolute: {', '.join(f'{n}={getattr(cfg, n)!r}' for n in point)}); list each "
+                            "value once")
+        if study.key in {s.key for s in studies}:  # distinct values that print alike (1 and "1" for a string)
+            raise SpecError(f"studies: two studies are named {study.key}; give their values distinct spellings")
+        studies.append(study)
     return studies
+
+
+def same_study(one: TrialConfig, other: TrialConfig, point: dict[str, Any]) -> bool:
+    """Whether two studies' validated configs hold the same value for every `studies` field."""
+    return all(getattr(one, name) == getattr(other, name) for name in point)
 
 
 def max_epochs(base: dict[str, Any], space: dict[str, Param]) -> int:
@@ -121,15 +139,6 @@ def suggest_config(trial: Any, space: dict[str, Param], base: dict[str, Any]) ->
     return {**base, **values}
 
 
-def study_of(config: dict[str, Any], studies: list[Study]) -> Study:
-    """The study a trial's config belongs to: the one whose fixed `studies` values it holds (its paths as
-    planning made them absolute). A trial carries no study key of its own (`make_config` refuses keys)."""
-    for study in studies:
-        if all(config.get(name) == study.base.get(name) for name in study.point):
-            return study
-    raise KeyError(f"no study of this experiment holds a trial with {', '.join(f'{n}={config.get(n)!r}' for n in studies[0].point)}")
-
-
 def baseline_point(space: dict[str, Param], base: dict[str, Any]) -> dict[str, Any]:
     """The seed's recipe for every searched field whose space contains it; the rest is sampled."""
     point: dict[str, Any] = {}
@@ -141,12 +150,11 @@ def baseline_point(space: dict[str, Param], base: dict[str, Any]) -> dict[str, A
     return point
 
 
-def grid_points(spec: SearchSpec, study: Study) -> list[dict[str, Any]]:
-    """Every combination of `studies` values and `choice` values; `when` drops a parameter where it fails."""
-    names = list(spec.studies) + [n for n in study.space]
-    lists = [spec.studies[n] for n in spec.studies] + [study.space[n].choice for n in study.space]
+def grid_points(study: Study) -> list[dict[str, Any]]:
+    """Every combination of the study's `choice` values; `when` drops a parameter where it fails."""
+    names = list(study.space)
     points, seen = [], set()
-    for combo in itertools.product(*lists):
+    for combo in itertools.product(*(study.space[n].choice for n in names)):
         point = dict(zip(names, combo))
         for name, param in study.space.items():
             if param.holds({**study.base, **point}) is False:

@@ -30,9 +30,13 @@ from tune_upl.ablation import (
     trial_points,
 )
 from tune_upl.loss_axes import AGGREGATIONS, ANCHORS, DEFAULT_CELL, PROXY_ANCHOR_CELL
-from tune_upl.importance import MEANINGFUL_TRIALS, MIN_TOP_TRIALS, TARGET_QUANTILE, Importance, importances
+from tune_upl.importance import (
+    MEANINGFUL_TRIALS, MIN_TOP_TRIALS, TARGET_QUANTILE, Importance, importances, told_study,
+)
 from tune_upl.references import References, load_references
-from tune_upl.layout import COMPLETED, DIVERGED, ERRORED, OPEN_STATES, STATES, STOPPED_EARLY, search_command
+from tune_upl.layout import (
+    COMPLETED, DIVERGED, ERRORED, OPEN_STATES, OPTUNA_FILE, STATES, STOPPED_EARLY, search_command,
+)
 from tune_upl.results import ExperimentData, FinalResult, load_experiment
 from tune_upl.storage import is_uri
 from tune_upl.errors import ExperimentError
@@ -502,23 +506,22 @@ def importance_section(data: ExperimentData, figures: Figures) -> list[str]:
 
     if not data.searched or data.trials.empty:
         return ["Nothing was searched." if not data.searched else "No trial has finished yet.", ""]
-    space = {n: data.spec["space"][n] for n in data.searched}
     found: list[Importance] = []
-    skipped = []
-    for study in data.studies:
-        mine = data.trials[data.trials["study"] == study]
-        if mine.empty:
+    skipped, untold = [], []
+    for key in data.studies:
+        if data.trials[data.trials["study"] == key].empty:
             continue
         try:
-            result = importances(study, mine, data.epochs, space, data.metric, data.mode)
+            study = told_study(data.folder / OPTUNA_FILE, key)
+            result = importances(key, study, data.searched) if study is not None else None
         except Exception as error:  # an analysis beside the results must not fail the report: name it
-            figures.fail(f"importance of {study}: {type(error).__name__}: {error}")
+            figures.fail(f"importance of {key}: {type(error).__name__}: {error}")
             continue
-        (found.append(result) if result else skipped.append(f"`{study}`"))
-    lines = ["Optuna's PED-ANOVA importance evaluator on an Optuna study rebuilt from Tune's results: the "
-             "trials that ran all their epochs enter as complete (an ASHA-stopped trial's value came from a "
-             "smaller budget, so it enters as pruned and counts for nothing), errored and diverged ones as "
-             "failed. Importance is how much each field's values differ between the best "
+        (found.append(result) if result else (untold if study is None else skipped).append(f"`{key}`"))
+    lines = ["Optuna's PED-ANOVA importance evaluator on each study's Optuna study (`optuna.db`), as the search "
+             "told it: the trials that ran all their epochs are complete and are scored; ASHA-stopped trials are "
+             "pruned (their value came from a smaller budget) and errored, faulted and diverged ones failed, so "
+             "neither counts. Importance is how much each field's values differ between the best "
              f"{TARGET_QUANTILE:.0%} of the complete trials and all of them.", ""]
     if found:
         rows = [{"study": f"`{i.study}`", "complete trials": i.completed,
@@ -537,6 +540,9 @@ def importance_section(data: ExperimentData, figures: Figures) -> list[str]:
     if skipped:
         lines += [f"No importance for {', '.join(skipped)}: fewer than two trials ran all their epochs, or "
                   "no searched field varied among them.", ""]
+    if untold:
+        lines += [f"No importance for {', '.join(untold)}: no Optuna study of it in `{OPTUNA_FILE}` (a grid "
+                  "search tells none).", ""]
     return lines
 
 

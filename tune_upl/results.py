@@ -31,6 +31,7 @@ from tune_upl.layout import (
     RUNNING,
     SELECTION_FILE,
     SPEC_FILE,
+    STUDY_KEY,
     TUNE_STATE_PATTERN,
     UNFINISHED,
     UNSELECTABLE_FILE,
@@ -213,9 +214,16 @@ def _is_final(folder: Path, trial: Any) -> bool:
     return folder.name.endswith(FINAL_SUFFIX) or (folder.name == RUN_FOLDER and bool(trial.config.get("final")))
 
 
-def _study(folder: Path, config: dict[str, Any], spec: dict[str, Any]) -> str:
-    """A trial's study: the folder's name, or in one Tune experiment of several studies (the grid, the one
-    run) the study its `studies` values name."""
+def trial_study(folder: Path, config: dict[str, Any], spec: dict[str, Any]) -> str:
+    """A trial's study: the key its config names (`STUDY_KEY`, set by the searcher)."""
+    if STUDY_KEY in config:
+        return str(config[STUDY_KEY])
+    return old_layout_key(folder, config, spec)
+
+
+def old_layout_key(folder: Path, config: dict[str, Any], spec: dict[str, Any]) -> str:
+    """OLD LAYOUT ONLY: the study of a trial written before trials named their study, derived from its folder
+    (one Tune experiment per study or final stage) or its `studies` values (the grid, the one run)."""
     if folder.name in (GRID_STUDY, RUN_FOLDER):
         return study_key({k: config.get(k) for k in spec["studies"]})
     return folder.name.removesuffix(FINAL_SUFFIX)
@@ -342,7 +350,7 @@ def trial_rows(read: Trials, spec: dict[str, Any], searched: list[str],
             config = trial.config
             if _is_final(folder, trial):
                 continue
-            key = _study(folder, config, spec)
+            key = trial_study(folder, config, spec)
             scores = frame[metric].dropna() if metric in frame else pd.Series(dtype=float)
             best = (scores.idxmax() if mode == "max" else scores.idxmin()) if len(scores) else None
             baseline = baselines.get(key)
@@ -394,7 +402,7 @@ def final_rows(read: Trials, spec: dict[str, Any]) -> pd.DataFrame:
             last = _clean(frame.iloc[-1].to_dict()) if not frame.empty else {}
             start, end = _start_end(frame)
             rows.append({
-                "study": _study(folder, trial.config, spec),
+                "study": trial_study(folder, trial.config, spec),
                 "trial": trial.trial_id,
                 "seed": trial.config.get("seed"),
                 "state": _state(trial, frame, int(last.get("training_iteration", 0))),

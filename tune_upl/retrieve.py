@@ -18,6 +18,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from tune_upl.errors import DatasetError, ExperimentError
 from tune_upl.layout import (
+    STUDY_KEY,
+    trial_fields,
     CHECKPOINT_COLUMN,
     CHECKPOINT_FILE,
     CHECKPOINT_PREFIX,
@@ -93,8 +95,10 @@ def _final_database(experiment: Path, selection: dict[str, Any]) -> Optional[tup
              *(experiment / RUN_FOLDER).glob(f"*{FINAL_SUFFIX}/{PARAMS_FILE}")]  # final runs of every study
     for trial in found:
         checkpoints = sorted(trial.parent.glob(f"{CHECKPOINT_PREFIX}*/{EMBEDDINGS_FILE}"))
-        config = read_params(trial) if checkpoints else {}
-        if checkpoints and all(config.get(k) == v for k, v in selection["config"].items() if k not in ("seed", "final")):
+        named = read_params(trial) if checkpoints else {}
+        config = trial_fields(named)  # the model's config, without the study the searcher named
+        if (checkpoints and named.get(STUDY_KEY, selection["key"]) == selection["key"]
+                and all(config.get(k) == v for k, v in selection["config"].items() if k not in ("seed", "final"))):
             runs.append((int(config["seed"]), checkpoints[-1].parent, config, trial.parent.name.removesuffix(FINAL_SUFFIX)))
     if not runs:
         return None

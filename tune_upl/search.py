@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import fnmatch
+import json
 import logging
 import math
 import os
@@ -22,11 +23,11 @@ from ray import tune
 from tune_upl.config import FIELD_DEFAULTS
 from tune_upl.final import Selection, final_param_space, final_seeds
 from tune_upl.layout import (
-    COMPLETED, ERROR_KEY, ERRORED, FINAL_SUFFIX, OPTUNA_FILE, RUN_FOLDER, SELECTION_FILE, STOPPED_EARLY,
-    TUNE_STATE_PATTERN, error_line, trial_state,
+    COMPLETED, ERROR_KEY, ERRORED, FINAL_SUFFIX, GRID_STUDY, OPTUNA_FILE, RUN_FOLDER, SELECTION_FILE, STOPPED_EARLY,
+    STUDY_KEY, TUNE_STATE_PATTERN, error_line, trial_state,
 )
-from tune_upl.multistudy import Session, StudyRouter, StudySearcher, make_scheduler, resuming
-from tune_upl.planning import Study, grid_points, study_of
+from tune_upl.multistudy import Session, StudyRouter, StudySearcher, resuming
+from tune_upl.planning import Study, grid_points
 from tune_upl.spec import SearchSpec
 from tune_upl import signals
 from tune_upl.errors import SpecError, first_line
@@ -86,16 +87,16 @@ class TrialLines(tune.Callback):
         self.done += 1
         score = result.get(self.metric)
         if score is not None and state in (COMPLETED, STOPPED_EARLY) and not self._final(trial):
-            known = self.best.get(self._study(trial))
+            known = self.best.get(self._key(trial))
             if known is None or (score > known[0] if self.mode == "max" else score < known[0]):
-                self.best[self._study(trial)] = (score, trial.trial_id)
+                self.best[self._key(trial)] = (score, trial.trial_id)
         return state
 
     def _final(self, trial: Any) -> bool:
         return bool(self.studies) and bool(trial.config.get("final"))
 
-    def _study(self, trial: Any) -> str:
-        return study_of(trial.config, list(self.studies)).key if self.studies else ""
+    def _key(self, trial: Any) -> str:
+        return str(trial.config.get(STUDY_KEY, "")) if self.studies else ""
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         """A restored run brings back trials that ended before the interruption: count them (and their best)
@@ -109,7 +110,7 @@ class TrialLines(tune.Callback):
         result = trial.last_result or {}
         epochs = result.get("training_iteration", 0)
         planned = trial.config.get("num_epochs", "?")
-        final, key = self._final(trial), self._study(trial)
+        final, key = self._final(trial), self._key(trial)
         metric, names = ("test_recall@1", ["seed"]) if final else (self.metric, self.names)
         score = result.get(metric)
         params = " ".join(f"{n}={_short(trial.config.get(n))}" for n in names if n in trial.config)
@@ -249,18 +250,21 @@ def logger_callbacks(names: tuple[str, ...], experiment_name: str) -> list[tune.
     return callbacks
 
 
-def run_grid(spec: SearchSpec, grid: Study, storage: Path, verbose: bool,
+def run_grid(spec: SearchSpec, studies: list[Study], storage: Path, verbose: bool,
              callbacks: tuple[tune.Callback, ...] = (), tune_root: Optional[str] = None) -> tune.ResultGrid:
-    """The whole grid in one Tuner (`grid/`), resumed where its folder already holds one.
+    """The whole grid, every study's points, in one Tuner (`grid/`), resumed where its folder already holds
+    one; each point names its study (`STUDY_KEY`), whose own ASHA decides on it.
 
     Tune's folders go under `tune_root` (a URI) when given, else under `storage`, the experiment's folder."""
     root = tune_root or str(storage)
+    names = list(dict.fromkeys(name for study in studies for name in study.space))
     # every point names every grid field (a parameter whose `when` fails takes its default), so Tune's
     # generator only fills in the points and never samples the domains declared here for it
-    points = [{**{n: FIELD_DEFAULTS[n] for n in grid.space}, **p} for p in grid_points(spec, grid)]
-    param_space = {k: v for k, v in grid.base.items() if k not in spec.studies}
-    param_space.update({n: tune.choice(v) for n, v in spec.studies.items()})
-    param_space.update({n: tune.choice(p.choice) for n, p in grid.space.items()})
+    points = [{**{n: FIELD_DEFAULTS[n] for n in names}, **{n: study.base[n] for n in study.point}, **p,
+               STUDY_KEY: study.key} for study in studies for p in grid_points(study)]
+    param_space = {k: v for k, v in studies[0].base.items() if k not in spec.studies}
+    for name in [*spec.studies, *names, STUDY_KEY]:
+        param_space[name] = tune.choice(list({json.dumps(p[name], default=str): p[name] for p in points}.values()))
     num_samples = len(points) * spec.num_samples
 
     def new_tuner() -> tune.Tuner:
@@ -272,16 +276,18 @@ def run_grid(spec: SearchSpec, grid: Study, storage: Path, verbose: bool,
                 search_alg=tune.search.BasicVariantGenerator(
                     points_to_evaluate=points * spec.num_samples, max_concurrent=spec.max_concurrent
                 ),
-                scheduler=make_scheduler(spec, grid),
+                scheduler=StudyRouter(spec, studies),
                 num_samples=num_samples,
                 reuse_actors=spec.reuse_actors,
                 trial_dirname_creator=_trial_dirname,
             ),
-            run_config=_run_config(spec, grid.key, root, verbose,
-                                   [TrialLines(spec, list(grid.space), num_samples), *callbacks], _best_kept(spec)),
+            run_config=_run_config(spec, GRID_STUDY, root, verbose,
+                                   [TrialLines(spec, names, num_samples,
+                                               studies=tuple(studies) if len(studies) > 1 else ()), *callbacks],
+                                   _best_kept(spec)),
         )
 
-    return _fit(spec, f"{root}/{grid.key}", new_tuner, num_samples)
+    return _fit(spec, f"{root}/{GRID_STUDY}", new_tuner, num_samples)
 
 
 def _best_kept(spec: SearchSpec) -> tune.CheckpointConfig:
@@ -381,7 +387,7 @@ def run_final(spec: SearchSpec, selection: Selection, storage: Path, verbose: bo
     def new_tuner() -> tune.Tuner:
         return tune.Tuner(
             _trainable(spec),
-            param_space={**final_param_space(selection), "seed": tune.grid_search(seeds)},
+            param_space={**final_param_space(selection), STUDY_KEY: selection.key, "seed": tune.grid_search(seeds)},
             tune_config=tune.TuneConfig(
                 search_alg=tune.search.BasicVariantGenerator(max_concurrent=spec.max_concurrent),
                 num_samples=1,  # the grid over seeds is the whole stage

@@ -18,7 +18,7 @@ from ray import tune
 
 from tune_upl.config import make_config
 from tune_upl.engine import load_state
-from tune_upl.layout import CHECKPOINT_FILE
+from tune_upl.layout import CHECKPOINT_FILE, trial_fields
 from tune_upl.loop import TrialHooks, run_trial
 
 # With `reuse_actors`, Ray waits this long (default 2 s) for the previous trial's thread to end before it hands
@@ -60,8 +60,9 @@ def restore() -> Optional[dict[str, Any]]:
 
 
 def train_trial(config: dict[str, Any]) -> None:
-    """Ray Tune entry point; `config` holds every TrialConfig field (fixed values and sampled ones)."""
+    """Ray Tune entry point; `config` holds every TrialConfig field (fixed values and sampled ones), and the
+    searcher's names for the trial (`layout.SEARCH_KEYS`), which are not the model's."""
     os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = REUSE_WAIT_S  # read by this worker when Tune reuses it
     hooks = TrialHooks(report=report, restore=restore, fault_dir=fault_folder(),
                        node=ray.get_runtime_context().get_node_id())
-    run_trial(make_config(config), gpu_share(), hooks)
+    run_trial(make_config(trial_fields(config)), gpu_share(), hooks)
