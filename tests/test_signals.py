@@ -49,19 +49,30 @@ def test_the_first_signal_raises_outside_a_run_and_is_only_recorded_inside_one()
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
-def _driver_that_hangs(tmp_path, probe: str, deadline: float) -> tuple[subprocess.CompletedProcess, float]:
-    """A process that arms the watchdog, is inside a 'run', receives SIGTERM and then never returns."""
+# the main thread blocked in C code that never returns to Python (as in Ray's core worker waiting for a GCS
+# that is gone): a second lock of a default pthread mutex by its owner never returns, and signals do not end it
+BLOCK_IN_C = """
+import ctypes
+mutex = ctypes.create_string_buffer(64)  # zeroed: PTHREAD_MUTEX_INITIALIZER on glibc
+libc = ctypes.CDLL(None)
+libc.pthread_mutex_lock(mutex)
+libc.pthread_mutex_lock(mutex)
+"""
+
+
+def _driver_that_hangs(tmp_path, probe: str, deadline: float, in_c: bool = False) -> tuple[subprocess.CompletedProcess, float]:
+    """A process that arms the watchdog, is inside a 'run', receives SIGTERM and then never returns (in
+    Python, or `in_c`, where Python never runs the signal's handler)."""
     script = textwrap.dedent(f"""
-        import os, signal, time
+        import os, signal, threading, time
         from tune_upl import signals
         signals.DEADLINE_S = {deadline}
         signals.install("python run_search.py search --resume --name 'a b'", watchdog=True)
         signals.set_ray_probe(lambda: {probe})
         signals.set_run(True)
         print("ready", flush=True)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(60)
-    """)
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    """) + (BLOCK_IN_C if in_c else "time.sleep(60)\n")
     start = time.monotonic()
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=90)
     return out, time.monotonic() - start
@@ -72,6 +83,12 @@ def test_the_watchdog_ends_a_driver_whose_ray_is_gone_at_once_with_the_resume_co
     assert out.returncode == 143 and seconds < 10, (seconds, out.stderr)
     assert out.stderr.strip() == ("terminated (SIGTERM): no GCS at 10.0.0.1:6379; the experiment state Tune saved "
                                   "last resumes; continue with: python run_search.py search --resume --name 'a b'")
+
+
+def test_the_watchdog_starts_from_the_signal_even_while_python_cannot_run_its_handler(tmp_path):
+    out, seconds = _driver_that_hangs(tmp_path, '"no GCS at 10.0.0.1:6379"', deadline=30, in_c=True)
+    assert out.returncode == 143 and seconds < 10, (seconds, out.stderr)
+    assert out.stderr.strip().startswith("terminated (SIGTERM): no GCS at 10.0.0.1:6379;"), out.stderr
 
 
 def test_the_watchdog_ends_a_driver_that_does_not_stop_in_time(tmp_path):

@@ -11,7 +11,10 @@ A watchdog bounds the stop: SIGTERM to the process group also reaches Ray's own 
 children), and a driver whose Ray is gone would wait a minute for it, then exit 1 without a word. Once Ray
 is gone (its GCS refuses connections on two probes a second apart), or `DEADLINE_S` after the first signal,
 the watchdog says why and the resume command, and exits 130 or 143: the state Tune saved last resumes
-(Tune saves it as the run goes).
+(Tune saves it as the run goes). The watchdog starts from the signal itself, not from the Python handler:
+Python runs a handler only when the main thread next executes bytecode, and a main thread blocked in Ray's
+C code waiting for a GCS that is gone would not run it for a minute. The C-level handler writes every
+signal's number to `signal.set_wakeup_fd`'s socket at once, and a listening thread arms the watchdog.
 
 Standard library only: the search's modules ask it whether to go on; Ray's part is `tune_upl.search`'s.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -51,9 +55,12 @@ class _Stop:
     ray_gone: Callable[[], Optional[str]] = lambda: None  # why Ray is unreachable, or None
     said: bool = False  # the resume command was printed: the watchdog only ends the process
     timer: Optional[threading.Thread] = None
+    wakeup: Optional[tuple[socket.socket, socket.socket]] = None  # (read, write) of the wakeup socket
+    wakeup_before: int = -1  # the wakeup fd it replaced
 
 
 _stop = _Stop()
+_arming = threading.Lock()
 
 
 def stop_signal() -> Optional[int]:
@@ -82,13 +89,54 @@ def _on_signal(signum: int, frame: Any) -> None:
     _stop.count += 1
     if _stop.signum is None:
         _stop.signum = signum
-        if _stop.watchdog:
-            _stop.timer = threading.Thread(target=_watch, args=(signum,), name="stop-watchdog")
-            _stop.timer.daemon = True
-            _stop.timer.start()
+        _arm(signum)
         if _stop.in_run:  # Tune stops at its next step and saves the experiment
             return
     raise stop_error(_name(signum) if _stop.count == 1 else f"{_name(signum)} again")
+
+
+def _arm(signum: int) -> None:
+    """Start the watchdog once, from the first stop signal (the handler or the wakeup listener, whichever
+    sees it first)."""
+    with _arming:
+        if _stop.watchdog and _stop.timer is None:
+            _stop.timer = threading.Thread(target=_watch, args=(signum,), name="stop-watchdog", daemon=True)
+            _stop.timer.start()
+
+
+def _listen(reader: socket.socket) -> None:
+    """The wakeup socket's reader: arms the watchdog at a SIGINT or SIGTERM even while the main thread is
+    blocked; ends when the socket is closed (`uninstall`)."""
+    while True:
+        try:
+            got = reader.recv(16)
+        except OSError:
+            return
+        if not got:
+            return
+        stops = [n for n in got if n in (signal.SIGINT, signal.SIGTERM)]
+        if stops:
+            _arm(stops[0])
+
+
+def _listen_for_signals() -> None:
+    """The wakeup socket and its reader, for an armed watchdog."""
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    _stop.wakeup_before = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    _stop.wakeup = (reader, writer)
+    threading.Thread(target=_listen, args=(reader,), name="stop-listener", daemon=True).start()
+
+
+def _stop_listening() -> None:
+    if _stop.wakeup is None:
+        return
+    signal.set_wakeup_fd(_stop.wakeup_before)
+    reader, writer = _stop.wakeup
+    reader.shutdown(socket.SHUT_RDWR)  # wakes the listener
+    reader.close()
+    writer.close()
+    _stop.wakeup = None
 
 
 def _watch(signum: int) -> None:
@@ -129,6 +177,8 @@ def install(resume: str = "", watchdog: bool = False) -> None:
     _stop.depth += 1
     _stop.resume = resume or _stop.resume
     _stop.watchdog = watchdog or _stop.watchdog
+    if watchdog and _stop.wakeup is None:
+        _listen_for_signals()
     reinstall()
 
 
@@ -154,6 +204,7 @@ def uninstall() -> None:
         return
     for signum, previous in _stop.replaced.items():
         signal.signal(signum, previous)
+    _stop_listening()
     running = _stop.timer is not None and _stop.timer.is_alive()
     _stop = (_Stop(timer=_stop.timer, said=_stop.said, ray_gone=_stop.ray_gone, resume=_stop.resume) if running
              else _Stop())
