@@ -29,6 +29,7 @@ from tune_upl.layout import (
 from tune_upl.multistudy import Session, StudyRouter, StudySearcher, resuming
 from tune_upl.planning import Study, grid_points
 from tune_upl.spec import SearchSpec
+from tune_upl.storage import open_location
 from tune_upl import signals
 from tune_upl.errors import SpecError, first_line
 
@@ -223,7 +224,7 @@ def restorable(folder: str) -> bool:
     if not tune.Tuner.can_restore(folder):
         return False
     try:
-        fs, path = pafs.FileSystem.from_uri(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
+        fs, path = open_location(folder)
         found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except (OSError, ValueError):
         return False
@@ -324,7 +325,7 @@ def _discard(folder: str) -> None:
     and the report see only the new run's trials."""
     import pyarrow.fs as pafs
 
-    fs, path = pafs.FileSystem.from_uri(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
+    fs, path = open_location(folder)
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         fs.delete_dir(path)
 
