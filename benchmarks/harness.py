@@ -153,9 +153,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="train: torch threads (default: all)")
     parser.add_argument("--cache_dir", "--cache-dir", help="overhead: where the synthetic set is (default: temporary)")
     parser.add_argument("--record", action="store_true",
-                        help="search: train the grid first (about 10 minutes here) and write --grid")
+                        help="search: train the grid first (the 48-point grid: about 25 minutes here) and write --grid")
     parser.add_argument("--grid", default=DEFAULT_GRID,
-                        help=f"search: the recorded grid's CSV (default {DEFAULT_GRID})")
+                        help="the recorded grid's CSV (default: the search suite's reports/search_grid_fine.csv, "
+                             f"the cluster suite's {DEFAULT_GRID})")
     parser.add_argument("--epoch_s", "--epoch-s", type=float, default=0.0,
                         help="cluster: seconds a replayed epoch sleeps (default 0.5, quick 0.2)")
     parser.add_argument("--preamble", default="", help="text put above the table (e.g. notes on the machine)")

@@ -41,9 +41,9 @@ def result_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def trial_results(folder: Path, final: Optional[bool] = None) -> dict[str, list[dict[str, Any]]]:
-    """Every trial of one Tune experiment folder (`trials`, `grid`, `<study>.final`): its rows by folder name
-    (the trial id; `<id>.final` for a final run in `trials`); with `final`, only the final runs or only
-    the search trials (by their `params.json`)."""
+    """Every trial of an experiment's Tune experiment folder (`trials`): its rows by folder name (the trial
+    id; `<id>.final` for a final run); with `final`, only the final runs or only the search trials (by
+    their `params.json`)."""
     return {path.parent.name: result_rows(path) for path in folder.glob("*/result.json")
             if final is None or bool(json.loads((path.parent / "params.json").read_text()).get("final")) == final}
 

@@ -12,7 +12,7 @@ import torch
 
 from experiments import ROOT
 
-from benchmarks import harness, knn_peer, search
+from benchmarks import cluster, harness, knn_peer, search
 from tune_upl.metrics import top_depth
 from tune_upl.neighbours import cells
 
@@ -103,19 +103,46 @@ def test_overhead_suite(ray_session, tmp_path, cache_dir, synthetic_root):
 
 
 def test_search_suite_replays_the_committed_grid(ray_session, tmp_path):
-    """Real Tune + Optuna TPE + ASHA searches against the committed grid: every trial replays a recorded
-    curve, ASHA stops some, and the epochs spent are counted until the grid's best is (nearly) reached."""
-    curves = search.load_grid(Path(harness.DEFAULT_GRID))
-    assert len(curves) == 24 and all(len(c) == search.SEARCH_EPOCHS for c in curves.values())
+    """Real Tune + Optuna + ASHA searches against the committed fine grid, each sampler once at 2 trials at a
+    time (the platform's telling; the alternative's is tested below): every trial replays a recorded curve,
+    ASHA stops some, the epochs spent are counted in the order they were reported until the grid's best is
+    (nearly) reached, and the rule picks a sampler."""
+    curves = search.load_grid(Path(search.FINE_GRID_CSV))
+    assert len(curves) == 48 and all(len(c) == search.SEARCH_EPOCHS for c in curves.values())
+    assert len(search.load_grid(Path(harness.DEFAULT_GRID))) == 24  # the cluster suite's coarse grid
     (result,) = harness.run(["--suite", "search", "--quick", "--out", str(tmp_path / "s.md")])
-    spent, best = result.details["spent"], result.details["best"]
+    runs, best = result.details["runs"], result.details["best"]
     assert best == max(max(c) for c in curves.values())
-    assert len(spent) == 2 and all(s is None or 1 <= s <= 24 * search.SEARCH_EPOCHS for s in spent)
-    assert all(r <= best for r in result.details["reached"])
-    epochs_per_search = result.details["epochs"]
-    assert all(e < 24 * search.SEARCH_EPOCHS for e in epochs_per_search)  # ASHA stopped trials early
-    searched, shuffled, gap = result.rows
-    assert searched.baseline_value == 144 and 0 < shuffled.value <= 144 and gap.value > 0.05
+    assert {(r["sampler"], r["telling"], r["concurrent"]) for r in runs} == {(s, "pruned", 2) for s in search.SIMPLER}
+    for r in runs:
+        one, two = (r["spent"][w] for w in search.TARGETS)
+        assert one is None or (1 <= one <= r["epochs"] and two is not None and two <= one)
+        assert r["reached"] <= best and r["epochs"] <= 6 * search.SEARCH_EPOCHS
+    assert sum(r["epochs"] for r in runs) < 3 * 6 * search.SEARCH_EPOCHS  # ASHA stopped trials early
+    assert all(d in search.SIMPLER for d in result.details["default"].values())
+    assert (tmp_path / "search_samplers.png").stat().st_size > 0
+    assert len(result.rows) == 2 * (3 + 1) + 1  # per target: a row a sampler, the grid in a random order
+    assert result.rows[0].baseline_value == 48 * 6 and 0 < result.rows[3].value <= 288
+    assert result.rows[-1].value > 0.05
+
+
+def test_told_complete_tells_a_stopped_trial_complete_at_its_last_value():
+    from optuna.trial import TrialState
+
+    from tune_upl import telling
+
+    stopped = {search.SEARCH_METRIC: 0.4, "training_iteration": 2}
+    assert telling.outcome(stopped, False, 6, search.SEARCH_METRIC) == (TrialState.PRUNED, None)
+    with search.told_complete():
+        assert telling.outcome(stopped, False, 6, search.SEARCH_METRIC) == (TrialState.COMPLETE, 0.4)
+        assert telling.outcome(stopped, True, 6, search.SEARCH_METRIC)[0] == TrialState.FAIL
+    assert telling.outcome(stopped, False, 6, search.SEARCH_METRIC)[0] == TrialState.PRUNED
+
+
+def test_the_rule_breaks_ties_to_the_simpler_sampler():
+    assert search.choose_default({"random": 50.0, "tpe": 46.0, "gp": 30.0}) == "gp"
+    assert search.choose_default({"random": 50.0, "tpe": 32.0, "gp": 30.0}) == "tpe"  # within 10%
+    assert search.choose_default({"random": float("inf"), "tpe": float("inf"), "gp": float("inf")}) == "random"
 
 
 def test_epochs_to_reach_counts_in_trial_order():
@@ -123,19 +150,34 @@ def test_epochs_to_reach_counts_in_trial_order():
     assert search.epochs_to_reach([[0.1, 0.2], [0.5]], 0.9) is None
 
 
+def test_cluster_utilisation_counts_from_the_first_trial_and_splits_off_the_tail():
+    """The cluster suite's arithmetic on known spans (2 slots): busy time over the window from the first
+    trial's start, the ramp until every slot was busy, and the idle slot-time after the first study ended."""
+    spans = [cluster.Span("a", 10.0, 20.0, 2), cluster.Span("b", 12.0, 22.0, 2), cluster.Span("a", 20.0, 24.0, 1),
+             cluster.Span("b", 22.0, 30.0, 2)]
+    run = cluster.utilisation(spans, 2, clock=0.0, wall=40.0)
+    assert run["first"] == 10 and run["window"] == 20 and run["busy"] == 32
+    assert run["use"] == pytest.approx(32 / 40) and run["use_wall"] == pytest.approx(32 / 80)
+    assert run["ramp"] == 2  # the second slot filled at 12
+    assert run["done"] == 14 and run["use_done"] == pytest.approx(26 / 28)  # study a's last result at 24
+    assert run["tail"] == 6 and run["tail_idle"] == 6 and run["tail_share"] == pytest.approx(6 / 8)
+    assert cluster.all_busy_at(spans, 3) is None
+
+
 @pytest.mark.slow
 @pytest.mark.ray
-def test_cluster_suite_runs_the_studies_both_ways_on_its_own_ray(tmp_path):
-    """The quick cluster suite in its own process (it starts a Ray declaring 16 CPUs and 8 GPUs): the same
-    trials one study after another and all at once, each way's wall time and busy slot-seconds reported."""
+def test_cluster_suite_runs_tpe_and_grid_studies_at_once_on_its_own_ray(tmp_path):
+    """The quick cluster suite in its own process (it starts a small Ray of 4 CPUs and 2 fake GPUs, twice):
+    every study of a TPE + ASHA spec and of a grid spec in one Tune run, each run's utilisation reported."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     out = subprocess.run([sys.executable, "-m", "benchmarks", "--suite", "cluster", "--quick", "--out",
                           str(tmp_path / "c.md")], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode in (0, 1), out.stderr[-3000:]  # 1: a target missed, as it is at the quick size
     text = (tmp_path / "c.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| cluster |")]
-    assert len(rows) == 2 and "GPU-slot utilisation" in rows[0] and "wall time" in rows[1]
-    ways = re.findall(r"- cluster: (one after another|all at once): (\d+) trials, \d+ epochs, (\d+) busy slot-s in "
-                      r"(\d+) s, the first trial started (\d+) s after the start", text)
-    assert [(w[0], w[1]) for w in ways] == [("one after another", "6"), ("all at once", "6")]
-    assert all(0 < int(first) < int(wall) for _, _, _, wall, first in ways)
+    assert len(rows) == 4 and "TPE + ASHA" in rows[0] and "grid" in rows[2]
+    assert all("GPU-slot utilisation" in rows[i] and "over the wall time" in rows[i + 1] for i in (0, 2))
+    runs = re.findall(r"- cluster: (TPE \+ ASHA|grid): (\d+) trials, \d+ epochs, \d+ busy slot-s; the first trial "
+                      r"started (\d+) s after Ray's start, .* the last result (\d+) s after the first trial's start", text)
+    assert [(r[0], r[1]) for r in runs] == [("TPE + ASHA", "6"), ("grid", "4")]  # 2 studies x 3 trials; x 2 points
+    assert all(int(first) > 0 for _, _, first, _ in runs)

@@ -49,7 +49,7 @@ def faulty_search(ray_session, cache_dir, synthetic_root, tmp_path_factory):
 
 def _trials(experiment):
     found = {}
-    for params in (experiment / "grid").glob("*/params.json"):
+    for params in (experiment / "trials").glob("*/params.json"):
         config = json.loads(params.read_text())
         rows = result_rows(params.parent / "result.json")
         found[(config["inject_fault"], config.get("fault_times", 1))] = (params.parent.name, rows)
@@ -108,13 +108,13 @@ def test_only_the_selected_trial_keeps_checkpoints_and_retrieve_embeds_its_selec
 
     experiment, _ = faulty_search
     selection = json.loads((experiment / "main" / "selection.json").read_text())
-    holding = {p.parent.parent.name for p in (experiment / "grid").glob("*/checkpoint_*/state.pt")}
+    holding = {p.parent.parent.name for p in (experiment / "trials").glob("*/checkpoint_*/state.pt")}
     assert holding == {selection["trial_id"]}
     assert selection["trial_id"] != _trials(experiment)[("exit", 1)][0]
     db = load_database(experiment)
-    rows = result_rows(experiment / "grid" / selection["trial_id"] / "result.json")
+    rows = result_rows(experiment / "trials" / selection["trial_id"] / "result.json")
     (row,) = [r for r in rows if r["training_iteration"] == selection["epoch"]]
-    assert db.checkpoint == experiment / "grid" / selection["trial_id"] / row["checkpoint_dir_name"] / "state.pt"
+    assert db.checkpoint == experiment / "trials" / selection["trial_id"] / row["checkpoint_dir_name"] / "state.pt"
     assert len(db.paths) == len(db.labels) == db.embeddings.shape[0] > 0
     # the test split embedded with the checkpoint's model scores the test Recall@1 that epoch reported
     from tune_upl.metrics import retrieval_metrics

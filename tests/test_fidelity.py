@@ -177,12 +177,12 @@ def test_a_study_whose_every_trial_failed_has_no_selection_and_the_search_exits_
     assert (experiment / "COMPLETE").is_file()  # done: the other study selected and tested
 
 
-def test_the_report_of_an_experiment_whose_trials_do_not_name_their_study_still_opens(demo_search, tmp_path):
-    """Written before trials named their study: Tune's saved configs hold no `study` key; the old-layout
-    reader derives it from the `studies` values."""
+def test_an_experiment_whose_trials_do_not_name_their_study_gets_one_line_from_report_and_resume(demo_search, tmp_path):
+    """Written before trials named their study (Tune's saved configs hold no `study` key): the report and
+    --resume say in one line which version reads it, before Ray starts."""
     import shutil
 
-    from tune_upl.report import write_report
+    from tune_upl.errors import ExperimentError
     from tune_upl.results import load_experiment
 
     _, experiment, _ = demo_search
@@ -196,11 +196,10 @@ def test_the_report_of_an_experiment_whose_trials_do_not_name_their_study_still_
             trial["config"].pop(OPTUNA_NUMBER_KEY, None)
             entry[0] = json.dumps(trial)
         state.write_text(json.dumps(saved))
-    now, before = load_experiment(experiment), load_experiment(old)
-    assert before.studies == now.studies == ["main"]
-    assert list(before.trials["trial"]) == list(now.trials["trial"]) and len(before.final_trials) == 2
-    assert "## Benchmark (test classes)" in write_report(old, tmp_path / "reports").read_text()
-    # --resume of such an unfinished experiment: one line, before Ray starts (its scheduler routes by the key)
+    assert load_experiment(experiment).studies == ["main"]
+    with pytest.raises(ExperimentError, match=rf"^experiment {old.name} is in an older layout \(trial \S+ does not "
+                                              r"name its study\); tune_upl 0.1.0 is the last version that reports"):
+        load_experiment(old)
     (old / "COMPLETE").unlink()
     spec_file = old / "search_spec.json"
     spec_file.write_text(json.dumps({**json.loads(spec_file.read_text()), "location": str(old.resolve())}))
@@ -208,4 +207,4 @@ def test_the_report_of_an_experiment_whose_trials_do_not_name_their_study_still_
     params.write_text(json.dumps({k: v for k, v in json.loads(params.read_text()).items() if k != STUDY_KEY}))
     out = cli("search", "--resume", "--name", old.name, "--storage", str(old.parent))
     assert out.returncode == 2 and one_line(out.stderr).startswith(
-        f"error: --resume: experiment {old.name} was written by an older tune_upl, whose trials do not name their study")
+        f"error: --resume: experiment {old.name} is in an older layout (trial {params.parent.name} does not name its study)")

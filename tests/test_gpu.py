@@ -181,7 +181,7 @@ def gpu_search(ray_session, cache_dir, synthetic_root, tmp_path_factory):
     })
     experiment = run_search(spec, {"cache_dir": cache_dir}, Options(storage=tmp_path_factory.mktemp("runs")))
     trials = {json.loads((p.parent / "params.json").read_text())["device"]: (p.parent, result_rows(p))
-              for p in (experiment / "grid").glob("*/result.json")}
+              for p in (experiment / "trials").glob("*/result.json") if not p.parent.name.endswith(".final")}
     return experiment, trials, write_report(experiment, tmp_path_factory.mktemp("reports")).read_text()
 
 
@@ -200,7 +200,7 @@ def test_a_cpu_trial_with_a_gpu_share_trains_and_counts_as_cpu_hours(gpu_search)
     experiment, trials, report = gpu_search
     folder, rows = trials["cpu"]
     assert [r["device"] for r in rows] == ["cpu"] and rows[-1]["val_recall@1"] > 0
-    final = [result_rows(p) for p in experiment.glob("*.final/*/result.json")]
+    final = [result_rows(p) for p in (experiment / "trials").glob("*.final/result.json")]
     assert [rows[-1]["device"] for rows in final] == ["cpu"]
     hours = sum(r[-1]["time_total_s"] for r in [rows, *final]) / 3600
     expected = (f"- accelerator-hours: 0.00 (0.5 GPU per trial, on CUDA); 2 runs trained on the CPU despite the "

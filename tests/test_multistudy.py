@@ -31,11 +31,11 @@ def two_studies(folder, **changes):
 
 
 def searcher_for(folder, **changes):
-    from tune_upl.multistudy import StudySearcher
+    from tune_upl.multistudy import Session, StudySearcher
 
     spec, studies = two_studies(folder, **changes)
     folder.mkdir(exist_ok=True)
-    return spec, studies, StudySearcher(spec, studies, folder)
+    return spec, studies, StudySearcher(spec, studies, Session(folder, None, spec.max_concurrent * len(studies)))
 
 
 def study_name(config):
@@ -58,14 +58,25 @@ def test_a_free_slot_goes_to_the_study_furthest_behind_under_its_own_limit(tmp_p
     assert study_name(searcher.suggest("u3")) == "scale=64.0" and searcher.suggest("u4") is None  # 2 each: their limit
 
 
+def stub_trial(trial_id, config, status, result):
+    from ray.tune.experiment import Trial
+
+    made = Trial("train_trial", config=config, trial_id=trial_id, stub=True)
+    made.set_status(status)
+    made.run_metadata.last_result = result
+    return made
+
+
 def test_final_runs_start_once_a_study_ended_and_the_searcher_then_finishes(tmp_path, capsys):
     from ray.tune.search import Searcher
 
-    from tune_upl.multistudy import StudySearcher
+    from tune_upl.multistudy import Session, StudySearcher
+    from tune_upl.search import TrialLines
 
     spec, studies = two_studies(tmp_path, num_samples=2)
     pushed = []  # what remote storage would receive (`storage.push_file`), in order
-    searcher = StudySearcher(spec, studies, tmp_path, publish=pushed.append)
+    searcher = StudySearcher(spec, studies, Session(tmp_path, pushed.append, 4))
+    lines = TrialLines(spec, ["scale"], 10, tuple(studies), searcher)
     searcher.set_max_concurrency(10)
     first = {f"t{i}": searcher.suggest(f"t{i}") for i in range(2)}  # one trial of each study (max_concurrent 1)
     assert sorted(map(study_name, first.values())) == ["scale=64.0", "scale=8.0"]
@@ -80,14 +91,19 @@ def test_final_runs_start_once_a_study_ended_and_the_searcher_then_finishes(tmp_
     searcher.on_trial_complete("t3", {"val_recall@1": 0.65, "training_iteration": 1})  # stopped by ASHA
     selection = json.loads((tmp_path / "scale=8.0" / "selection.json").read_text())
     assert selection["trial_id"] == good and selection["epoch"] == 1 and selection["objective"] == {"val_recall@1": 0.7}
-    assert "selected" not in capsys.readouterr().out  # said at the next suggest, after that trial's own line
+    assert searcher.decisions()[0]["scale=8.0"].trial_id == good  # the driver's selections come from here
+    assert capsys.readouterr().out == ""  # the searcher says nothing; the progress callback, after it, does:
+    lines.on_trial_complete(1, [], stub_trial("t3", second, "TERMINATED", {"val_recall@1": 0.65, "training_iteration": 1}))
+    said = capsys.readouterr().out.splitlines()
+    assert said[0].startswith("[1/10] scale=8.0 trial t3 stopped early")
+    assert said[1].startswith(f"selected trial {good} of scale=8.0 (epoch 1, val_recall@1 0.7000)")
+    assert said[2].startswith("final stage scale=8.0.final") and len(said) == 3
     # the database with each asked trial (before Tune can save it) and each ended one
     assert pushed == ["optuna.db"] * 4 + ["scale=8.0/selection.json", "optuna.db"]
     curve, stopped = optuna.load_study(study_name="scale=8.0", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
     assert curve.intermediate_values == {1: 0.7, 3: 0.6} and curve.value == 0.6  # its curve, and its last objective
     assert curve.state.name == "COMPLETE" and stopped.state.name == "PRUNED" and stopped.value == 0.65
     final = searcher.suggest("t5")  # the study's final run, before the other study has ended
-    assert f"selected trial {good} of scale=8.0 (epoch 1, val_recall@1 0.7000)" in capsys.readouterr().out
     assert final["final"] is True and final["seed"] == first[good]["seed"] + 1
     assert {k: v for k, v in final.items() if k not in ("final", "seed")} == {
         k: v for k, v in first[good].items() if k not in ("final", "seed", "optuna_trial")}
@@ -103,7 +119,10 @@ def test_final_runs_start_once_a_study_ended_and_the_searcher_then_finishes(tmp_
     searcher.on_trial_complete("t9", None)  # ended without a score
     assert not (tmp_path / "scale=64.0" / "selection.json").exists()  # nothing reported the objective
     assert searcher.suggest("t10") == Searcher.FINISHED  # no selection, so no final runs: nothing left
-    assert "error: study scale=64.0: all 2 of its trials failed, so nothing could be selected" in capsys.readouterr().out
+    assert searcher.decisions()[1] == {"scale=64.0": "study scale=64.0: all 2 of its trials failed, so nothing could "
+                                                     "be selected; see the trial errors under the trial folders"}
+    lines.on_step_begin(2, [])
+    assert capsys.readouterr().out.strip() == f"error: {searcher.decisions()[1]['scale=64.0']}"
     studies_db = {s.study_name: s for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'optuna.db'}")}
     assert studies_db["scale=8.0"].n_trials == 2 and studies_db["scale=64.0"].n_trials == 2
     poor_study = optuna.load_study(study_name="scale=64.0", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
@@ -120,17 +139,62 @@ def test_the_saved_state_restores_every_study_and_fails_asked_trials_tune_never_
     _, _, restored = searcher_for(tmp_path, num_samples=2)
     restored.set_max_concurrency(10)
     restored.restore(str(tmp_path / "state.pkl"))
+    restored.adopt(stub_trial("a", a, "TERMINATED", {"val_recall@1": 0.4, "training_iteration": 4}))  # as Tune adds them
+    restored.adopt(stub_trial("b", b, "RUNNING", {}))
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     lost_study = study_name(a)
+    again = restored.suggest("c")  # reconciled first
     states = [t.state.name for t in optuna.load_study(study_name=lost_study, storage=storage).trials]
-    assert states == ["COMPLETE", "FAIL"]  # the trial only Optuna knew is failed, not left running
-    again = restored.suggest("c")
+    assert states == ["COMPLETE", "FAIL", "RUNNING"]  # the trial only Optuna knew is failed, not left running
     assert study_name(again) == lost_study  # b is still running in the other study
     assert [t.number for t in optuna.load_study(study_name=lost_study, storage=storage).trials] == [0, 1, 2]
     assert restored.suggest("d") is None
     restored.on_trial_complete("b", {"val_recall@1": 0.3, "training_iteration": 4})  # a trial from before the save
     (other,) = optuna.load_study(study_name=study_name(b), storage=storage).trials  # the baseline queued once only
     assert other.state.name == "COMPLETE" and other.value == 0.3 and other.params["lr"] == b["lr"] == 1e-4
+
+
+def test_a_restore_takes_in_trials_saved_after_the_searcher_and_forgets_those_tune_lost(tmp_path):
+    """Tune saves its trials and the searcher's state one file after the other (and uploads them so): a kill
+    in between leaves either one newer. Restored, every study still ends with its num_samples trials, each
+    Optuna trial told once, and nothing waits for a trial Tune does not have."""
+    from ray.tune.search import Searcher
+
+    from tune_upl.multistudy import StudyRouter
+
+    spec, studies, searcher = searcher_for(tmp_path, num_samples=2, protocol="seed",
+                                           objective={"metric": "test_recall@1", "mode": "max"})
+    searcher.set_max_concurrency(10)
+    configs = {tid: searcher.suggest(tid) for tid in ("a", "b")}  # one trial of each study
+    searcher.save(str(tmp_path / "state.pkl"))  # the searcher's state knows a and b
+    searcher.on_trial_complete("a", {"test_recall@1": 0.4, "training_iteration": 3})
+    configs["c"] = searcher.suggest("c")  # a's study's second trial: in Tune's newer state only
+    _, _, restored = searcher_for(tmp_path, num_samples=2, protocol="seed",
+                                  objective={"metric": "test_recall@1", "mode": "max"})
+    router = StudyRouter(spec, studies, restored)
+    restored.set_max_concurrency(10)
+    restored.restore(str(tmp_path / "state.pkl"))
+    # Tune's state: a ended, c running; b was lost (say Tune's file was the older one for it)
+    router.on_trial_add(None, stub_trial("a", configs["a"], "TERMINATED", {"test_recall@1": 0.4, "training_iteration": 3}))
+    router.on_trial_add(None, stub_trial("c", configs["c"], "RUNNING", {}))
+    again = restored.suggest("d")  # b's slot, suggested again
+    assert study_name(again) == study_name(configs["b"])
+    assert restored.suggest("e") is None  # c and d run: each study at its limit of 1
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    lost = optuna.load_study(study_name=study_name(configs["b"]), storage=storage).trials
+    assert [t.state.name for t in lost] == ["FAIL", "RUNNING"]  # b failed, d asked
+    restored.on_trial_complete("c", {"test_recall@1": 0.6, "training_iteration": 3})
+    adopted = optuna.load_study(study_name=study_name(configs["a"]), storage=storage).trials
+    assert [(t.state.name, t.value) for t in adopted] == [("COMPLETE", 0.4), ("COMPLETE", 0.6)]
+    assert restored.decisions()[0][study_name(configs["a"])].trial_id == "c"
+    restored.on_trial_complete("d", {"test_recall@1": 0.5, "training_iteration": 3})
+    assert study_name(restored.suggest("f")) == study_name(configs["b"])  # its second trial: b does not count
+    restored.on_trial_complete("f", {"test_recall@1": 0.2, "training_iteration": 3})
+    assert restored.suggest("g") == Searcher.FINISHED
+    assert {k: v.trial_id for k, v in restored.decisions()[0].items()} == {
+        study_name(configs["a"]): "c", study_name(configs["b"]): "d"}
+    lost = optuna.load_study(study_name=study_name(configs["b"]), storage=storage).trials
+    assert [t.state.name for t in lost] == ["FAIL", "COMPLETE", "COMPLETE"]
 
 
 def test_a_restored_searcher_writes_where_the_resuming_driver_has_the_experiment_now(tmp_path):
@@ -154,18 +218,19 @@ def test_a_restored_searcher_writes_where_the_resuming_driver_has_the_experiment
     restored.set_max_concurrency(2)  # Tune gives it the first run's max_concurrent_trials again
     with resuming(Session(moved, pushed.append, 1)):
         restored.restore(str(tmp_path / "state.pkl"))
+    restored.adopt(stub_trial("a", a, "RUNNING", {}))
     assert restored.suggest("b") is None  # the resuming driver's limit: 1 trial at once, a still running
     restored.on_trial_complete("a", {"val_recall@1": 0.5, "training_iteration": 3})
     key = study_name(a)
     assert (moved / key / "selection.json").is_file() and not first.exists()
-    assert pushed == [f"{key}/selection.json", "optuna.db"]
+    assert pushed == ["optuna.db", f"{key}/selection.json", "optuna.db"]
     trials = optuna.load_study(study_name=key, storage=f"sqlite:///{moved / 'optuna.db'}").trials
     assert [t.state.name for t in trials] == ["COMPLETE"]
 
 
-def test_under_protocol_seed_the_searcher_finishes_only_after_saying_every_selection(tmp_path, capsys):
+def test_under_protocol_seed_the_searcher_finishes_only_after_every_selection(tmp_path):
     """Tune stops asking a searcher that said FINISHED, so it must not say so while a study's last trial runs:
-    that trial's selection line would never be said."""
+    that trial's study would never be selected."""
     from ray.tune.search import Searcher
 
     _, _, searcher = searcher_for(tmp_path, num_samples=1, protocol="seed", objective={"metric": "test_recall@1", "mode": "max"})
@@ -176,8 +241,8 @@ def test_under_protocol_seed_the_searcher_finishes_only_after_saying_every_selec
     assert searcher.suggest("c") is None
     searcher.on_trial_complete("b", {"test_recall@1": 0.4, "training_iteration": 3})
     assert searcher.suggest("c") == Searcher.FINISHED
-    said = capsys.readouterr().out
-    assert all(f"selected trial {t} of {study_name(c)} " in said for t, c in (("a", a), ("b", b)))
+    selections = searcher.decisions()[0]
+    assert {k: s.trial_id for k, s in selections.items()} == {study_name(a): "a", study_name(b): "b"}
 
 
 def test_a_restored_study_does_not_propose_its_start_up_points_again(tmp_path):
@@ -325,12 +390,13 @@ def test_trials_at_once_fill_the_cluster_up_to_every_studys_limit_and_the_dry_ru
     from tune_upl.search import trials_at_once
 
     spec, studies = two_studies(tmp_path, max_concurrent=4, resources={"cpu": 1, "gpu": 0.5})
-    assert trials_at_once(spec, 6, {"CPU": 16.0, "GPU": 8.0}) == 16  # 16 slots, 24 wanted
-    assert trials_at_once(spec, 3, {"CPU": 16.0, "GPU": 8.0}) == 12  # every study at its limit
-    assert trials_at_once(spec, 6, {"CPU": 16.0, "GPU": 2.0}) == 4  # the GPUs hold 4
-    assert trials_at_once(spec, 6, None) == 24  # a growing cluster: the studies' limits
+    six, three = studies * 3, [*studies, studies[0]]
+    assert trials_at_once(spec, six, {"CPU": 16.0, "GPU": 8.0}) == 16  # 16 slots, 24 wanted
+    assert trials_at_once(spec, three, {"CPU": 16.0, "GPU": 8.0}) == 12  # every study at its limit
+    assert trials_at_once(spec, six, {"CPU": 16.0, "GPU": 2.0}) == 4  # the GPUs hold 4
+    assert trials_at_once(spec, six, None) == 24  # a growing cluster: the studies' limits
     capped = spec.model_copy(update={"max_concurrent_total": 5})
-    assert trials_at_once(capped, 6, {"CPU": 16.0, "GPU": 8.0}) == 5
+    assert trials_at_once(capped, six, {"CPU": 16.0, "GPU": 8.0}) == 5
     assert ("all 2 studies in one run: up to 5 trials at once (4 per study, capped by max_concurrent_total 5), each "
             "1 CPU + 0.5 GPU: 2.5 GPUs for 5 at once") in describe(capped, studies).splitlines()[0]
     out = cli("--space", str(ROOT / "search_spaces" / "upl_optuna.yaml"), "--dry-run")
@@ -348,7 +414,7 @@ def test_seed_cannot_tell_studies_apart_when_final_runs_change_it():
                        "objective": {"metric": "test_recall@1", "mode": "max"}}).studies == {"seed": [1, 2]}
 
 
-def test_resume_refuses_an_experiment_of_the_older_one_run_per_study_layout(tmp_path):
+def test_resume_and_report_refuse_an_experiment_in_an_older_layout_in_one_line(tmp_path):
     from experiments import cli
 
     runs = tmp_path / "runs"
@@ -358,7 +424,29 @@ def test_resume_refuses_an_experiment_of_the_older_one_run_per_study_layout(tmp_
     (old / "scale=8.0" / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
     out = cli("--resume", "--name", "two", "--storage", str(runs))
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip() == (
-        "error: --resume: experiment two was written by an older tune_upl, one Tune run per study (scale=8.0), which "
-        "this version cannot continue; `report` still reads it; start it again with --overwrite (the old folder is "
-        "kept) or under another --name")
+    line = ("experiment two is in an older layout (its Tune runs scale=8.0/); tune_upl 0.1.0 is the last version "
+            "that reports or resumes it: run that version for it, or start the search again with --overwrite")
+    assert out.stderr.strip() == f"error: --resume: {line}"
+    out = cli("report", "--name", "two", "--storage", str(runs), "--reports-dir", str(tmp_path / "reports"))
+    assert out.returncode == 2 and out.stderr.strip() == f"error: {line}"
+    (old / "scale=8.0").rename(old / "grid")  # a grid's own Tune run
+    out = cli("--resume", "--name", "two", "--storage", str(runs))
+    assert out.returncode == 2 and "(its Tune runs grid/)" in out.stderr
+
+
+def test_the_default_sampler_is_the_gaussian_process_and_it_models_after_its_start_up_trials(tmp_path):
+    """The spec's default searcher is `gp` (the sampler comparison's rule); after its random start-up trials
+    it proposes from a model of the complete ones, through the same searcher as TPE."""
+    assert parse_spec({"name": "x"}).searcher.type == "gp"
+    _, _, searcher = searcher_for(tmp_path, num_samples=5, max_concurrent=1, studies={"scale": [8.0]},
+                                  searcher={"type": "gp", "seed": 0, "n_startup_trials": 2})
+    searcher.set_max_concurrency(1)
+    for i in range(5):
+        config = searcher.suggest(f"t{i}")
+        lr = config["lr"]
+        searcher.on_trial_complete(f"t{i}", {"val_recall@1": 1.0 - abs(math.log10(lr) + 3), "training_iteration": 3})
+    study = optuna.load_study(study_name="scale=8.0", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert isinstance(searcher._book.samplers["scale=8.0"], optuna.samplers.GPSampler)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 5
+    assert study.trials[0].params["lr"] == 1e-4  # the recipe first
+    assert len({t.params["lr"] for t in study.trials}) == 5

@@ -239,9 +239,11 @@ def test_name_is_one_plain_folder_name_for_every_command(tmp_path, capsys, comma
             "_ . - (starting with a letter or digit), no path separators")
 
 
-def test_progress_lines_of_a_restored_run_continue_its_count_and_best(capsys):
+def test_progress_lines_of_a_restored_run_continue_its_count_and_best(capsys, tmp_path):
     from ray.tune.experiment import Trial
 
+    from tune_upl.multistudy import Session, StudySearcher
+    from tune_upl.planning import plan_studies
     from tune_upl.search import TrialLines
 
     def trial(trial_id: str, status: str, score: float) -> Trial:
@@ -251,7 +253,9 @@ def test_progress_lines_of_a_restored_run_continue_its_count_and_best(capsys):
         return made
 
     spec = parse_spec(MINI)
-    lines = TrialLines(spec, ["lr"], total=3)  # as restored: pickled before any trial ended
+    studies = plan_studies(spec, {"cache_dir": str(tmp_path)})
+    searcher = StudySearcher(spec, studies, Session(tmp_path, None, 1))
+    lines = TrialLines(spec, ["lr"], 3, tuple(studies), searcher)  # as restored: pickled before any trial ended
     ended = [trial("a", Trial.TERMINATED, 0.7), trial("b", Trial.TERMINATED, 0.4)]
     running = trial("c", Trial.RUNNING, 0.5)
     lines.on_step_begin(0, ended + [running])

@@ -301,7 +301,7 @@ def test_the_test_selected_epoch_checkpoint_is_found_or_named_missing(tmp_path):
     from tune_upl.retrieve import _selected_checkpoint
     from tune_upl.layout import CHECKPOINT_FILE
 
-    trial = tmp_path / "grid" / "abc_00001"
+    trial = tmp_path / "trials" / "abc_00001"
     (trial / "checkpoint_000002").mkdir(parents=True)
     (trial / "checkpoint_000002" / CHECKPOINT_FILE).write_bytes(b"state")
     (trial / "params.json").write_text("{}")

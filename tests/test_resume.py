@@ -1,10 +1,12 @@
 """Experiments survive their driver: refusal of a second driver, unfinished and finished folders, and a
 search killed with SIGKILL (during the search, then during the final stage) that resumes and completes."""
+import itertools
 import json
 import os
 import subprocess
 import sys
 
+import optuna
 import pytest
 from experiments import ROOT, cli, kill_when, saved_trials, trial_results
 from filelock import FileLock
@@ -94,3 +96,49 @@ def test_killed_search_resumes_to_exactly_num_samples_trials(tmp_path, cache_dir
     assert (runs / "mini" / "COMPLETE").is_file()
     report = (tmp_path / "mini.md").read_text()
     assert "± " in report and report.count("| main ") == 3
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_grid_runs_every_study_at_once_and_a_killed_grid_resumes_counting_each_point_once(tmp_path, cache_dir):
+    """Three studies of a 2-point grid in the one run of all studies: trials of all three train at the same
+    time (their first epochs overlap), killed with SIGKILL once a trial has ended and resumed, each study
+    has exactly its 2 points, each once, in Tune and in Optuna, and is selected."""
+    spec = write_spec(tmp_path, name="grid3", searcher={"type": "grid"}, scheduler={"type": "fifo"}, num_samples=1,
+                      max_concurrent=2, protocol="seed", objective={"metric": "test_recall@1", "mode": "max"},
+                      resources={"cpu": 0.25}, baseline=False, studies={"margin": [0.1, 0.2, 0.3]},
+                      fixed={**{k: v for k, v in MINI["fixed"].items() if k != "num_epochs"}, "image_size": 16,
+                             "checkpoint_every": 1},
+                      space={"num_epochs": {"choice": [2, 8]}})
+    runs = tmp_path / "runs"
+    base = [sys.executable, "run_search.py", "--storage", str(runs), "--reports-dir", str(tmp_path),
+            "--cache-dir", cache_dir]
+    trials = runs / "grid3" / "trials"
+
+    def ended_and_running() -> bool:
+        saved = saved_trials(trials)
+        return (any(status == "TERMINATED" for status, _, _ in saved.values())
+                and any(status != "TERMINATED" and epochs >= 1 for status, epochs, _ in saved.values()))
+
+    kill_when(base + ["--space", str(spec)], ended_and_running)
+    out = subprocess.run(base + ["--resume", "--name", "grid3"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    found = {}
+    for trial_id, rows in trial_results(trials).items():
+        config = json.loads((trials / trial_id / "params.json").read_text())
+        found.setdefault(config["study"], []).append((config["num_epochs"], rows))
+    assert sorted(found) == ["margin=0.1", "margin=0.2", "margin=0.3"]
+    for key, runs_of in found.items():
+        assert sorted(epochs for epochs, _ in runs_of) == [2, 8], key  # each point once
+        for epochs, rows in runs_of:
+            assert sorted({r["training_iteration"] for r in rows}) == list(range(1, epochs + 1))
+        told = optuna.load_study(study_name=key, storage=f"sqlite:///{runs / 'grid3' / 'optuna.db'}").trials
+        assert sorted(t.params["num_epochs"] for t in told if t.state.name == "COMPLETE") == [2, 8], key
+        assert (runs / "grid3" / key / "selection.json").is_file()
+    first_epochs = {key: [(r[0]["timestamp"] - r[0]["time_this_iter_s"], r[0]["timestamp"]) for _, r in runs_of]
+                    for key, runs_of in found.items()}
+    together = [combo for combo in itertools.product(*first_epochs.values())
+                if max(start for start, _ in combo) < min(end for _, end in combo)]
+    assert together, first_epochs  # a moment when a trial of each study was training
+    assert (runs / "grid3" / "COMPLETE").is_file()

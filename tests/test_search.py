@@ -117,14 +117,14 @@ def test_test_classes_evaluated_only_after_selection(demo_search):
 
 
 def test_same_sampler_seed_proposes_the_same_first_configurations(demo_search, tmp_path):
-    from tune_upl.multistudy import StudySearcher
+    from tune_upl.multistudy import Session, StudySearcher
 
     spec, experiment, _ = demo_search
     study = plan_studies(spec, {"cache_dir": "/x"})[0]
 
     def proposals(folder):
         folder.mkdir()
-        searcher = StudySearcher(spec, [study], folder)
+        searcher = StudySearcher(spec, [study], Session(folder, None, spec.max_concurrent))
         found = []
         for i in range(SAMPLES):
             found.append({k: v for k, v in searcher.suggest(f"t{i}").items() if k in spec.space})

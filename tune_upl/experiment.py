@@ -1,12 +1,10 @@
 """An experiment folder's life: start, refuse or resume; one driver at a time; a record of what ran; and
-the order of work (every study's search and final runs in one Tune run, or the grid then its final
-stages; prune; mark complete).
+the order of work (every study's search and final runs in one Tune run; prune; mark complete).
 
 Layout under `<storage>/<name>/` (the names and the full layout are `tune_upl.layout`'s):
 `search_spec.json` (the spec, the command-line overrides and the driver's paths: a resume reads it and
 plans the same studies), `record.json` (code version, packages, hardware, class lists), `optuna.db`,
-`<study>/selection.json`, the Tune experiment `trials/` (or `grid/` and `<study>.final/`), and
-`COMPLETE` once everything has run. With `--storage` a URI (s3://, gs://), Tune's folders are written there and the
+`<study>/selection.json`, the Tune experiment `trials/`, and `COMPLETE` once everything has run. With `--storage` a URI (s3://, gs://), Tune's folders are written there and the
 driver's files to a local mirror, each pushed to the URI when written (`tune_upl.storage`).
 """
 from __future__ import annotations
@@ -14,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
-import json
 import platform
 import shutil
 import sqlite3
@@ -27,37 +24,29 @@ from typing import Any, Optional
 
 from filelock import FileLock, Timeout
 
+from tune_upl import __version__
 from tune_upl.atomic import write_json
 from tune_upl.config import Paths
-from tune_upl.final import (
-    Selection, final_stage_line, load_selection, save_selection, save_unselectable, select, selected_line, unfinished,
-)
+from tune_upl.final import Selection, unfinished
 from tune_upl.layout import (
     COMPLETE_FILE,
-    GRID_STUDY,
     OPTUNA_FILE,
-    PARAMS_FILE,
     RECORD_FILE,
     RUN_FOLDER,
-    SELECTION_FILE,
     PULLED_FOLDER,
     SPEC_FILE,
-    STUDY_KEY,
     TUNE_STATE_PATTERN,
-    UNSELECTABLE_FILE,
     driver_file,
     driver_lock_name,
+    older_layout,
     report_file,
     search_command,
 )
-from tune_upl.results import read_saved_spec
+from tune_upl.results import older_layout_line, read_saved_spec
 from tune_upl.planning import (
-    Study, baseline_point, grid_points, plan_studies, prepare_data, prepare_weights, serial_loading,
+    Study, baseline_point, grid_points, max_epochs, plan_studies, prepare_data, prepare_weights, search_trials, serial_loading,
 )
-from tune_upl.search import (
-    check_resources, init_ray, logger_callbacks, per_study, ray_session, run_final, run_grid, run_studies,
-    trials_at_once,
-)
+from tune_upl.search import check_resources, init_ray, logger_callbacks, per_study, ray_session, run_studies, trials_at_once
 from tune_upl.spec import SearchSpec, parse_spec
 from tune_upl.storage import Remote, prune_checkpoints, push_file, writable_folder
 from tune_upl import signals
@@ -94,28 +83,32 @@ def load_saved_spec(experiment: Path) -> tuple[SearchSpec, dict[str, Any], Paths
 def describe(spec: SearchSpec, studies: list[Study]) -> str:
     """What a search would run (`--dry-run`): studies, trials, epochs, resources."""
     per_trial = f"each {spec.resources.cpu:g} CPU + {spec.resources.gpu:g} GPU"
-    if spec.searcher.type == "grid":
-        at_once = f"{spec.max_concurrent} trials at once, {per_trial}"
-    else:  # the cluster is not known before Ray starts: its size may lower this (search.trials_at_once)
-        total = trials_at_once(spec, len(studies))
-        cap = f", capped by max_concurrent_total {spec.max_concurrent_total}" if spec.max_concurrent_total else ""
-        at_once = (f"all {len(studies)} stud{'y' if len(studies) == 1 else 'ies'} in one run: up to {total} trials at "
-                   f"once ({per_study(spec)} per study{cap}), {per_trial}: {total * spec.resources.gpu:g} GPUs "
-                   f"for {total} at once")
+    # the cluster is not known before Ray starts: its size may lower this (search.trials_at_once)
+    total = trials_at_once(spec, studies)
+    cap = f", capped by max_concurrent_total {spec.max_concurrent_total}" if spec.max_concurrent_total else ""
+    at_once = (f"all {len(studies)} stud{'y' if len(studies) == 1 else 'ies'} in one run: up to {total} trials at "
+               f"once ({_per_study_text(spec, studies)} per study{cap}), {per_trial}: "
+               f"{total * spec.resources.gpu:g} GPUs for {total} at once")
     lines = [f"experiment {spec.name}: {spec.searcher.type} + {spec.scheduler.type}, objective "
              f"{spec.objective.metric} ({spec.objective.mode}), protocol {spec.protocol}, {at_once}"]
-    if spec.searcher.type == "grid":
-        lines.append(f"  grid: {sum(len(grid_points(study)) for study in studies) * spec.num_samples} trials")
     for study in studies:
-        epochs = study.base.get("num_epochs", "searched")
-        trials = "" if spec.searcher.type == "grid" else f"{spec.num_samples} trials, "
-        lines.append(f"  study {study.key}: {trials}up to {epochs} epochs each, "
+        trials = search_trials(spec, study)
+        points = (f" ({len(grid_points(study))} grid point{'s' if len(grid_points(study)) != 1 else ''} x "
+                  f"{spec.num_samples})" if spec.searcher.type == "grid" else "")
+        lines.append(f"  study {study.key}: {trials} trial{'s' if trials != 1 else ''}{points}, up to "
+                     f"{max_epochs(study.base, study.space)} epochs each, "
                      f"{study.base.get('data_name')}/{study.base.get('backbone_type')}/{study.base.get('loss_name')}, "
                      f"data {study.base.get('data_path')}, cache {study.base.get('cache_dir')}, "
                      f"searching {', '.join(study.space) or 'nothing'}")
     if spec.protocol == "val":
         lines.append(f"  final stage: {spec.final_seeds} seeds per study, on train + validation classes, tested once")
     return "\n".join(lines)
+
+
+def _per_study_text(spec: SearchSpec, studies: list[Study]) -> str:
+    """Each study's trials at once: one number, or the range where grids of different sizes differ."""
+    counts = sorted({per_study(spec, study) for study in studies})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
 
 
 def _publish(options: Options, experiment: Path, *relative: str) -> None:
@@ -185,7 +178,7 @@ def resolve_resume(name: str, storage: Path,
     saved = load_saved_spec(experiment)
     if not (experiment / COMPLETE_FILE).is_file():  # a complete one is only reported: nothing of Tune's runs
         refuse_moved(experiment, remote)
-    refuse_old_layout(saved[0], experiment, remote)
+    refuse_old_layout(experiment, remote)
     check_optuna_database(experiment)
     return saved
 
@@ -311,9 +304,11 @@ def write_record(experiment: Path, studies: list[Study], spec: SearchSpec,
     import ray
     import torch
 
-    baselines = {s.key: baseline_point(s.space, s.base) for s in studies} if spec.baseline else {}
+    queued = spec.baseline and spec.searcher.type != "grid"  # a grid runs its own points only
+    baselines = {s.key: baseline_point(s.space, s.base) for s in studies} if queued else {}
     write_json(experiment / RECORD_FILE, {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "tune_upl": __version__,
         "git_commit": _git_commit(),
         "packages": _versions(),
         "python": platform.python_version(),
@@ -342,89 +337,38 @@ def _prune(spec: SearchSpec, options: Options, experiment: Path, folder: str, se
     prune_checkpoints(f"{root}/{folder}", lambda trial_id, params: trial_id in chosen or bool(params.get("final")))
 
 
-def _save(options: Options, experiment: Path, selection: Selection) -> None:
-    save_selection(selection, experiment / selection.key)
-    _publish(options, experiment, f"{selection.key}/{SELECTION_FILE}")
-
-
-def _run_grid(spec: SearchSpec, studies: list[Study], experiment: Path, options: Options,
-              callbacks: tuple[Any, ...]) -> None:
-    """The grid: one Tuner over every point, a selection per study, then one Tuner per final stage. Once
-    every selection is saved the grid is done: a resume does not restore it (its errored trials would be
-    resumed from checkpoints that pruning deleted)."""
-    root = _tune_root(options, experiment)
-    picked = [load_selection(experiment / study.key) for study in studies]
-    if not all(picked):
-        results = run_grid(spec, studies, experiment, options.verbose, callbacks, tune_root=root)
-        picked = []
-        for study in studies:  # every study's selection is saved before any is pruned
-            try:
-                picked.append(select(spec, results, study.key, study.point))
-            except RuntimeError as nothing:
-                save_unselectable(study.key, str(nothing), experiment / study.key)
-                _publish(options, experiment, f"{study.key}/{UNSELECTABLE_FILE}")
-                print(f"error: {nothing}", flush=True)
-                continue
-            _save(options, experiment, picked[-1])
-    picked = [s for s in picked if s is not None]
-    for selection in picked:
-        print(selected_line(spec, selection), flush=True)
-    _prune(spec, options, experiment, GRID_STUDY, picked)
-    if spec.protocol == "val":
-        for selection in picked:
-            print(final_stage_line(spec, selection.key), flush=True)
-            run_final(spec, selection, experiment, options.verbose, callbacks, tune_root=root)
-
-
 def _run_studies(spec: SearchSpec, studies: list[Study], experiment: Path, options: Options,
                  callbacks: tuple[Any, ...]) -> None:
-    """TPE or random: every study's search and final runs in one Tune run (`tune_upl.multistudy`), as many
-    trials at once as the cluster holds; then the search trials' checkpoints are pruned."""
+    """Every study's search and final runs in one Tune run (`tune_upl.multistudy`), as many trials at once as
+    the cluster holds; then the search trials' checkpoints are pruned, but the selected ones."""
     import ray
 
-    at_once = trials_at_once(spec, len(studies), None if options.autoscaling else ray.cluster_resources())
+    at_once = trials_at_once(spec, studies, None if options.autoscaling else ray.cluster_resources())
     gpus = f", {at_once * spec.resources.gpu:g} GPUs" if spec.resources.gpu else ""
-    print(f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} in one run: {spec.num_samples} trials each, "
+    counts = sorted({search_trials(spec, study) for study in studies})
+    each = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    print(f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} in one run: {each} trials each, "
           f"{spec.searcher.type} + {spec.scheduler.type}, objective {spec.objective.metric} ({spec.objective.mode}); "
-          f"up to {at_once} trials at once ({per_study(spec)} per study{gpus})", flush=True)
+          f"up to {at_once} trials at once ({_per_study_text(spec, studies)} per study{gpus})", flush=True)
     publish = functools.partial(push_file, options.remote, experiment) if options.remote else None
     try:
-        run_studies(spec, studies, experiment, options.verbose, at_once, callbacks,
-                    tune_root=_tune_root(options, experiment), publish=publish)
+        ran = run_studies(spec, studies, experiment, options.verbose, at_once, callbacks,
+                          tune_root=_tune_root(options, experiment), publish=publish)
     finally:
         _publish(options, experiment, OPTUNA_FILE)
-    selections = [load_selection(experiment / study.key) for study in studies]
-    _prune(spec, options, experiment, RUN_FOLDER, [s for s in selections if s is not None])
+    _prune(spec, options, experiment, RUN_FOLDER, list(ran.selections.values()))
 
 
-def refuse_old_layout(spec: SearchSpec, experiment: Path, remote: Optional[Remote]) -> None:
-    """An experiment started before all studies shared one run has a Tune experiment per study: --resume
-    cannot continue it in the new layout (its searchers' states are per study)."""
-    if spec.searcher.type == "grid":
-        return
-    states = remote.files(experiment.name) if remote else [str(p.relative_to(experiment)) for p in experiment.glob("*/*")]
-    old = sorted({f.split("/")[0] for f in states if fnmatch.fnmatch(f.split("/")[-1], TUNE_STATE_PATTERN)
-                  and f.count("/") == 1 and f.split("/")[0] != RUN_FOLDER})
-    if old:
-        raise ExperimentError(
-            f"--resume: experiment {spec.name} was written by an older tune_upl, one Tune run per study ({', '.join(old)}), "
-            "which this version cannot continue; `report` still reads it; start it again with --overwrite "
-            "(the old folder is kept) or under another --name"
-        )
-    unnamed = [p.parent.name for p in sorted((experiment / RUN_FOLDER).glob(f"*/{PARAMS_FILE}")) if not _names_study(p)]
-    if unnamed:  # the run's scheduler routes each trial by the study it names
-        raise ExperimentError(
-            f"--resume: experiment {spec.name} was written by an older tune_upl, whose trials do not name their "
-            f"study (trial {unnamed[0]}), which this version cannot continue; `report` still reads it; start it "
-            "again with --overwrite (the old folder is kept) or under another --name")
-
-
-def _names_study(params: Path) -> bool:
-    """Whether a trial's `params.json` names its study (a damaged one is Tune's to restore: not judged here)."""
-    try:
-        return STUDY_KEY in json.loads(params.read_text(errors="replace"))
-    except ValueError:
-        return True
+def refuse_old_layout(experiment: Path, remote: Optional[Remote]) -> None:
+    """An experiment in an older layout (`layout.older_layout`): --resume cannot continue it."""
+    if remote is None:
+        line = older_layout_line(experiment)
+    else:
+        states = [f for f in remote.files(experiment.name)
+                  if f.count("/") == 1 and fnmatch.fnmatch(f.split("/")[-1], TUNE_STATE_PATTERN)]
+        line = older_layout(experiment.name, [f.split("/")[0] for f in states])
+    if line:
+        raise ExperimentError(f"--resume: {line}")
 
 
 def readable(options: Options, name: str) -> Path:
@@ -473,10 +417,7 @@ def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options, pa
             print(warning, flush=True)
         write_record(experiment, studies, spec, classes)
         _publish(options, experiment, RECORD_FILE)
-        if spec.searcher.type == "grid":
-            _run_grid(spec, studies, experiment, options, callbacks)
-        else:
-            _run_studies(spec, studies, experiment, options, callbacks)
+        _run_studies(spec, studies, experiment, options, callbacks)
         if signals.stopping():  # came after Tune's last step: nothing is marked after it
             raise signals.stop_error("after the last trial")
         finish(spec, studies, options, experiment)

@@ -3,36 +3,23 @@
 Selection reads Tune's results only (never the Optuna study, which marks resumed trials as failed) and
 picks, per study, the trial whose best epoch is best on the objective. Under protocol `val` the selected
 configuration is then retrained from scratch on all training classes with `final_seeds` seeds, each
-tested once after its last epoch: trials of the same Tune run as the search under TPE or random (the
-searcher of `tune_upl.multistudy` suggests them), a Tune experiment of its own (`<study>.final`) after
-a grid. Under protocol `seed` there is no final stage: the test metrics of the test-selected epoch are
-the result, as in the seed.
+tested once after its last epoch: trials of the same Tune run as the search (the searcher of
+`tune_upl.multistudy` suggests them as soon as the study is selected). Under protocol `seed` there is no
+final stage: the test metrics of the test-selected epoch are the result, as in the seed.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import pandas as pd
 
 from tune_upl.atomic import write_json
-from tune_upl.layout import FINAL_SUFFIX, SELECTION_FILE, STUDY_KEY, UNSELECTABLE_FILE, faulted, trial_fields
+from tune_upl.layout import FINAL_RUN_SUFFIX, SELECTION_FILE, UNSELECTABLE_FILE, faulted
 from tune_upl.results import Selection, last_per_epoch, read_selection  # Selection: the schema of selection.json
 from tune_upl.spec import SearchSpec
-
-if TYPE_CHECKING:  # a Tune result grid is only passed in: selecting needs no Ray of its own
-    from ray import tune
-
-
-def select(spec: SearchSpec, results: tune.ResultGrid, key: str, group: dict[str, Any]) -> Selection:
-    """The trial with the best objective over its epochs among the trials of study `key` in a Tune result
-    grid that did not error."""
-    mine = [r for r in results if r.config.get(STUDY_KEY) == key]
-    trials = [(trial_fields(r.config), r.metrics_dataframe) for r in mine
-              if r.error is None and r.metrics_dataframe is not None]
-    return select_trials(spec, trials, key, group, where=str(results.experiment_path), failed=len(mine) - len(trials))
 
 
 def select_trials(spec: SearchSpec, trials: list[tuple[dict[str, Any], pd.DataFrame]], key: str,
@@ -82,7 +69,7 @@ def selected_line(spec: SearchSpec, selection: Selection) -> str:
 
 def final_stage_line(spec: SearchSpec, key: str) -> str:
     seeds = f"{spec.final_seeds} seed{'' if spec.final_seeds == 1 else 's'}"
-    return f"final stage {key}{FINAL_SUFFIX}: {seeds} on all training classes, each tested once after its last epoch"
+    return f"final stage {key}{FINAL_RUN_SUFFIX}: {seeds} on all training classes, each tested once after its last epoch"
 
 
 def save_selection(selection: Selection, folder: Path) -> None:

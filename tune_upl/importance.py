@@ -35,7 +35,7 @@ class Importance:
 
 
 def told_study(database: Path, key: str) -> Optional[optuna.Study]:
-    """Study `key` of the experiment's `optuna.db`, or None where it has none (a grid search tells none)."""
+    """Study `key` of the experiment's `optuna.db`, or None where it has none (the file is missing, or the study never started)."""
     if not database.is_file():
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)

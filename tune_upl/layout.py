@@ -6,12 +6,12 @@ files here without importing the code that wrote them (and with it Ray and torch
 
 Under `<storage>/<name>/`: `search_spec.json` (the resolved spec and overrides: a resume reads it),
 `record.json` (code version, packages, hardware, class lists), `optuna.db` (each study's Optuna study),
-`<study>/selection.json` per study once it is selected, and `COMPLETE` once everything has run. Under TPE
-or random, every trial of every study, its final runs included, is in one Tune experiment, `trials/`
-(a final run's folder is `<trial id>.final`). A grid is one Tune experiment, `grid/`, and one per final
-stage, `<study>.final/` (as every experiment was before the one-run layout). Each trial folder (named by
-its trial id) holds Tune's `params.json`, `result.json` and `checkpoint_*/` folders, each checkpoint our
-`state.pt` (and, for a final run, `test_embeddings.pt`).
+`<study>/selection.json` per study once it is selected, and `COMPLETE` once everything has run. Every
+trial of every study, its final runs included, is in one Tune experiment, `trials/` (a final run's folder
+is `<trial id>.final`), whatever the searcher. Each trial folder (named by its trial id) holds Tune's
+`params.json`, `result.json` and `checkpoint_*/` folders, each checkpoint our `state.pt` (and, for a
+final run, `test_embeddings.pt`). A folder with any other Tune experiment was written by tune_upl
+`LAST_READER` or older, which is the last version that reads it (`older_layout`).
 """
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ COMPLETE_FILE = "COMPLETE"
 OPTUNA_FILE = "optuna.db"  # each TPE study's Optuna storage, in the experiment's local folder
 SELECTION_FILE = "selection.json"  # in each study's folder
 UNSELECTABLE_FILE = "unselectable.json"  # instead, in a study's folder where no trial reported the objective
-FINAL_SUFFIX = ".final"  # a grid's final stage of study `<key>` runs in `<key>.final`; a final run's folder in RUN_FOLDER
-RUN_FOLDER = "trials"  # the one Tune experiment of a TPE or random search: every study's trials and final runs
-GRID_STUDY = "grid"  # the one Tune experiment of a grid search
+FINAL_RUN_SUFFIX = ".final"  # a final run's folder in RUN_FOLDER: `<trial id>.final`
+RUN_FOLDER = "trials"  # the one Tune experiment of a search: every study's trials and final runs
+LAST_READER = "0.1.0"  # the last tune_upl that reads experiments in an older layout (a Tune experiment per
+# study or per final stage, `grid/`, or trials that do not name their study)
 MAIN_STUDY = "main"  # the one study of a spec without `studies`
 
 # ---------------------------------------------------------------- a trial's checkpoint
@@ -100,6 +101,17 @@ def trial_fields(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in SEARCH_KEYS}
 
 
+def older_layout(name: str, folders: list[str], unnamed: Optional[str] = None) -> Optional[str]:
+    """The one line for an experiment in an older layout: Tune experiments in `folders` other than `trials/`
+    (one per study or final stage, or `grid/`), or a trial (`unnamed`) that does not name its study."""
+    old = sorted(set(folders) - {RUN_FOLDER})
+    if not old and unnamed is None:
+        return None
+    what = f"its Tune runs {', '.join(old)}/" if old else f"trial {unnamed} does not name its study"
+    return (f"experiment {name} is in an older layout ({what}); tune_upl {LAST_READER} is the last version that "
+            "reports or resumes it: run that version for it, or start the search again with --overwrite")
+
+
 def driver_file(relative: str) -> bool:
     """What a resume needs of an experiment: the driver's files, not the trial folders Tune restores itself."""
     parts = relative.split("/")
@@ -109,7 +121,7 @@ def driver_file(relative: str) -> bool:
 def report_file(relative: str) -> bool:
     """What a report and the retrieval tool need: all but the search's checkpoints (final models are kept)."""
     parts = relative.split("/")
-    return not any(p.startswith(CHECKPOINT_PREFIX) for p in parts) or any(p.endswith(FINAL_SUFFIX) for p in parts[:2])
+    return not any(p.startswith(CHECKPOINT_PREFIX) for p in parts) or (len(parts) > 1 and parts[1].endswith(FINAL_RUN_SUFFIX))
 
 
 # ---------------------------------------------------------------- a trial's state

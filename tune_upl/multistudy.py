@@ -1,5 +1,5 @@
-"""Every study of a TPE or random spec in one Ray Tune run: a searcher that keeps one Optuna study per study
-(and suggests its final runs once it is selected), and a scheduler that keeps one ASHA per study.
+"""Every study of a spec in one Ray Tune run: a searcher that keeps one Optuna study per study (and suggests
+its final runs once it is selected), and a scheduler that keeps one ASHA (or FIFO) per study.
 
 Why the composition is ours: Ray Tune runs one searcher and one scheduler per run, and does not support
 several runs sharing a cluster (ray-project/ray#21329; Tune's FAQ on multi-tenancy). One Tuner per study,
@@ -10,7 +10,8 @@ one searcher and its one scheduler is built here, thinly, on Tune's public `Sear
 
 - `StudySearcher` gives each free slot of the run (Tune's `max_concurrent_trials`, the spec's
   `max_concurrent_total`) to a study under its own `max_concurrent` with trials left, the one furthest
-  behind its budget first. It asks that study's sampler through Optuna's ask/tell, on the study of that
+  behind its budget first. It asks that study's sampler (TPE, GP or random; under a grid, the study's
+  points, queued in it once) through Optuna's ask/tell, on the study of that
   name in the experiment's SQLite `optuna.db` (browsable in optuna-dashboard), and tells it each epoch's
   objective and how each trial ended, COMPLETE, PRUNED or FAIL (`tune_upl.telling`): a trial's result
   reaches only its own study. When a study's last search trial has ended it selects among the study's
@@ -41,20 +42,19 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from tune_upl import signals, telling
-from tune_upl.final import (
-    Selection, final_param_space, final_seeds, final_stage_line, save_selection, save_unselectable, select_trials,
-    selected_line,
-)
+from tune_upl.final import Selection, final_param_space, final_seeds, save_selection, save_unselectable, select_trials
 from tune_upl.layout import (
     ERROR_KEY, FAULT_FLAGS, OPTUNA_FILE, OPTUNA_NUMBER_KEY, SELECTION_FILE, STUDY_KEY, UNSELECTABLE_FILE, faulted,
+    trial_fields,
 )
-from tune_upl.planning import Study, baseline_point, max_epochs, suggest_config
+from tune_upl.planning import Study, baseline_point, grid_points, max_epochs, search_trials, suggest_config
 from tune_upl.spec import SearchSpec
 
 
 def make_sampler(spec: SearchSpec) -> optuna.samplers.BaseSampler:
-    """Optuna TPE (multivariate, grouped for `when` parameters, a constant liar for concurrent trials) or
-    random sampling, seeded by the spec."""
+    """Optuna TPE (multivariate, grouped for `when` parameters, a constant liar for concurrent trials), a
+    Gaussian-process sampler, or random sampling, seeded by the spec. A grid's points are queued in the
+    study (`StudySearcher._open`): its sampler is never consulted."""
     if spec.searcher.type == "tpe":
         warnings.filterwarnings("ignore", message=".*group.*experimental", category=optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", message=".*constant_liar.*experimental",
@@ -66,6 +66,12 @@ def make_sampler(spec: SearchSpec) -> optuna.samplers.BaseSampler:
             group=True,  # conditional (`when`) parameters are modelled per group
             constant_liar=True,  # concurrent trials do not all propose the same point
         )
+    if spec.searcher.type == "gp":
+        # a Gaussian process over the parameters (categorical ones one-hot); it learns from COMPLETE trials
+        # only (PRUNED ones are not in its data) and treats RUNNING ones as pending
+        warnings.filterwarnings("ignore", message=".*GPSampler.*experimental", category=optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.GPSampler(seed=spec.searcher.seed, n_startup_trials=spec.searcher.n_startup_trials,
+                                         warn_independent_sampling=False)
     return optuna.samplers.RandomSampler(seed=spec.searcher.seed)
 
 
@@ -116,11 +122,14 @@ class Book:
 @dataclass(frozen=True)
 class Session:
     """What the driver running the search has now: the experiment's local folder, the publisher of its files
-    to remote storage, and the run's limit of trials at once (`max_concurrent_total`)."""
+    to remote storage, and the run's limit of trials at once (`max_concurrent_total`). `searchers` receives
+    the searcher Tune runs with (made here, or unpickled by `Tuner.restore`), so the driver reads its
+    decisions from it after the run."""
 
     experiment: Path
     publish: Optional[Callable[[str], None]]
     limit: int
+    searchers: list["StudySearcher"] = field(default_factory=list, compare=False)
 
 
 # Tune restores a run's searcher as it was pickled when the run began (`Tuner.restore` takes no search
@@ -141,23 +150,31 @@ def resuming(session: Session) -> Iterator[None]:
 
 
 class StudySearcher(Searcher):
-    """All studies' searches and final runs, for one Tune run (see the module's docstring).
+    """All studies' searches and final runs, for one Tune run (see the module's docstring). It says nothing:
+    the progress callback (`search.TrialLines`, which Tune calls after the searcher) prints its decisions.
 
     No attribute is named `searcher`: Tune follows `.searcher` chains (wrappers) when it saves the search
     state and counts pending trials."""
 
-    def __init__(self, spec: SearchSpec, studies: list[Study], experiment: Path,
-                 publish: Optional[Callable[[str], None]] = None):
+    def __init__(self, spec: SearchSpec, studies: list[Study], session: Session):
         # no metric for Tune: it would refuse every result without it, and a final run reports none
         super().__init__(metric=None, mode=None)
         self._spec, self._studies = spec, list(studies)
-        self._experiment, self._publish = experiment, publish
-        self._limit = spec.max_concurrent * len(studies)  # Tune's max_concurrent_trials replaces it
+        self._experiment, self._publish, self._limit = session.experiment, session.publish, session.limit
         self._book = Book()
         self._optuna: dict[str, optuna.Study] = {}  # opened on demand from SQLite, never pickled
-        # lines said at the next suggest: Tune tells the searcher that a trial ended before its callbacks print
-        # that trial's line, and a study's selection line belongs after the line of the trial that ended it
-        self._notes: list[str] = []
+        # after a restore: the trials Tune restored (`adopt`), and whether the book is yet to be reconciled
+        # with them and with the Optuna studies (`_reconcile`, before anything else happens)
+        self._restored: Optional[set[str]] = None
+        session.searchers.append(self)
+
+    def decisions(self) -> tuple[dict[str, Selection], dict[str, str]]:
+        """Each selected study's selection, and why nothing could be selected in each failed study."""
+        return dict(self._book.selections), dict(self._book.failed)
+
+    def searches(self, key: str) -> int:
+        """Study `key`'s search trials (`planning.search_trials`)."""
+        return search_trials(self._spec, self._planned(key))
 
     # ------------------------------------------------------------ Tune's interface
     def set_max_concurrency(self, max_concurrent: int) -> bool:
@@ -166,11 +183,9 @@ class StudySearcher(Searcher):
         return True
 
     def suggest(self, trial_id: str) -> Optional[dict[str, Any]]:
-        if signals.stopping():  # the run is stopping: nothing starts, nothing is said after the signal
+        if signals.stopping():  # the run is stopping: nothing starts after the signal
             return None
-        for line in self._notes:
-            print(line, flush=True)
-        self._notes.clear()
+        self._reconcile()
         live = [e for e in self._book.entries.values() if not e.ended]
         if len(live) >= self._limit:
             return None
@@ -194,12 +209,14 @@ class StudySearcher(Searcher):
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         """Keep the epoch for selection; give Optuna its learning curve (the intermediate values TPE ranks
         pruned trials by, and optuna-dashboard draws), by trial number, so resumed trials' curves go on."""
+        self._reconcile()
         entry = self._book.entries.get(trial_id)
         if entry is not None and not entry.final:
             self._book.rows.setdefault(trial_id, []).append(self._row(trial_id, result))
             self._report(entry, result)
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict[str, Any]] = None, error: bool = False) -> None:
+        self._reconcile()
         entry = self._book.entries.get(trial_id)
         if entry is None or entry.ended:  # a trial Tune resumed after it had ended (resume_errored)
             return
@@ -225,16 +242,51 @@ class StudySearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         """The bookkeeping and samplers as Tune saved them, with the resuming driver's folder, publisher and
-        limit (`resuming`). An Optuna trial asked after that save (the driver died before the next) has no
-        Tune trial and is marked failed, so TPE's constant liar stops counting it; what the saved state knows
-        and the Optuna study lacks (told after its file last reached remote storage) is told again. A study
-        whose last trial ended just before the interruption is selected now."""
+        limit (`resuming`); reconciled with the trials Tune restores (`adopt`) before anything else."""
         with open(checkpoint_path, "rb") as source:
             self._book = pickle.load(source)
-        if _resuming:
-            now = _resuming[-1]
-            self._experiment, self._publish, self._limit = now.experiment, now.publish, now.limit
+        self._attach()
         self._optuna = {}
+        self._restored = set()
+
+    def adopt(self, trial: Any) -> None:
+        """A trial Tune restored (`StudyRouter.on_trial_add`). Its saved state and this searcher's are two
+        files, saved one after the other: a driver killed between them (or while they were uploaded) leaves
+        a trial this book never suggested (its config names its study and Optuna trial: it is taken in), or
+        one that ended after the book was saved (it ends here, with what it last reported)."""
+        if self._restored is None:  # a new run: its trials come from `suggest`
+            return
+        tid, config = trial.trial_id, trial.config
+        self._restored.add(tid)
+        entry = self._book.entries.get(tid)
+        if entry is None:
+            if config.get(STUDY_KEY) not in {s.key for s in self._studies}:
+                return
+            entry = Entry(str(config[STUDY_KEY]), trial_fields(config), config.get(OPTUNA_NUMBER_KEY))
+            self._book.entries[tid] = entry
+        if trial.status in ("TERMINATED", "ERROR") and not entry.ended:  # ended after the book was saved
+            entry.ended = True
+            result = dict(trial.last_result or {})
+            if not entry.final:
+                rows = self._book.rows.setdefault(tid, [])
+                if result and (not rows or rows[-1]["training_iteration"] != result.get("training_iteration")):
+                    rows.append(self._row(tid, result))
+                entry.told = telling.outcome(result, trial.status == "ERROR", int(entry.config["num_epochs"]),
+                                             self._spec.objective.metric)
+
+    def _reconcile(self) -> None:
+        """After a restore, once Tune has added every trial it restored: a trial the book knows and Tune
+        does not (saved after Tune's state) never ended, so it is forgotten and its slot suggested again.
+        An Optuna trial no Tune trial holds (asked after the last save) is marked failed, so TPE's constant
+        liar stops counting it (a grid's point is queued again); what the book knows and the Optuna study
+        lacks (told after its file last reached remote storage) is told again. A study whose last trial
+        ended just before the interruption is selected now."""
+        if self._restored is None:
+            return
+        restored, self._restored = self._restored, None
+        for tid in [t for t, e in self._book.entries.items() if not e.ended and t not in restored]:
+            del self._book.entries[tid]
+            self._book.rows.pop(tid, None)
         for study in self._studies:
             if study.key in self._book.created:
                 mine = {tid: e for tid, e in self._book.entries.items() if e.study == study.key and not e.final}
@@ -243,18 +295,30 @@ class StudySearcher(Searcher):
                 for trial in opened.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
                     if trial.number not in known:
                         opened.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+                        if self._spec.searcher.type == "grid":
+                            opened.enqueue_trial(trial.system_attrs.get("fixed_params", trial.params))
                 for tid, entry in mine.items():
                     telling.catch_up(opened, entry.number, self._book.rows.get(tid, []),
                                      self._spec.objective.metric, entry.told)
+        self._push(OPTUNA_FILE)
         for study in self._studies:
             self._select_when_done(study)
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__ | {"_optuna": {}, "_notes": []}
+        return self.__dict__ | {"_optuna": {}, "_restored": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.pop("_asked", None)  # kept by an older searcher
+        """Unpickled by `Tuner.restore` (from the run's `tuner.pkl`), inside the resuming driver's session."""
         self.__dict__.update(state)
+        self._attach()
+
+    def _attach(self) -> None:
+        """Take the resuming driver's folder, publisher and limit, and give it this searcher (`resuming`)."""
+        if _resuming:
+            now = _resuming[-1]
+            self._experiment, self._publish, self._limit = now.experiment, now.publish, now.limit
+            if self not in now.searchers:
+                now.searchers.append(self)
 
     def _planned(self, key: str) -> Study:
         return next(s for s in self._studies if s.key == key)
@@ -275,26 +339,27 @@ class StudySearcher(Searcher):
             if running[study.key] >= self._spec.max_concurrent:
                 continue
             searched, finals = self._started(study.key, final=False), self._started(study.key, final=True)
-            if searched < self._spec.num_samples:
+            if searched < self.searches(study.key):
                 final = False
             elif study.key in self._book.selections and finals < self._finals(study.key):
                 final = True
             else:
                 continue
-            budget = self._spec.num_samples + self._finals(study.key)
+            budget = self.searches(study.key) + self._finals(study.key)
             ready.append(((searched + finals) / budget, order, study, final))
         return min(ready, key=lambda r: r[:2])[2:] if ready else None
 
     def _finished(self) -> bool:
-        """Nothing left to suggest or to say, ever: every study selected (or failed to) and its final runs
-        started. Not sooner: Tune stops asking once told so, and a selection is said at the next suggest."""
+        """Nothing left to suggest, ever: every study selected (or failed to) and its final runs started. Not
+        sooner: Tune stops asking once told so."""
         return all((study.key in self._book.selections or study.key in self._book.failed)
                    and self._started(study.key, final=True) >= self._finals(study.key) for study in self._studies)
 
     # ------------------------------------------------------------ Optuna
     def _open(self, study: Study) -> optuna.Study:
         """The study's Optuna study in the experiment's SQLite file, with its sampler as last saved; the first
-        time, with its baseline queued (a resumed run finds it there and does not queue it again)."""
+        time, with its baseline queued, or under a grid every point `num_samples` times (a resumed run finds
+        them there and does not queue them again)."""
         if study.key not in self._optuna:
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             if study.key not in self._book.samplers:
@@ -304,9 +369,14 @@ class StudySearcher(Searcher):
                 sampler=self._book.samplers[study.key],
                 direction="maximize" if self._spec.objective.mode == "max" else "minimize",
             )
-            if study.key not in self._book.created:
-                if self._spec.baseline and not opened.trials:
+            if study.key not in self._book.created and not opened.trials:
+                if self._spec.searcher.type == "grid":
+                    for _ in range(self._spec.num_samples):
+                        for point in grid_points(study):
+                            opened.enqueue_trial(point)
+                elif self._spec.baseline:
                     opened.enqueue_trial(baseline_point(study.space, study.base))
+            if study.key not in self._book.created:
                 self._book.created.add(study.key)
             self._optuna[study.key] = opened
         return self._optuna[study.key]
@@ -318,11 +388,11 @@ class StudySearcher(Searcher):
         return {"trial_id": trial_id, "training_iteration": result.get("training_iteration", 0), **keep}
 
     def _select_when_done(self, study: Study) -> None:
-        """Once the study's last search trial has ended: select among its trials that did not fail, save
-        `selection.json`, and say so (at the next suggest)."""
+        """Once the study's last search trial has ended: select among its trials that did not fail and save
+        `selection.json` (the progress callback says so)."""
         key = study.key
         mine = {tid: e for tid, e in self._book.entries.items() if e.study == key and not e.final}
-        if (key in self._book.selections or key in self._book.failed or len(mine) < self._spec.num_samples
+        if (key in self._book.selections or key in self._book.failed or len(mine) < self.searches(key)
                 or not all(e.ended for e in mine.values())):
             return
         good = {tid: e for tid, e in mine.items() if e.told is None or e.told[0] != optuna.trial.TrialState.FAIL}
@@ -335,16 +405,12 @@ class StudySearcher(Searcher):
             self._book.failed[key] = str(nothing)
             save_unselectable(key, str(nothing), self._experiment / key)
             self._push(f"{key}/{UNSELECTABLE_FILE}")
-            self._notes.append(f"error: {nothing}")
             return
         if signals.stopping():  # the signal came while selecting: the resumed run selects (`restore`)
             return
         self._book.selections[key] = selection
         save_selection(selection, self._experiment / key)
         self._push(f"{key}/{SELECTION_FILE}")
-        self._notes.append(selected_line(self._spec, selection))
-        if self._finals(key):
-            self._notes.append(final_stage_line(self._spec, key))
 
     def _push(self, relative: str) -> None:
         if self._publish is not None:
@@ -355,9 +421,9 @@ class StudyRouter(FIFOScheduler):
     """Each trial's results go to its own study's scheduler (ASHA or FIFO); final runs are FIFO. Which
     trial runs next is FIFO over all studies: the searcher already chose the order."""
 
-    def __init__(self, spec: SearchSpec, studies: list[Study]):
+    def __init__(self, spec: SearchSpec, studies: list[Study], searcher: Optional[StudySearcher] = None):
         super().__init__()
-        self._studies = list(studies)
+        self._studies, self._searcher = list(studies), searcher  # the searcher: told of restored trials
         self._routes = {study.key: make_scheduler(spec, study) for study in studies}
         self._finals = FIFOScheduler()
 
@@ -370,6 +436,8 @@ class StudyRouter(FIFOScheduler):
         return metric is None and mode is None  # each study's scheduler has the objective already
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        if self._searcher is not None:
+            self._searcher.adopt(trial)
         self._route(trial).on_trial_add(tune_controller, trial)
 
     def on_trial_error(self, tune_controller: Any, trial: Any) -> None:

@@ -166,6 +166,12 @@ def grid_points(study: Study) -> list[dict[str, Any]]:
     return points
 
 
+def search_trials(spec: SearchSpec, study: Study) -> int:
+    """How many search trials the study runs: `num_samples`, or under a grid `num_samples` runs of each of
+    its points."""
+    return len(grid_points(study)) * spec.num_samples if spec.searcher.type == "grid" else spec.num_samples
+
+
 def prepare_data(studies: list[Study]) -> None:
     """Prepare every dataset a study reads, in the driver, before any trial starts (under a file lock)."""
     from tune_upl.prepare import DATA_FIELDS, prepare_dataset  # image decoding: loaded only to prepare

@@ -541,8 +541,8 @@ def importance_section(data: ExperimentData, figures: Figures) -> list[str]:
         lines += [f"No importance for {', '.join(skipped)}: fewer than two trials ran all their epochs, or "
                   "no searched field varied among them.", ""]
     if untold:
-        lines += [f"No importance for {', '.join(untold)}: no Optuna study of it in `{OPTUNA_FILE}` (a grid "
-                  "search tells none).", ""]
+        lines += [f"No importance for {', '.join(untold)}: no Optuna study of it in `{OPTUNA_FILE}` (the file "
+                  "is missing, or the study never started).", ""]
     return lines
 
 

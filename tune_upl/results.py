@@ -22,8 +22,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from tune_upl.layout import (
     COMPLETE_FILE,
     ERROR_KEY,
-    FINAL_SUFFIX,
-    GRID_STUDY,
+    PARAMS_FILE,
     PENDING,
     RECORD_FILE,
     RESULT_FILE,
@@ -36,8 +35,8 @@ from tune_upl.layout import (
     UNFINISHED,
     UNSELECTABLE_FILE,
     error_line,
+    older_layout,
     search_command,
-    study_key,
     trial_state,
 )
 from tune_upl.errors import ExperimentError
@@ -196,9 +195,25 @@ class ExperimentData:
 
 
 def tune_folders(experiment: Path) -> list[Path]:
-    """Every Tune experiment of an experiment folder: `trials/` (every study's trials and final runs), or
-    `grid/` and the `<study>.final/` stages, or (an older layout) one per study and per final stage."""
-    return sorted({p.parent for p in experiment.glob(f"*/{TUNE_STATE_PATTERN}")})
+    """The experiment's Tune experiment, `trials/` (every study's trials and final runs), once Tune saved it."""
+    folder = experiment / RUN_FOLDER
+    return [folder] if any(folder.glob(TUNE_STATE_PATTERN)) else []
+
+
+def older_layout_line(experiment: Path) -> Optional[str]:
+    """`layout.older_layout`'s line for a local experiment folder written in an older layout, or None."""
+    folders = [p.parent.name for p in experiment.glob(f"*/{TUNE_STATE_PATTERN}")]
+    unnamed = next((p.parent.name for p in sorted((experiment / RUN_FOLDER).glob(f"*/{PARAMS_FILE}"))
+                    if not _names_study(p)), None)
+    return older_layout(experiment.name, folders, unnamed)
+
+
+def _names_study(params: Path) -> bool:
+    """Whether a trial's `params.json` names its study (a damaged one is Tune's to restore: not judged here)."""
+    try:
+        return STUDY_KEY in json.loads(params.read_text(errors="replace"))
+    except ValueError:
+        return True
 
 
 Trials = dict[Path, list[tuple[Any, pd.DataFrame, float]]]  # Tune experiment folder -> its trials (`_trials_of`)
@@ -210,23 +225,15 @@ def read_trials(experiment: Path, damaged: list[str]) -> Trials:
     return {folder: _trials_of(folder, damaged) for folder in tune_folders(experiment)}
 
 
-def _is_final(folder: Path, trial: Any) -> bool:
-    return folder.name.endswith(FINAL_SUFFIX) or (folder.name == RUN_FOLDER and bool(trial.config.get("final")))
+def _study_of(folder: Path, trial: Any) -> str:
+    """The study the trial's config names; a trial that names none is of an older layout (one line)."""
+    if STUDY_KEY not in trial.config:
+        raise ExperimentError(older_layout(folder.parent.name, [], unnamed=trial.trial_id))
+    return str(trial.config[STUDY_KEY])
 
 
-def trial_study(folder: Path, config: dict[str, Any], spec: dict[str, Any]) -> str:
-    """A trial's study: the key its config names (`STUDY_KEY`, set by the searcher)."""
-    if STUDY_KEY in config:
-        return str(config[STUDY_KEY])
-    return old_layout_key(folder, config, spec)
-
-
-def old_layout_key(folder: Path, config: dict[str, Any], spec: dict[str, Any]) -> str:
-    """OLD LAYOUT ONLY: the study of a trial written before trials named their study, derived from its folder
-    (one Tune experiment per study or final stage) or its `studies` values (the grid, the one run)."""
-    if folder.name in (GRID_STUDY, RUN_FOLDER):
-        return study_key({k: config.get(k) for k in spec["studies"]})
-    return folder.name.removesuffix(FINAL_SUFFIX)
+def _is_final(trial: Any) -> bool:
+    return bool(trial.config.get("final"))
 
 
 def load_selections(experiment: Path) -> list[dict[str, Any]]:
@@ -348,9 +355,9 @@ def trial_rows(read: Trials, spec: dict[str, Any], searched: list[str],
     for folder, found in read.items():
         for trial, frame, hours in found:
             config = trial.config
-            if _is_final(folder, trial):
+            if _is_final(trial):
                 continue
-            key = trial_study(folder, config, spec)
+            key = _study_of(folder, trial)
             scores = frame[metric].dropna() if metric in frame else pd.Series(dtype=float)
             best = (scores.idxmax() if mode == "max" else scores.idxmin()) if len(scores) else None
             baseline = baselines.get(key)
@@ -397,12 +404,12 @@ def final_rows(read: Trials, spec: dict[str, Any]) -> pd.DataFrame:
     rows = []
     for folder, found in read.items():
         for trial, frame, hours in found:
-            if not _is_final(folder, trial):
+            if not _is_final(trial):
                 continue
             last = _clean(frame.iloc[-1].to_dict()) if not frame.empty else {}
             start, end = _start_end(frame)
             rows.append({
-                "study": trial_study(folder, trial.config, spec),
+                "study": _study_of(folder, trial),
                 "trial": trial.trial_id,
                 "seed": trial.config.get("seed"),
                 "state": _state(trial, frame, int(last.get("training_iteration", 0))),
@@ -420,6 +427,9 @@ def load_experiment(experiment: Path) -> ExperimentData:
     """Read an experiment folder (finished, interrupted or running); FileNotFoundError when there is none."""
     if not (experiment / SPEC_FILE).is_file():
         raise FileNotFoundError(f"no experiment at {experiment} (missing {SPEC_FILE}); check --name and --storage")
+    older = older_layout_line(experiment)
+    if older:
+        raise ExperimentError(older)
     saved = read_saved_spec(experiment)
     spec, overrides = saved["spec"], saved["overrides"]
     record = read_record(experiment)

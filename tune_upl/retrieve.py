@@ -24,7 +24,7 @@ from tune_upl.layout import (
     CHECKPOINT_FILE,
     CHECKPOINT_PREFIX,
     EMBEDDINGS_FILE,
-    FINAL_SUFFIX,
+    FINAL_RUN_SUFFIX,
     RUN_FOLDER,
     PARAMS_FILE,
     RESULT_FILE,
@@ -91,15 +91,13 @@ def pick_selection(experiment: Path, study: Optional[str] = None) -> dict[str, A
 def _final_database(experiment: Path, selection: dict[str, Any]) -> Optional[tuple[Path, dict[str, Any], str]]:
     """The first final seed's last checkpoint with test embeddings: (checkpoint folder, config, source)."""
     runs = []
-    found = [*(experiment / (selection["key"] + FINAL_SUFFIX)).glob(f"*/{PARAMS_FILE}"),  # a grid's final stage
-             *(experiment / RUN_FOLDER).glob(f"*{FINAL_SUFFIX}/{PARAMS_FILE}")]  # final runs of every study
-    for trial in found:
+    for trial in (experiment / RUN_FOLDER).glob(f"*{FINAL_RUN_SUFFIX}/{PARAMS_FILE}"):  # every study's final runs
         checkpoints = sorted(trial.parent.glob(f"{CHECKPOINT_PREFIX}*/{EMBEDDINGS_FILE}"))
         named = read_params(trial) if checkpoints else {}
         config = trial_fields(named)  # the model's config, without the study the searcher named
         if (checkpoints and named.get(STUDY_KEY, selection["key"]) == selection["key"]
                 and all(config.get(k) == v for k, v in selection["config"].items() if k not in ("seed", "final"))):
-            runs.append((int(config["seed"]), checkpoints[-1].parent, config, trial.parent.name.removesuffix(FINAL_SUFFIX)))
+            runs.append((int(config["seed"]), checkpoints[-1].parent, config, trial.parent.name.removesuffix(FINAL_RUN_SUFFIX)))
     if not runs:
         return None
     seed, folder, config, trial_id = min(runs, key=lambda r: r[0])
@@ -109,9 +107,7 @@ def _final_database(experiment: Path, selection: dict[str, Any]) -> Optional[tup
 def _selected_checkpoint(experiment: Path, selection: dict[str, Any]) -> Path:
     """The selected trial's checkpoint of the selected epoch (protocol seed)."""
     trial_id, epoch = selection["trial_id"], selection["epoch"]
-    for params in experiment.glob(f"*/{trial_id}/{PARAMS_FILE}"):
-        if params.parent.parent.name.endswith(FINAL_SUFFIX):
-            continue
+    for params in (experiment / RUN_FOLDER).glob(f"{trial_id}/{PARAMS_FILE}"):
         frame = read_results(params.parent / RESULT_FILE)
         if CHECKPOINT_COLUMN not in frame:
             continue

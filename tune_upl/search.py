@@ -1,6 +1,6 @@
-"""Run a planned search on Ray Tune: every study of a TPE or random spec in one Tuner (their searcher and
-scheduler are `tune_upl.multistudy`'s), or one Tuner over the whole grid and a Tuner per final stage; the
-resource check, the number of trials at once, the one line per trial, and Ray's start-up.
+"""Run a planned search on Ray Tune: every study of a spec, its search trials and final runs, in one Tuner
+(its searcher and scheduler are `tune_upl.multistudy`'s, for TPE, GP, random and grid specs alike); the
+resource check, the number of trials at once, the progress lines, and Ray's start-up.
 
 Ray is the distributed engine: this module only configures it. What to run is `tune_upl.planning`'s.
 """
@@ -8,26 +8,25 @@ from __future__ import annotations
 
 import collections
 import fnmatch
-import json
 import logging
 import math
 import os
 import signal
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import ray
 from ray import tune
 
-from tune_upl.config import FIELD_DEFAULTS
-from tune_upl.final import Selection, final_param_space, final_seeds
+from tune_upl.final import Selection, final_stage_line, selected_line
 from tune_upl.layout import (
-    COMPLETED, ERROR_KEY, ERRORED, FINAL_SUFFIX, GRID_STUDY, OPTUNA_FILE, RUN_FOLDER, SELECTION_FILE, STOPPED_EARLY,
-    STUDY_KEY, TUNE_STATE_PATTERN, error_line, trial_state,
+    COMPLETED, ERROR_KEY, ERRORED, FINAL_RUN_SUFFIX, OPTUNA_FILE, RUN_FOLDER, STOPPED_EARLY, STUDY_KEY,
+    TUNE_STATE_PATTERN, error_line, trial_state,
 )
 from tune_upl.multistudy import Session, StudyRouter, StudySearcher, resuming
-from tune_upl.planning import Study, grid_points
+from tune_upl.planning import Study, search_trials
 from tune_upl.spec import SearchSpec
 from tune_upl.storage import open_location
 from tune_upl import signals
@@ -60,23 +59,40 @@ def check_resources(spec: SearchSpec, autoscaling: bool = False, allow_cpu: bool
 
 
 class TrialLines(tune.Callback):
-    """One readable line per finished trial and the best so far (Ray's own tables stay quiet). With
-    `studies` (the one run of every study) the best so far is the trial's study's, a line names its study
-    when there are several, and a final run's line names `<study>.final` and shows its seed and test
-    Recall@1."""
+    """One readable line per finished trial and the best so far (Ray's own tables stay quiet), and the
+    searcher's decisions as it makes them: a study selected (and its final stage starting) or left without
+    a selection. Tune calls this after the searcher, so a selection's line comes after the line of the
+    trial that completed the study. The best so far is the trial's study's; a line names its study when
+    there are several, and a final run's line names `<study>.final` and shows its seed and test Recall@1."""
 
-    def __init__(self, spec: SearchSpec, names: list[str], total: int, metric: Optional[str] = None,
-                 studies: tuple[Study, ...] = ()):
-        self.metric, self.mode, self.total = metric or spec.objective.metric, spec.objective.mode, total
-        self.names, self.studies = names, studies
+    def __init__(self, spec: SearchSpec, names: list[str], total: int, studies: tuple[Study, ...],
+                 searcher: StudySearcher):
+        self.spec, self.metric, self.mode, self.total = spec, spec.objective.metric, spec.objective.mode, total
+        self.names, self.studies, self.searcher = names, studies, searcher
         self.done = 0
         self.best: dict[str, tuple[float, str]] = {}  # study -> (score, trial id)
         self.ended: set[str] = set()  # trials already counted
+        self.said: set[str] = set()  # studies whose decision was printed
 
-    def __setstate__(self, state: dict[str, Any]) -> None:  # Tune restores callbacks pickled by older code too
-        self.__dict__.update({"ended": set(), "studies": (), **state})
-        if not isinstance(self.best, dict):  # one best for the whole run
-            self.best = {"": self.best} if self.best else {}
+    def get_state(self) -> dict[str, Any]:
+        """Saved with the experiment: a resumed run does not say a decision again."""
+        return {"said": sorted(self.said)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.said = set(state.get("said", ()))
+
+    def _say_decisions(self) -> None:
+        selections, failed = self.searcher.decisions()
+        for key, reason in failed.items():
+            if key not in self.said:
+                self.said.add(key)
+                print(f"error: {reason}", flush=True)
+        for key, selection in selections.items():
+            if key not in self.said:
+                self.said.add(key)
+                print(selected_line(self.spec, selection), flush=True)
+                if self.spec.protocol == "val" and self.spec.final_seeds:
+                    print(final_stage_line(self.spec, key), flush=True)
 
     def _count(self, trial: Any, status: str) -> str:
         """Count an ended trial once and keep the best; returns its state."""
@@ -94,17 +110,19 @@ class TrialLines(tune.Callback):
         return state
 
     def _final(self, trial: Any) -> bool:
-        return bool(self.studies) and bool(trial.config.get("final"))
+        return bool(trial.config.get("final"))
 
     def _key(self, trial: Any) -> str:
-        return str(trial.config.get(STUDY_KEY, "")) if self.studies else ""
+        return str(trial.config.get(STUDY_KEY, ""))
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         """A restored run brings back trials that ended before the interruption: count them (and their best)
-        first, so the lines continue the experiment's count instead of starting at [1/N]."""
+        first, so the lines continue the experiment's count instead of starting at [1/N]; and says what the
+        restored searcher decided (a study whose last trial ended just before the interruption)."""
         for trial in trials:
             if trial.status in ("TERMINATED", "ERROR") and trial.trial_id not in self.ended:
                 self._count(trial, trial.status)
+        self._say_decisions()
 
     def _line(self, trial: Any, status: str) -> None:
         state = self._count(trial, status)
@@ -122,7 +140,7 @@ class TrialLines(tune.Callback):
         shown = f"{score:.4f}" if score is not None else "-"
         best = self.best.get(key)
         best_text = f"best {best[0]:.4f} ({best[1]})" if best else "best -"
-        where = f"{key}{FINAL_SUFFIX if final else ''} " if len(self.studies) > 1 or final else ""
+        where = f"{key}{FINAL_RUN_SUFFIX if final else ''} " if len(self.studies) > 1 or final else ""
         print(
             f"[{self.done}/{self.total}] {where}trial {trial.trial_id} {state:<13} epochs {epochs}/{planned} "
             f"{metric} {shown} | {params} | {best_text}",
@@ -131,9 +149,11 @@ class TrialLines(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._line(trial, "TERMINATED")
+        self._say_decisions()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._line(trial, "ERROR")
+        self._say_decisions()
 
 
 def _error_summary(trial: Any) -> str:
@@ -251,65 +271,25 @@ def logger_callbacks(names: tuple[str, ...], experiment_name: str) -> list[tune.
     return callbacks
 
 
-def run_grid(spec: SearchSpec, studies: list[Study], storage: Path, verbose: bool,
-             callbacks: tuple[tune.Callback, ...] = (), tune_root: Optional[str] = None) -> tune.ResultGrid:
-    """The whole grid, every study's points, in one Tuner (`grid/`), resumed where its folder already holds
-    one; each point names its study (`STUDY_KEY`), whose own ASHA decides on it.
-
-    Tune's folders go under `tune_root` (a URI) when given, else under `storage`, the experiment's folder."""
-    root = tune_root or str(storage)
-    names = list(dict.fromkeys(name for study in studies for name in study.space))
-    # every point names every grid field (a parameter whose `when` fails takes its default), so Tune's
-    # generator only fills in the points and never samples the domains declared here for it
-    points = [{**{n: FIELD_DEFAULTS[n] for n in names}, **{n: study.base[n] for n in study.point}, **p,
-               STUDY_KEY: study.key} for study in studies for p in grid_points(study)]
-    param_space = {k: v for k, v in studies[0].base.items() if k not in spec.studies}
-    for name in [*spec.studies, *names, STUDY_KEY]:
-        param_space[name] = tune.choice(list({json.dumps(p[name], default=str): p[name] for p in points}.values()))
-    num_samples = len(points) * spec.num_samples
-
-    def new_tuner() -> tune.Tuner:
-        return tune.Tuner(
-            _trainable(spec),
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                # the generator holds its own limit (a Searcher would take Tune's max_concurrent_trials)
-                search_alg=tune.search.BasicVariantGenerator(
-                    points_to_evaluate=points * spec.num_samples, max_concurrent=spec.max_concurrent
-                ),
-                scheduler=StudyRouter(spec, studies),
-                num_samples=num_samples,
-                reuse_actors=spec.reuse_actors,
-                trial_dirname_creator=_trial_dirname,
-            ),
-            run_config=_run_config(spec, GRID_STUDY, root, verbose,
-                                   [TrialLines(spec, names, num_samples,
-                                               studies=tuple(studies) if len(studies) > 1 else ()), *callbacks],
-                                   _best_kept(spec)),
-        )
-
-    return _fit(spec, f"{root}/{GRID_STUDY}", new_tuner, num_samples)
-
-
 def _best_kept(spec: SearchSpec) -> tune.CheckpointConfig:
     """A search trial's checkpoints: the best by the objective (`checkpoints_to_keep`); Ray keeps the latest too."""
     return tune.CheckpointConfig(num_to_keep=spec.checkpoints_to_keep, checkpoint_score_attribute=spec.objective.metric,
                                  checkpoint_score_order=spec.objective.mode)
 
 
-def per_study(spec: SearchSpec) -> int:
+def per_study(spec: SearchSpec, study: Study) -> int:
     """A study's trials at once: its `max_concurrent`, or fewer when it never has that many to run (its
     search trials, then its final runs)."""
     finals = 0 if spec.protocol == "seed" else spec.final_seeds
-    return min(spec.max_concurrent, max(spec.num_samples, finals))
+    return min(spec.max_concurrent, max(search_trials(spec, study), finals))
 
 
-def trials_at_once(spec: SearchSpec, studies: int, cluster: Optional[dict[str, float]] = None) -> int:
+def trials_at_once(spec: SearchSpec, studies: list[Study], cluster: Optional[dict[str, float]] = None) -> int:
     """How many trials of all studies run at once: `max_concurrent_total`, else what the cluster holds at the
     per-trial request (`cluster`: `ray.cluster_resources()`; None: not known, as for a growing cluster),
     and never more than every study's `max_concurrent` together. A number, never "unlimited": it also
     bounds how far ahead of their results the samplers propose."""
-    wanted = per_study(spec) * studies
+    wanted = sum(per_study(spec, study) for study in studies)
     if spec.max_concurrent_total is not None:
         return min(wanted, spec.max_concurrent_total)
     if cluster is None:
@@ -330,86 +310,70 @@ def _discard(folder: str) -> None:
         fs.delete_dir(path)
 
 
+@dataclass(frozen=True)
+class SearchRun:
+    """What one run of every study gives the driver: Tune's results, and the searcher's decisions (each
+    selected study's selection; why nothing could be selected in the others)."""
+
+    results: tune.ResultGrid
+    selections: dict[str, Selection]
+    failed: dict[str, str]
+
+
 def run_studies(spec: SearchSpec, studies: list[Study], storage: Path, verbose: bool, at_once: int,
                 callbacks: tuple[tune.Callback, ...] = (), tune_root: Optional[str] = None,
                 publish: Optional[Callable[[str], None]] = None,
-                function: Optional[Callable[[dict[str, Any]], None]] = None) -> tune.ResultGrid:
+                function: Optional[Callable[[dict[str, Any]], None]] = None) -> SearchRun:
     """Every study's search and final runs in one Tuner (`trials/`), resumed where the folder holds one.
 
     `storage` is the experiment's local folder (`optuna.db` and the selections live there; `publish(name)`
     copies one of its files to remote storage); Tune's folders go under `tune_root` (a URI) when given.
-    `function` replaces the trial function (the cluster benchmark replays recorded curves)."""
+    `function` replaces the trial function (the benchmarks replay recorded curves)."""
     root = tune_root or str(storage)
     folder = f"{root}/{RUN_FOLDER}"
     if not restorable(folder):  # a run Tune never saved starts again: its asked trials would be told twice
         (storage / OPTUNA_FILE).unlink(missing_ok=True)
         _discard(folder)
     finals = 0 if spec.protocol == "seed" else spec.final_seeds
-    total = len(studies) * (spec.num_samples + finals)
+    searched = sum(search_trials(spec, study) for study in studies)
+    total = searched + len(studies) * finals
     names = list(dict.fromkeys(name for study in studies for name in study.space))
     quiet = logging.getLogger("ray.train._internal.checkpoint_manager")
     if not any(isinstance(f, _FinalRunsHaveNoObjective) for f in quiet.filters):
         quiet.addFilter(_FinalRunsHaveNoObjective(spec.objective.metric))
+    session = Session(storage, publish, at_once)
 
     def new_tuner() -> tune.Tuner:
+        searcher = StudySearcher(spec, studies, session)
         return tune.Tuner(
             _trainable(spec, function),
             tune_config=tune.TuneConfig(
-                search_alg=StudySearcher(spec, studies, storage, publish),
-                scheduler=StudyRouter(spec, studies),
+                search_alg=searcher,
+                scheduler=StudyRouter(spec, studies, searcher),
                 num_samples=total,
                 max_concurrent_trials=at_once,
                 reuse_actors=spec.reuse_actors,
                 trial_dirname_creator=_run_dirname,
             ),
             run_config=_run_config(spec, RUN_FOLDER, root, verbose,
-                                   [TrialLines(spec, names, total, studies=tuple(studies)), *callbacks],
+                                   [TrialLines(spec, names, total, tuple(studies), searcher), *callbacks],
                                    _best_kept(spec)),
         )
 
     def expected() -> int:  # a study where nothing could be selected has no final runs
-        selected = sum((storage / study.key / SELECTION_FILE).is_file() for study in studies)
-        return len(studies) * spec.num_samples + finals * selected
+        return searched + finals * len(session.searchers[-1].decisions()[0])
 
     # errored trials are not rerun: their studies counted them as failed, and may have selected since
-    with resuming(Session(storage, publish, at_once)):
-        return _fit(spec, folder, new_tuner, expected, function, rerun_errored=False)
-
-
-def run_final(spec: SearchSpec, selection: Selection, storage: Path, verbose: bool,
-              callbacks: tuple[tune.Callback, ...] = (), tune_root: Optional[str] = None) -> tune.ResultGrid:
-    """Retrain the selection from scratch with `final_seeds` seeds on all training classes; each run is
-    tested once after its last epoch. Its own Tune experiment, `<key>.final`, resumable like the search."""
-    seeds = final_seeds(spec, selection)
-    name = selection.key + FINAL_SUFFIX
-    lines = TrialLines(spec, ["seed"], len(seeds), metric="test_recall@1")
-    root = tune_root or str(storage)
-
-    def new_tuner() -> tune.Tuner:
-        return tune.Tuner(
-            _trainable(spec),
-            param_space={**final_param_space(selection), STUDY_KEY: selection.key, "seed": tune.grid_search(seeds)},
-            tune_config=tune.TuneConfig(
-                search_alg=tune.search.BasicVariantGenerator(max_concurrent=spec.max_concurrent),
-                num_samples=1,  # the grid over seeds is the whole stage
-                reuse_actors=spec.reuse_actors,
-                trial_dirname_creator=_trial_dirname,
-            ),
-            run_config=_run_config(spec, name, root, verbose, [lines, *callbacks],
-                                   tune.CheckpointConfig(num_to_keep=1)),  # the final model
-        )
-
-    return _fit(spec, f"{root}/{name}", new_tuner, len(seeds))
-
-
-def _trial_dirname(trial: Any) -> str:
-    return trial.trial_id
+    with resuming(session):
+        results = _fit(spec, folder, new_tuner, expected, function, rerun_errored=False)
+    selections, failed = session.searchers[-1].decisions()
+    return SearchRun(results, selections, failed)
 
 
 def _run_dirname(trial: Any) -> str:
     """A trial's folder in the one run of all studies: its id, a final run's `<id>.final` (a report pulled
     from remote storage keeps the final models' checkpoints by that name: `layout.report_file`)."""
-    return trial.trial_id + (FINAL_SUFFIX if trial.config.get("final") else "")
+    return trial.trial_id + (FINAL_RUN_SUFFIX if trial.config.get("final") else "")
 
 
 class _FinalRunsHaveNoObjective(logging.Filter):
