@@ -176,7 +176,7 @@ def test_a_restore_takes_in_trials_saved_after_the_searcher_and_forgets_those_tu
     restored.restore(str(tmp_path / "state.pkl"))
     # Tune's state: a ended, c running; b was lost (say Tune's file was the older one for it)
     router.on_trial_add(None, stub_trial("a", configs["a"], "TERMINATED", {"test_recall@1": 0.4, "training_iteration": 3}))
-    router.on_trial_add(None, stub_trial("c", configs["c"], "RUNNING", {}))
+    router.on_trial_add(None, stub_trial("c", configs["c"], "RUNNING", {"test_recall@1": 0.3, "training_iteration": 1}))
     again = restored.suggest("d")  # b's slot, suggested again
     assert study_name(again) == study_name(configs["b"])
     assert restored.suggest("e") is None  # c and d run: each study at its limit of 1
@@ -186,6 +186,7 @@ def test_a_restore_takes_in_trials_saved_after_the_searcher_and_forgets_those_tu
     restored.on_trial_complete("c", {"test_recall@1": 0.6, "training_iteration": 3})
     adopted = optuna.load_study(study_name=study_name(configs["a"]), storage=storage).trials
     assert [(t.state.name, t.value) for t in adopted] == [("COMPLETE", 0.4), ("COMPLETE", 0.6)]
+    assert adopted[1].intermediate_values == {1: 0.3, 3: 0.6}  # its epoch from Tune's state, then its end
     assert restored.decisions()[0][study_name(configs["a"])].trial_id == "c"
     restored.on_trial_complete("d", {"test_recall@1": 0.5, "training_iteration": 3})
     assert study_name(restored.suggest("f")) == study_name(configs["b"])  # its second trial: b does not count

@@ -252,8 +252,9 @@ class StudySearcher(Searcher):
     def adopt(self, trial: Any) -> None:
         """A trial Tune restored (`StudyRouter.on_trial_add`). Its saved state and this searcher's are two
         files, saved one after the other: a driver killed between them (or while they were uploaded) leaves
-        a trial this book never suggested (its config names its study and Optuna trial: it is taken in), or
-        one that ended after the book was saved (it ends here, with what it last reported)."""
+        a trial this book never suggested (its config names its study and Optuna trial: it is taken in), one
+        that reported an epoch after the book was saved (that epoch is kept, and told to Optuna), or one
+        that ended after it (it ends here, with what it last reported)."""
         if self._restored is None:  # a new run: its trials come from `suggest`
             return
         tid, config = trial.trial_id, trial.config
@@ -264,13 +265,14 @@ class StudySearcher(Searcher):
                 return
             entry = Entry(str(config[STUDY_KEY]), trial_fields(config), config.get(OPTUNA_NUMBER_KEY))
             self._book.entries[tid] = entry
+        result = dict(trial.last_result or {})
+        if not entry.final and result.get("training_iteration"):  # an epoch reported after the book was saved
+            rows = self._book.rows.setdefault(tid, [])
+            if not rows or rows[-1]["training_iteration"] < result["training_iteration"]:
+                rows.append(self._row(tid, result))
         if trial.status in ("TERMINATED", "ERROR") and not entry.ended:  # ended after the book was saved
             entry.ended = True
-            result = dict(trial.last_result or {})
             if not entry.final:
-                rows = self._book.rows.setdefault(tid, [])
-                if result and (not rows or rows[-1]["training_iteration"] != result.get("training_iteration")):
-                    rows.append(self._row(tid, result))
                 entry.told = telling.outcome(result, trial.status == "ERROR", int(entry.config["num_epochs"]),
                                              self._spec.objective.metric)
 
