@@ -132,7 +132,7 @@ def run_spec(spec: Any, size: Size, epoch_s: float, curves: dict[tuple[str, ...]
         wall = time.perf_counter() - start
     finally:
         ray.shutdown()
-    grid = getattr(ran, "results", ran)  # run_studies' ResultGrid, or an object holding it
+    grid = ran.results
     spans = [Span(str(r.config[STUDY_KEY]), float(r.metrics_dataframe["started"].min()),
                   float(r.metrics_dataframe["at"].max()), len(r.metrics_dataframe))
              for r in grid if r.metrics_dataframe is not None and len(r.metrics_dataframe)]

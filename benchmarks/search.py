@@ -236,7 +236,7 @@ def replay_search(sampler: str, telling: str, seed: int, concurrent: int, curves
     with told_complete() if telling == "complete" else contextlib.nullcontext(), \
             contextlib.redirect_stdout(io.StringIO()):  # the platform's line per trial, 200 searches of them
         ran = run_studies(spec, studies, folder, verbose=False, at_once=concurrent, function=function)
-    results = getattr(ran, "results", ran)
+    results = ran.results
     errors = [r.error for r in results if r.error is not None]
     if errors:
         raise RuntimeError(f"a replay trial failed: {errors[0]}")

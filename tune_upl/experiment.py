@@ -44,7 +44,7 @@ from tune_upl.layout import (
 )
 from tune_upl.results import older_layout_line, read_saved_spec
 from tune_upl.planning import (
-    Study, baseline_point, grid_points, max_epochs, plan_studies, prepare_data, prepare_weights, search_trials, serial_loading,
+    Study, baseline_point, max_epochs, plan_studies, prepare_data, prepare_weights, search_trials, serial_loading,
 )
 from tune_upl.search import check_resources, init_ray, logger_callbacks, per_study, ray_session, run_studies, trials_at_once
 from tune_upl.spec import SearchSpec, parse_spec
@@ -93,7 +93,7 @@ def describe(spec: SearchSpec, studies: list[Study]) -> str:
              f"{spec.objective.metric} ({spec.objective.mode}), protocol {spec.protocol}, {at_once}"]
     for study in studies:
         trials = search_trials(spec, study)
-        points = (f" ({len(grid_points(study))} grid point{'s' if len(grid_points(study)) != 1 else ''} x "
+        points = (f" ({trials // spec.num_samples} grid point{'s' if trials != spec.num_samples else ''} x "
                   f"{spec.num_samples})" if spec.searcher.type == "grid" else "")
         lines.append(f"  study {study.key}: {trials} trial{'s' if trials != 1 else ''}{points}, up to "
                      f"{max_epochs(study.base, study.space)} epochs each, "
@@ -106,9 +106,13 @@ def describe(spec: SearchSpec, studies: list[Study]) -> str:
 
 
 def _per_study_text(spec: SearchSpec, studies: list[Study]) -> str:
-    """Each study's trials at once: one number, or the range where grids of different sizes differ."""
-    counts = sorted({per_study(spec, study) for study in studies})
-    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    """Each study's trials at once (grids of different sizes may differ)."""
+    return _span([per_study(spec, study) for study in studies])
+
+
+def _span(counts: list[int]) -> str:
+    """One number, or the range of the counts where they differ."""
+    return str(min(counts)) if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
 
 
 def _publish(options: Options, experiment: Path, *relative: str) -> None:
@@ -345,8 +349,7 @@ def _run_studies(spec: SearchSpec, studies: list[Study], experiment: Path, optio
 
     at_once = trials_at_once(spec, studies, None if options.autoscaling else ray.cluster_resources())
     gpus = f", {at_once * spec.resources.gpu:g} GPUs" if spec.resources.gpu else ""
-    counts = sorted({search_trials(spec, study) for study in studies})
-    each = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    each = _span([search_trials(spec, study) for study in studies])
     print(f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} in one run: {each} trials each, "
           f"{spec.searcher.type} + {spec.scheduler.type}, objective {spec.objective.metric} ({spec.objective.mode}); "
           f"up to {at_once} trials at once ({_per_study_text(spec, studies)} per study{gpus})", flush=True)

@@ -47,7 +47,7 @@ from tune_upl.layout import (
     ERROR_KEY, FAULT_FLAGS, OPTUNA_FILE, OPTUNA_NUMBER_KEY, SELECTION_FILE, STUDY_KEY, UNSELECTABLE_FILE, faulted,
     trial_fields,
 )
-from tune_upl.planning import Study, baseline_point, grid_points, max_epochs, search_trials, suggest_config
+from tune_upl.planning import Study, baseline_point, final_runs, grid_points, max_epochs, search_trials, suggest_config
 from tune_upl.spec import SearchSpec
 
 
@@ -161,6 +161,7 @@ class StudySearcher(Searcher):
         super().__init__(metric=None, mode=None)
         self._spec, self._studies = spec, list(studies)
         self._experiment, self._publish, self._limit = session.experiment, session.publish, session.limit
+        self._searches = {s.key: search_trials(spec, s) for s in self._studies}  # each study's search trials
         self._book = Book()
         self._optuna: dict[str, optuna.Study] = {}  # opened on demand from SQLite, never pickled
         # after a restore: the trials Tune restored (`adopt`), and whether the book is yet to be reconciled
@@ -172,9 +173,9 @@ class StudySearcher(Searcher):
         """Each selected study's selection, and why nothing could be selected in each failed study."""
         return dict(self._book.selections), dict(self._book.failed)
 
-    def searches(self, key: str) -> int:
-        """Study `key`'s search trials (`planning.search_trials`)."""
-        return search_trials(self._spec, self._planned(key))
+    def finals(self, key: str) -> int:
+        """Final runs study `key` will have: none under protocol seed or when nothing could be selected."""
+        return 0 if key in self._book.failed else final_runs(self._spec)
 
     # ------------------------------------------------------------ Tune's interface
     def set_max_concurrency(self, max_concurrent: int) -> bool:
@@ -329,10 +330,6 @@ class StudySearcher(Searcher):
     def _started(self, key: str, final: bool) -> int:
         return sum(1 for e in self._book.entries.values() if e.study == key and e.final == final)
 
-    def _finals(self, key: str) -> int:
-        """Final runs a study will have: none under protocol seed or when nothing could be selected."""
-        return 0 if self._spec.protocol == "seed" or key in self._book.failed else self._spec.final_seeds
-
     def _next(self, running: collections.Counter) -> Optional[tuple[Study, bool]]:
         """The study that gets the free slot (and whether for a final run): under its own max_concurrent,
         with a trial it can start now, the furthest behind its budget first (then the spec's order)."""
@@ -341,13 +338,13 @@ class StudySearcher(Searcher):
             if running[study.key] >= self._spec.max_concurrent:
                 continue
             searched, finals = self._started(study.key, final=False), self._started(study.key, final=True)
-            if searched < self.searches(study.key):
+            if searched < self._searches[study.key]:
                 final = False
-            elif study.key in self._book.selections and finals < self._finals(study.key):
+            elif study.key in self._book.selections and finals < self.finals(study.key):
                 final = True
             else:
                 continue
-            budget = self.searches(study.key) + self._finals(study.key)
+            budget = self._searches[study.key] + self.finals(study.key)
             ready.append(((searched + finals) / budget, order, study, final))
         return min(ready, key=lambda r: r[:2])[2:] if ready else None
 
@@ -355,7 +352,7 @@ class StudySearcher(Searcher):
         """Nothing left to suggest, ever: every study selected (or failed to) and its final runs started. Not
         sooner: Tune stops asking once told so."""
         return all((study.key in self._book.selections or study.key in self._book.failed)
-                   and self._started(study.key, final=True) >= self._finals(study.key) for study in self._studies)
+                   and self._started(study.key, final=True) >= self.finals(study.key) for study in self._studies)
 
     # ------------------------------------------------------------ Optuna
     def _open(self, study: Study) -> optuna.Study:
@@ -371,17 +368,19 @@ class StudySearcher(Searcher):
                 sampler=self._book.samplers[study.key],
                 direction="maximize" if self._spec.objective.mode == "max" else "minimize",
             )
-            if study.key not in self._book.created and not opened.trials:
-                if self._spec.searcher.type == "grid":
-                    for _ in range(self._spec.num_samples):
-                        for point in grid_points(study):
-                            opened.enqueue_trial(point)
-                elif self._spec.baseline:
-                    opened.enqueue_trial(baseline_point(study.space, study.base))
             if study.key not in self._book.created:
+                if not opened.trials:  # a study found with trials has had its points queued
+                    for point in self._queued(study):
+                        opened.enqueue_trial(point)
                 self._book.created.add(study.key)
             self._optuna[study.key] = opened
         return self._optuna[study.key]
+
+    def _queued(self, study: Study) -> list[dict[str, Any]]:
+        """What a new Optuna study is given to run first: a grid's points `num_samples` times, or the baseline."""
+        if self._spec.searcher.type == "grid":
+            return grid_points(study) * self._spec.num_samples
+        return [baseline_point(study.space, study.base)] if self._spec.baseline else []
 
     # ------------------------------------------------------------ selection
     def _row(self, trial_id: str, result: dict[str, Any]) -> dict[str, Any]:
@@ -394,13 +393,13 @@ class StudySearcher(Searcher):
         `selection.json` (the progress callback says so)."""
         key = study.key
         mine = {tid: e for tid, e in self._book.entries.items() if e.study == key and not e.final}
-        if (key in self._book.selections or key in self._book.failed or len(mine) < self.searches(key)
+        if (key in self._book.selections or key in self._book.failed or len(mine) < self._searches[key]
                 or not all(e.ended for e in mine.values())):
             return
         good = {tid: e for tid, e in mine.items() if e.told is None or e.told[0] != optuna.trial.TrialState.FAIL}
         trials = [(e.config, pd.DataFrame(self._book.rows.get(tid, []))) for tid, e in good.items()]
         try:
-            selection = select_trials(self._spec, trials, key, {}, failed=len(mine) - len(good))
+            selection = select_trials(self._spec, trials, key, study.point, failed=len(mine) - len(good))
         except RuntimeError as nothing:
             if signals.stopping():
                 return

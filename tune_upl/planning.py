@@ -166,6 +166,11 @@ def grid_points(study: Study) -> list[dict[str, Any]]:
     return points
 
 
+def final_runs(spec: SearchSpec) -> int:
+    """A selected study's final runs: `final_seeds`, none under protocol seed."""
+    return 0 if spec.protocol == "seed" else spec.final_seeds
+
+
 def search_trials(spec: SearchSpec, study: Study) -> int:
     """How many search trials the study runs: `num_samples`, or under a grid `num_samples` runs of each of
     its points."""

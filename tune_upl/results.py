@@ -58,12 +58,12 @@ class SavedSpec(BaseModel):
 
 @dataclass(frozen=True)
 class Selection:
-    """The chosen trial of one study (or one grid group) and why: what `selection.json` holds (written by
+    """The chosen trial of one study and why: what `selection.json` holds (written by
     `final.save_selection`, checked field by field when read)."""
 
     __pydantic_config__ = ConfigDict(extra="forbid")
     key: str  # the study's folder name
-    group: dict[str, Any]
+    group: dict[str, Any]  # the study's `studies` values
     trial_id: str
     epoch: int
     objective: dict[str, float]
@@ -200,11 +200,13 @@ def tune_folders(experiment: Path) -> list[Path]:
     return [folder] if any(folder.glob(TUNE_STATE_PATTERN)) else []
 
 
-def older_layout_line(experiment: Path) -> Optional[str]:
-    """`layout.older_layout`'s line for a local experiment folder written in an older layout, or None."""
+def older_layout_line(experiment: Path, trials: bool = True) -> Optional[str]:
+    """`layout.older_layout`'s line for a local experiment folder written in an older layout, or None: from
+    its Tune runs, and with `trials` from each trial's `params.json` too (a reader that parses Tune's state
+    finds an unnamed trial there: `_study_of`)."""
     folders = [p.parent.name for p in experiment.glob(f"*/{TUNE_STATE_PATTERN}")]
     unnamed = next((p.parent.name for p in sorted((experiment / RUN_FOLDER).glob(f"*/{PARAMS_FILE}"))
-                    if not _names_study(p)), None)
+                    if not _names_study(p)), None) if trials else None
     return older_layout(experiment.name, folders, unnamed)
 
 
@@ -427,7 +429,7 @@ def load_experiment(experiment: Path) -> ExperimentData:
     """Read an experiment folder (finished, interrupted or running); FileNotFoundError when there is none."""
     if not (experiment / SPEC_FILE).is_file():
         raise FileNotFoundError(f"no experiment at {experiment} (missing {SPEC_FILE}); check --name and --storage")
-    older = older_layout_line(experiment)
+    older = older_layout_line(experiment, trials=False)
     if older:
         raise ExperimentError(older)
     saved = read_saved_spec(experiment)

@@ -26,7 +26,7 @@ from tune_upl.layout import (
     TUNE_STATE_PATTERN, error_line, trial_state,
 )
 from tune_upl.multistudy import Session, StudyRouter, StudySearcher, resuming
-from tune_upl.planning import Study, search_trials
+from tune_upl.planning import Study, final_runs, search_trials
 from tune_upl.spec import SearchSpec
 from tune_upl.storage import open_location
 from tune_upl import signals
@@ -91,7 +91,7 @@ class TrialLines(tune.Callback):
             if key not in self.said:
                 self.said.add(key)
                 print(selected_line(self.spec, selection), flush=True)
-                if self.spec.protocol == "val" and self.spec.final_seeds:
+                if self.searcher.finals(key):
                     print(final_stage_line(self.spec, key), flush=True)
 
     def _count(self, trial: Any, status: str) -> str:
@@ -205,11 +205,12 @@ class StopOnSignal(tune.Callback):
         return {"asked": False}  # a restored run has not been asked
 
 
-def _fit(spec: SearchSpec, folder: str, new_tuner: Any, expected: int | Callable[[], int],
+def _fit(spec: SearchSpec, folder: str, resume: bool, new_tuner: Any, expected: int | Callable[[], int],
          function: Optional[Callable[[dict[str, Any]], None]] = None, rerun_errored: bool = True) -> tune.ResultGrid:
-    """Continue the Tune experiment in `folder` when there is one (its searcher state included; with
-    `rerun_errored`, errored trials resumed from their last checkpoint), else start `new_tuner()`. A
-    restored ASHA starts with empty rungs (Ray pickles the scheduler as it was when the search began).
+    """Continue the Tune experiment in `folder` when `resume` (`restorable`, asked once by the caller), its
+    searcher state included (with `rerun_errored`, errored trials resumed from their last checkpoint), else
+    start `new_tuner()`. A restored ASHA starts with empty rungs (Ray pickles the scheduler as it was when
+    the search began).
 
     Raises `signals.stop_error` when a stop signal came (Tune saved the experiment, or, when the signal took
     Ray down too, what it saved last), so nothing is selected or started after it; `Interrupted` when Tune
@@ -217,7 +218,7 @@ def _fit(spec: SearchSpec, folder: str, new_tuner: Any, expected: int | Callable
     is decided from the experiment folder, not from these counts (`tune_upl.experiment`)."""
     signals.set_run(True)
     try:
-        if restorable(folder):
+        if resume:
             results = tune.Tuner.restore(folder, _trainable(spec, function), resume_errored=rerun_errored).fit()
         else:
             results = new_tuner().fit()
@@ -280,8 +281,7 @@ def _best_kept(spec: SearchSpec) -> tune.CheckpointConfig:
 def per_study(spec: SearchSpec, study: Study) -> int:
     """A study's trials at once: its `max_concurrent`, or fewer when it never has that many to run (its
     search trials, then its final runs)."""
-    finals = 0 if spec.protocol == "seed" else spec.final_seeds
-    return min(spec.max_concurrent, max(search_trials(spec, study), finals))
+    return min(spec.max_concurrent, max(search_trials(spec, study), final_runs(spec)))
 
 
 def trials_at_once(spec: SearchSpec, studies: list[Study], cluster: Optional[dict[str, float]] = None) -> int:
@@ -331,10 +331,11 @@ def run_studies(spec: SearchSpec, studies: list[Study], storage: Path, verbose: 
     `function` replaces the trial function (the benchmarks replay recorded curves)."""
     root = tune_root or str(storage)
     folder = f"{root}/{RUN_FOLDER}"
-    if not restorable(folder):  # a run Tune never saved starts again: its asked trials would be told twice
+    resume = restorable(folder)
+    if not resume:  # a run Tune never saved starts again: its asked trials would be told twice
         (storage / OPTUNA_FILE).unlink(missing_ok=True)
         _discard(folder)
-    finals = 0 if spec.protocol == "seed" else spec.final_seeds
+    finals = final_runs(spec)
     searched = sum(search_trials(spec, study) for study in studies)
     total = searched + len(studies) * finals
     names = list(dict.fromkeys(name for study in studies for name in study.space))
@@ -365,7 +366,7 @@ def run_studies(spec: SearchSpec, studies: list[Study], storage: Path, verbose: 
 
     # errored trials are not rerun: their studies counted them as failed, and may have selected since
     with resuming(session):
-        results = _fit(spec, folder, new_tuner, expected, function, rerun_errored=False)
+        results = _fit(spec, folder, resume, new_tuner, expected, function, rerun_errored=False)
     selections, failed = session.searchers[-1].decisions()
     return SearchRun(results, selections, failed)
 
