@@ -115,7 +115,8 @@ def run_spec(spec: Any, size: Size, epoch_s: float, curves: dict[tuple[str, ...]
 
     from tune_upl.layout import STUDY_KEY
     from tune_upl.planning import plan_studies
-    from tune_upl.search import quiet_ray, run_studies, trials_at_once
+    from tune_upl.concurrency import trials_at_once
+    from tune_upl.search import quiet_ray, run_studies
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local benchmark Ray: no token authentication
     quiet_ray(False)

@@ -9,7 +9,7 @@
 (c) the packing ratio: the aggregate images/s of (a) over (b).
 (d) evaluation (Recall@K, MAP@R, R-precision) at N = 20,000 on the GPU, against the CPU's answer.
 Beside them: the memory a process holds outside torch's allocator, measured (NVML) against the figure the
-memory cap leaves for it (`engine.PROCESS_OVERHEAD_BYTES`), and the packed processes' total against the card.
+memory cap leaves for it (`gpu_memory.PROCESS_OVERHEAD_BYTES`), and the packed processes' total against the card.
 
 Every part is a child process (`benchmarks/gpu_worker.py`) waited for with a deadline, so this process never
 creates a CUDA context of its own. The report goes to `--out`; at the first failure it says so in one line on
@@ -235,7 +235,7 @@ def overhead(plan: Plan, work: Path) -> None:
     lists it, else the card's use while it ran less the card's use before it, else the card's use as
     `cudaMemGetInfo` gives it (an upper bound: what the driver holds counts too); each less torch's reserved
     memory. Beside it, what the packed processes held together against the card."""
-    from tune_upl.engine import CARD_RESERVE, PROCESS_OVERHEAD_BYTES
+    from tune_upl.gpu_memory import CARD_RESERVE, PROCESS_OVERHEAD_BYTES
 
     if plan.cpu:
         plan.lines.append("| memory | process overhead outside torch's allocator | - | the CPU dry mode has no GPU |")
@@ -251,7 +251,7 @@ def overhead(plan: Plan, work: Path) -> None:
     plan.figures["overhead"] = {"measured": measured, "how": how, "stated": PROCESS_OVERHEAD_BYTES}
     plan.lines.append(f"| memory | the lone process's memory outside torch's allocator ({how}, less torch's "
                       f"{_gib(run['reserved'])} reserved) | {_gib(measured)} | the cap leaves "
-                      f"{_gib(PROCESS_OVERHEAD_BYTES)} (engine.PROCESS_OVERHEAD_BYTES) |")
+                      f"{_gib(PROCESS_OVERHEAD_BYTES)} (gpu_memory.PROCESS_OVERHEAD_BYTES) |")
     packed_runs = plan.figures["a"]["runs"]
     if all(r.get("nvml_process") is not None for r in packed_runs):
         together = sum(r["nvml_process"] for r in packed_runs)
@@ -260,7 +260,7 @@ def overhead(plan: Plan, work: Path) -> None:
                           f"{1 - CARD_RESERVE:.0%} of it |")
     if measured > PROCESS_OVERHEAD_BYTES:
         raise Failure(f"memory: a process holds {_gib(measured)} outside torch's allocator ({how}), more than the "
-                      f"{_gib(PROCESS_OVERHEAD_BYTES)} the memory cap leaves for it; raise engine.PROCESS_OVERHEAD_BYTES")
+                      f"{_gib(PROCESS_OVERHEAD_BYTES)} the memory cap leaves for it; raise gpu_memory.PROCESS_OVERHEAD_BYTES")
 
 
 def evaluation(plan: Plan, work: Path) -> None:

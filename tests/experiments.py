@@ -51,18 +51,16 @@ def trial_results(folder: Path, final: Optional[bool] = None) -> dict[str, list[
 def saved_trials(folder: Path) -> dict[str, tuple[str, int, bool]]:
     """What Tune's saved experiment state (the newest `experiment_state-*.json` in `folder`) records of each
     trial: (status, last epoch, final run). A resume starts from this, not from `result.json`: a row written
-    after the last snapshot is not a checkpoint Tune will restore. {} while no complete state file exists."""
-    states = sorted(folder.glob("experiment_state-*.json"))
+    after the last snapshot is not a checkpoint Tune will restore. {} while no complete state file exists.
+    Read through `tune_upl.ray_private` (Tune's own format; its tests check the reader against Ray's)."""
+    from tune_upl.ray_private import TuneStateError, read_saved_trials
+
     try:
-        entries = json.loads(states[-1].read_text())["trial_data"] if states else []
-    except (OSError, ValueError):  # caught while Tune's sync rewrites it
+        trials = read_saved_trials(folder)
+    except TuneStateError:  # none yet, or caught while Tune's sync rewrites it
         return {}
-    saved = {}
-    for trial_json, metadata_json in entries:
-        trial, last = json.loads(trial_json), json.loads(metadata_json).get("last_result") or {}
-        saved[trial["trial_id"]] = (trial["status"], last.get("training_iteration", 0),
-                                    bool(trial["config"].get("final")))
-    return saved
+    return {t.trial_id: (t.status, t.last_result.get("training_iteration", 0), bool(t.config.get("final")))
+            for t in trials}
 
 
 def on_cluster(body: str, head: dict[str, int], worker: dict[str, int], *args: str,

@@ -1,6 +1,8 @@
-"""The documentation's links: every relative markdown link in README.md and docs/*.md points at a file that
-exists, and README.md links every docs page. Plain file reads, no project imports: it runs in well under a
-second."""
+"""The documentation's facts that can be checked by reading it: every relative markdown link in README.md and
+docs/*.md points at a file that exists, README.md links every docs page, the pages describe the product and not
+its history (no issue numbers, no dated run logs), the test suite's size is stated in docs/testing.md only, and
+the README's architecture table names every module of `tune_upl`. Plain file reads, no project imports: it runs
+in well under a second."""
 import re
 from pathlib import Path
 from urllib.parse import unquote
@@ -83,3 +85,54 @@ def test_readme_links_every_docs_page():
     linked = {relative_target(readme, target) for _, target in links(readme)}
     missing = [str(page.relative_to(ROOT)) for page in sorted(DOCS.glob("*.md")) if page.resolve() not in linked]
     assert not missing, f"README.md does not link these docs pages: {', '.join(missing)}"
+
+
+# "issue 12", "PR 7", "#12" (not an anchor such as "(#reports)", not inside a URL) and ISO dates.
+HISTORY = re.compile(r"\b(?:issues?|PR|pull request)\s*#?\s*\d+|(?<![\w&/])#\d+\b|\b20\d\d-\d\d-\d\d\b", re.I)
+URL = re.compile(r"https?://[^\s)>]+")
+SUITE_SIZE = re.compile(r"\b\d[\d,]* (?:tests|passed|failed)\b")
+MODULE_ROW = re.compile(r"^\| (`[^|]*`) \|", re.M)
+
+
+def history_mentions(text):
+    """(line number, match) of each issue number or date in markdown text; URLs are left out (a link to an
+    upstream bug is a source, not a log)."""
+    text = URL.sub(lambda m: "x" * len(m.group(0)), text)
+    return [(text.count("\n", 0, m.start()) + 1, m.group(0)) for m in HISTORY.finditer(text)]
+
+
+def test_history_finder():
+    text = ("fixed in issue 26, see #31 and PR #4\nmeasured 2026-12-02\n"
+            "[Reports](#reports), (#reports), https://github.com/o/r/issues/30838, `a&#39;b`, 4 tissues 9\n")
+    assert history_mentions(text) == [(1, "issue 26"), (1, "#31"), (1, "PR #4"), (2, "2026-12-02")]
+
+
+def test_docs_mention_no_issue_number_or_run_date():
+    found = [f"{path.relative_to(ROOT)}:{line}: {match}" for path in markdown_files()
+             for line, match in history_mentions(path.read_text(encoding="utf-8"))]
+    assert not found, "the docs describe the product, not its history:\n" + "\n".join(found)
+
+
+def test_suite_size_is_stated_in_testing_md_only():
+    testing = DOCS / "testing.md"
+    assert SUITE_SIZE.search(testing.read_text(encoding="utf-8")), "docs/testing.md states no test count"
+    elsewhere = [f"{path.relative_to(ROOT)}: {m.group(0)}" for path in markdown_files() if path != testing
+                 for m in SUITE_SIZE.finditer(path.read_text(encoding="utf-8"))]
+    assert not elsewhere, "the test suite's size lives in docs/testing.md; link it instead:\n" + "\n".join(elsewhere)
+
+
+def architecture_paths():
+    """Every path named in the first column of the README's architecture table."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    return [path for cell in MODULE_ROW.findall(section) for path in re.findall(r"`([^`]+)`", cell)]
+
+
+def test_architecture_table_names_every_module():
+    named = architecture_paths()
+    missing = [path for path in named if not (ROOT / path).exists()]
+    assert not missing, f"the README's architecture table names files that do not exist: {missing}"
+    modules = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "tune_upl").glob("*.py") if p.name != "__init__.py")
+    unnamed = [module for module in modules if module not in named]
+    assert not unnamed, f"the README's architecture table has no row for: {unnamed}"
+    assert "tune_upl/versions.py" in named and len(named) >= 40

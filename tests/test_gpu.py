@@ -15,7 +15,8 @@ from fake_cuda import GIB, fake_cuda
 
 from tune_upl.config import make_config
 from tune_upl.data import ImageDataset, eval_transform, load_records, make_loader
-from tune_upl.engine import PROCESS_OVERHEAD_BYTES, build_run, claim_gpu, resolve_amp, resolve_device, train_epoch
+from tune_upl.engine import claim_gpu, resolve_amp, resolve_device, train_epoch
+from tune_upl.gpu_memory import PROCESS_OVERHEAD_BYTES
 from tune_upl.errors import DatasetError, OutOfMemory
 from tune_upl.layout import ERRORED, trial_state
 from tune_upl.loop import TrialHooks, run_trial
@@ -86,7 +87,7 @@ def test_a_trial_starts_on_its_gpu_at_each_share_capped_at_its_share_less_the_ov
 
 
 def test_a_share_too_small_for_the_process_overhead_is_refused_with_the_figures():
-    from tune_upl.engine import memory_cap
+    from tune_upl.gpu_memory import memory_cap
 
     assert memory_cap(0.25, 16 * GIB) == pytest.approx(0.25 * 0.99 - 1 / 16)
     with pytest.raises(ValueError, match=r"resources.gpu 0.05 of a 16.0 GiB GPU is 0.80 GiB, which leaves no memory "
@@ -166,7 +167,8 @@ def test_more_than_one_gpu_per_trial_is_refused_on_the_command_line(tmp_path):
 @pytest.fixture(scope="module")
 def gpu_search(ray_session, cache_dir, synthetic_root, tmp_path_factory):
     """Two trials that Ray each gives half of the session's fake GPU: `device: auto` (must fail: its torch
-    sees no CUDA) and `device: cpu` (trains, and is counted as CPU time), with retries allowed."""
+    sees no CUDA) and `device: cpu` (trains, and is counted as CPU time), with retries allowed; without the
+    node probe (`Options.check_nodes`), which would refuse the start (`test_probe.py`)."""
     from tune_upl.experiment import Options, run_search
     from tune_upl.report import write_report
     from tune_upl.spec import parse_spec
@@ -179,7 +181,10 @@ def gpu_search(ray_session, cache_dir, synthetic_root, tmp_path_factory):
                   "warm_up": 0, "feature_dim": 16, "num_workers": 0},
         "space": {"device": {"choice": ["auto", "cpu"]}},
     })
-    experiment = run_search(spec, {"cache_dir": cache_dir}, Options(storage=tmp_path_factory.mktemp("runs")))
+    # the node probe would refuse this start (the fake GPU is one torch cannot see): what is proven here is the
+    # trial's own check, for a node that joins after the start (--autoscaling) or a probe skipped
+    experiment = run_search(spec, {"cache_dir": cache_dir}, Options(storage=tmp_path_factory.mktemp("runs"),
+                                                                     check_nodes=False))
     trials = {json.loads((p.parent / "params.json").read_text())["device"]: (p.parent, result_rows(p))
               for p in (experiment / "trials").glob("*/result.json") if not p.parent.name.endswith(".final")}
     return experiment, trials, write_report(experiment, tmp_path_factory.mktemp("reports")).read_text()

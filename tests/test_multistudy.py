@@ -15,6 +15,7 @@ from experiments import ROOT, kill_when, saved_trials, trial_results
 from searches import MINI, write_spec
 
 from tune_upl.planning import plan_studies
+from tune_upl.ray_private import stub_trial
 from tune_upl.spec import parse_spec
 
 TWO = {
@@ -56,15 +57,6 @@ def test_a_free_slot_goes_to_the_study_furthest_behind_under_its_own_limit(tmp_p
     assert [study_name(searcher.suggest(f"u{i}")) for i in range(3)] == ["scale=8.0", "scale=64.0", "scale=8.0"]
     searcher.set_max_concurrency(10)
     assert study_name(searcher.suggest("u3")) == "scale=64.0" and searcher.suggest("u4") is None  # 2 each: their limit
-
-
-def stub_trial(trial_id, config, status, result):
-    from ray.tune.experiment import Trial
-
-    made = Trial("train_trial", config=config, trial_id=trial_id, stub=True)
-    made.set_status(status)
-    made.run_metadata.last_result = result
-    return made
 
 
 def test_final_runs_start_once_a_study_ended_and_the_searcher_then_finishes(tmp_path, capsys):
@@ -286,8 +278,8 @@ def _replay(config):
 @pytest.mark.ray
 def test_two_studies_in_one_run_keep_their_own_optuna_studies_rungs_selections_and_final_runs(ray_session, tmp_path, capsys):
     from ray import cloudpickle
-    from ray.tune.schedulers.async_hyperband import _Bracket
 
+    from tune_upl.ray_private import asha_bracket
     from tune_upl.search import run_studies
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import a test module
@@ -312,7 +304,7 @@ def test_two_studies_in_one_run_keep_their_own_optuna_studies_rungs_selections_a
     # ASHA: the trials each study stopped are those Ray's own bracket stops on that study's results alone
     # (one trial at a time per study: their order is the order they ran); shared rungs would stop others
     for key, tids in by_study.items():
-        own = _Bracket(1, 3, 2, 0)
+        own = asha_bracket(1, 3, 2)
         expected = set()
         for tid in tids:
             for row in search[tid]:
@@ -388,7 +380,7 @@ def test_trials_at_once_fill_the_cluster_up_to_every_studys_limit_and_the_dry_ru
     from experiments import cli
 
     from tune_upl.experiment import describe
-    from tune_upl.search import trials_at_once
+    from tune_upl.concurrency import trials_at_once
 
     spec, studies = two_studies(tmp_path, max_concurrent=4, resources={"cpu": 1, "gpu": 0.5})
     six, three = studies * 3, [*studies, studies[0]]

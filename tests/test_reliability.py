@@ -240,26 +240,22 @@ def test_name_is_one_plain_folder_name_for_every_command(tmp_path, capsys, comma
 
 
 def test_progress_lines_of_a_restored_run_continue_its_count_and_best(capsys, tmp_path):
-    from ray.tune.experiment import Trial
-
     from tune_upl.multistudy import Session, StudySearcher
     from tune_upl.planning import plan_studies
+    from tune_upl.ray_private import stub_trial
     from tune_upl.search import TrialLines
 
-    def trial(trial_id: str, status: str, score: float) -> Trial:
-        made = Trial("train_trial", config={"num_epochs": 3, "lr": 0.1}, trial_id=trial_id, stub=True)
-        made.set_status(status)
-        made.run_metadata.last_result = {"val_recall@1": score, "training_iteration": 3}
-        return made
+    def trial(trial_id: str, status: str, score: float):
+        return stub_trial(trial_id, {"num_epochs": 3, "lr": 0.1}, status, {"val_recall@1": score, "training_iteration": 3})
 
     spec = parse_spec(MINI)
     studies = plan_studies(spec, {"cache_dir": str(tmp_path)})
     searcher = StudySearcher(spec, studies, Session(tmp_path, None, 1))
     lines = TrialLines(spec, ["lr"], 3, tuple(studies), searcher)  # as restored: pickled before any trial ended
-    ended = [trial("a", Trial.TERMINATED, 0.7), trial("b", Trial.TERMINATED, 0.4)]
-    running = trial("c", Trial.RUNNING, 0.5)
+    ended = [trial("a", "TERMINATED", 0.7), trial("b", "TERMINATED", 0.4)]
+    running = trial("c", "RUNNING", 0.5)
     lines.on_step_begin(0, ended + [running])
-    running.set_status(Trial.TERMINATED)
+    running.set_status("TERMINATED")
     lines.on_trial_complete(1, ended + [running], running)
     line = capsys.readouterr().out.strip()
     assert line.startswith("[3/3] trial c completed") and line.endswith("best 0.7000 (a)")

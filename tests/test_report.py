@@ -1,6 +1,7 @@
 """The report and the retrieval pictures: numbers checked against Tune's raw result files of the shared small
 search (parsed here, not through the report's loader), an interrupted experiment, the published references,
 and the frames of a retrieval grid whose answer is known."""
+import io
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from tune_upl.cli import main
 from tune_upl.references import load_references
 from tune_upl.report import benchmark_tables
 from tune_upl.results import ExperimentData, FinalResult
-from tune_upl.retrieve import GREEN, RED, TILE, Database, make_query, save_retrieval, search, tile_origin
+from tune_upl.retrieve import GREEN, RED, TILE, Database, draw_picture, make_query, save_retrieval, search, tile_origin
 from tune_upl.errors import ExperimentError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,7 +299,7 @@ def test_loss_comparison_puts_losses_side_by_side_on_the_same_budget():
 
 def test_the_test_selected_epoch_checkpoint_is_found_or_named_missing(tmp_path):
     """Protocol seed: the retrieval tool embeds with the checkpoint of the selected trial's selected epoch."""
-    from tune_upl.retrieve import _selected_checkpoint
+    from tune_upl.saved_models import selected_checkpoint as _selected_checkpoint
     from tune_upl.layout import CHECKPOINT_FILE
 
     trial = tmp_path / "trials" / "abc_00001"
@@ -311,3 +312,91 @@ def test_the_test_selected_epoch_checkpoint_is_found_or_named_missing(tmp_path):
     assert _selected_checkpoint(tmp_path, selection) == trial / "checkpoint_000002"
     with pytest.raises(ExperimentError, match="the checkpoint of trial abc_00001 at epoch 2 is gone"):
         _selected_checkpoint(tmp_path, {**selection, "epoch": 2})
+
+
+def test_a_run_draws_the_reports_picture_of_fixed_queries(tmp_path):
+    """The picture a run saves when it ends: a row per fixed query (the first image of evenly spaced test
+    classes), its nearest images framed by class; images gone from disk come from the prepared records."""
+    db, colours = _known_database(tmp_path)
+    queries = draw_picture(db, tmp_path / "retrieval.png", queries=3, k=2)
+    assert queries == [db.paths[0], db.paths[2], db.paths[5]]  # the first image of classes 0, 1 and 2
+    picture = Image.open(tmp_path / "retrieval.png").convert("RGB")
+    # per row the two nearest (either order where they tie: 10 and 30 degrees are as near to 20) and their frame
+    expected = {0: ([{1}, {2}], [GREEN, RED]), 1: ([{1, 4}, {1, 4}], [RED, RED]), 2: ([{3}, {4}], [RED, RED])}
+    for row, (hits, frames) in expected.items():
+        x, y = tile_origin(row, 0)
+        assert picture.getpixel((x + TILE // 2, y + TILE // 2)) == colours[[0, 2, 5][row]]
+        for column, (indices, frame) in enumerate(zip(hits, frames), 1):
+            x, y = tile_origin(row, column)
+            assert picture.getpixel((x + 1, y + 1)) == frame
+            assert picture.getpixel((x + TILE // 2, y + TILE // 2)) in [colours[i] for i in indices]
+    assert picture.size == (tile_origin(0, 2)[0] + TILE + 8, tile_origin(2, 0)[1] + TILE + 20 + 8)
+    Path(db.paths[1]).unlink()
+    with pytest.raises(FileNotFoundError, match="img1.png is gone and not in the prepared cache"):
+        draw_picture(db, tmp_path / "again.png", queries=1, k=1)
+
+
+def test_the_saved_picture_of_a_test_selected_trial_is_found_or_named_missing(tmp_path):
+    """Protocol seed: the picture is the one the selected trial drew into its selected epoch's checkpoint."""
+    from tune_upl.layout import CHECKPOINT_FILE, SELECTION_FILE, SPEC_FILE
+    from tune_upl.saved_models import RETRIEVAL_PICTURE, RETRIEVAL_QUERIES_FILE, saved_picture
+
+    experiment = tmp_path / "x"
+    (experiment / "main").mkdir(parents=True)
+    (experiment / SPEC_FILE).write_text("{}")
+    selection = {"key": "main", "group": {}, "trial_id": "abc_00001", "epoch": 2, "objective": {"test_recall@1": 0.5},
+                 "config": {"seed": 1}, "test_selected": {"test_recall@1": 0.5}, "selected_at": 0.0}
+    (experiment / "main" / SELECTION_FILE).write_text(json.dumps(selection))
+    trial = experiment / "trials" / "abc_00001"
+    (trial / "checkpoint_000001").mkdir(parents=True)
+    (trial / "checkpoint_000001" / CHECKPOINT_FILE).write_bytes(b"state")
+    (trial / "params.json").write_text("{}")
+    rows = [{"training_iteration": e, "checkpoint_dir_name": f"checkpoint_{e - 1:06d}"} for e in (1, 2)]
+    (trial / "result.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ExperimentError, match="^the trial abc_00001 at its test-selected epoch 2 of study main drew no "
+                                              "retrieval picture$"):
+        saved_picture(experiment, "main")
+    (trial / "checkpoint_000001" / RETRIEVAL_PICTURE).write_bytes(b"png")
+    (trial / "checkpoint_000001" / RETRIEVAL_QUERIES_FILE).write_text(json.dumps({"queries": ["/d/a/b/c.jpg"]}))
+    found = saved_picture(experiment, "main")
+    assert (found.path, found.queries) == (trial / "checkpoint_000001" / RETRIEVAL_PICTURE, ["/d/a/b/c.jpg"])
+
+
+def _checkpointed_files(run):
+    """The files of each checkpoint the loop saves while it trains `run` to its last epoch."""
+    from tune_upl.loop import TrialHooks, _epochs
+
+    saved = {}
+
+    def report(result, folder):
+        if folder is not None:
+            saved[result["epoch"]] = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    _epochs(run, TrialHooks(report=report))
+    return saved
+
+
+def test_a_final_run_saves_its_retrieval_picture_with_its_last_checkpoint(tiny_values, small_run):
+    from tune_upl.config import make_config
+    from tune_upl.saved_models import RETRIEVAL_PICTURE, RETRIEVAL_QUERIES_FILE
+
+    run = small_run(make_config(tiny_values, final=True, num_epochs=2, checkpoint_every=1, feature_dim=16,
+                                image_size=32, batch_size=16), train_batches=1)
+    saved = _checkpointed_files(run)
+    assert RETRIEVAL_PICTURE not in saved[1] and "test_embeddings.pt" not in saved[1]  # tested after the last only
+    last = saved[2]
+    queries = json.loads(last[RETRIEVAL_QUERIES_FILE])["queries"]
+    classes = sorted({r.class_id for r in run.eval_loader.dataset.records})
+    firsts = {next(str(r.path) for r in run.eval_loader.dataset.records if r.class_id == c) for c in classes}
+    assert len(queries) == 3 and set(queries) <= firsts and queries == sorted(queries, key=run.test_database["paths"].index)
+    picture = Image.open(io.BytesIO(last[RETRIEVAL_PICTURE]))
+    assert picture.size == (tile_origin(0, 8)[0] + TILE + 8, tile_origin(2, 0)[1] + TILE + 20 + 8)  # 3 rows of 1 + 8
+
+
+def test_a_test_selected_trial_saves_the_picture_of_each_improving_epoch(tiny_values, small_run):
+    from tune_upl.config import make_config
+    from tune_upl.saved_models import RETRIEVAL_PICTURE
+
+    run = small_run(make_config(tiny_values, protocol="seed", num_epochs=1, feature_dim=16, image_size=32,
+                                batch_size=16), train_batches=1)
+    assert RETRIEVAL_PICTURE in _checkpointed_files(run)[1]  # the first epoch improves on nothing before it

@@ -206,7 +206,7 @@ def test_a_search_checks_every_searched_backbone_before_ray_starts(tmp_path, mon
     from tune_upl.spec import parse_spec
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", _offline)
-    monkeypatch.setattr(experiment, "init_ray", _no_ray)
+    monkeypatch.setattr("tune_upl.search.init_ray", _no_ray)
     spec = parse_spec({"name": "w", "fixed": {"data_name": "synthetic", "cache_dir": cache_dir,
                                               "weights_dir": str(tmp_path / "w"), "num_epochs": 1, "warm_up": 0},
                        "space": {"backbone_type": {"choice": ["googlenet", "tiny", "resnet18"]}}}, "test")

@@ -1,6 +1,7 @@
 """Dataset sources: where each `data_name` lives and how its official annotation files are read.
 
-One `DatasetFormat` per name in `DATASETS` (the registry `TrialConfig.data_name` is validated against):
+One `DatasetFormat` per name in `DATASETS`, beside the dataset's facts (`facts.DATASETS`, the names
+`TrialConfig.data_name` is validated against):
 
 - `cub`: CUB-200-2011 as extracted from CUB_200_2011.tgz into `<data_path>/cub` (also one level down
   in `CUB_200_2011/`): `images.txt`, `image_class_labels.txt`, `bounding_boxes.txt` (id x y width
@@ -23,8 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from tune_upl.errors import DatasetError
+from tune_upl.facts import DATASETS as DATASET_FACTS, DatasetFacts
 
-if TYPE_CHECKING:  # config validates names against DATASETS: the dependency runs from config to here only
+if TYPE_CHECKING:
     from tune_upl.config import TrialConfig
 
 Box = tuple[float, float, float, float]  # x, y, width, height in source pixels
@@ -51,15 +53,19 @@ class DatasetFormat:
     `identity` is the resolved path that names the dataset (no file is touched: trials use it to find
     the prepared cache without the source); `locate` checks the source and returns the folder the image
     names are relative to; `fingerprint` is what a change of the source changes (annotation files' sizes
-    and modification times); `read` lists the images; `display` is its name in reports.
+    and modification times); `read` lists the images; `facts` holds its name in reports and whether it
+    has bounding boxes.
     """
 
     identity: Callable[["TrialConfig"], Path]
     locate: Callable[["TrialConfig"], Path]
     fingerprint: Callable[[Path], list[Any]]
     read: Callable[[Path], list[SourceImage]]
-    has_boxes: bool
-    display: str
+    facts: DatasetFacts
+
+    @property
+    def has_boxes(self) -> bool:
+        return self.facts.has_boxes
 
 
 def split_halves(class_ids: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -265,12 +271,9 @@ def locate_synthetic(cfg: "TrialConfig") -> Path:
 
 
 DATASETS: dict[str, DatasetFormat] = {
-    "car": DatasetFormat(car_identity, locate_car, car_fingerprint, read_cars_annos, has_boxes=True,
-                         display="CARS196"),
-    "cub": DatasetFormat(cub_identity, locate_cub, cub_fingerprint, read_cub_layout, has_boxes=True,
-                         display="CUB200-2011"),
-    "folder": DatasetFormat(folder_identity, locate_folder, folder_fingerprint, read_folder, has_boxes=False,
-                            display="image folder"),
+    "car": DatasetFormat(car_identity, locate_car, car_fingerprint, read_cars_annos, DATASET_FACTS["car"]),
+    "cub": DatasetFormat(cub_identity, locate_cub, cub_fingerprint, read_cub_layout, DATASET_FACTS["cub"]),
+    "folder": DatasetFormat(folder_identity, locate_folder, folder_fingerprint, read_folder, DATASET_FACTS["folder"]),
     "synthetic": DatasetFormat(synthetic_identity, locate_synthetic, cub_fingerprint, read_cub_layout,
-                               has_boxes=True, display="synthetic"),
+                               DATASET_FACTS["synthetic"]),
 }

@@ -22,6 +22,7 @@ from tune_upl.errors import (
     StorageError, Terminated, WeightsMissing,
 )
 from tune_upl.layout import NAME_PATTERN, PULLED_FOLDER, report_file, search_command
+from tune_upl.versions import warn_versions
 
 if TYPE_CHECKING:
     from tune_upl.storage import Remote
@@ -226,7 +227,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 0
     options = Options(storage=storage, remote=remote, verbose=args.verbose, address=args.address,
                       resume=args.resume, overwrite=args.overwrite, autoscaling=args.autoscaling,
-                      allow_cpu=args.allow_cpu, loggers=tuple(args.logger))
+                      allow_cpu=args.allow_cpu, loggers=tuple(args.logger), check_nodes=not args.skip_node_check)
     start = time.perf_counter()
     signals.install(resume_command(args), watchdog=True)
     try:
@@ -325,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the Ray cluster grows on demand: skip the check that one node can hold a trial")
     add_option(search, "allow_cpu", action="store_true",
                help="a spec that asks for GPUs runs on CPUs when the cluster has none")
+    search.add_argument("--skip-node-check", action="store_true",
+                        help="start without probing every node first (storage, prepared data, weights files, GPUs "
+                             "and their free memory: see docs/what-happens-when.md); a node that cannot run a trial "
+                             "then fails each trial it takes")
     add_option(search, "storage", default="runs",
                help="experiment folder root, made absolute, shared by every node of a cluster; or a URI "
                     "(s3://bucket/runs, gs://bucket/runs) [default: runs]")
@@ -373,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = ["search", *argv]  # `python run_search.py [--option ...]` is the search command
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
+    warn_versions()  # one line naming any package outside the tested ranges (a warning: the command still runs)
 
     try:
         return handler(args)

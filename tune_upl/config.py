@@ -15,33 +15,26 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 from pydantic.dataclasses import dataclass
 from typing_extensions import Annotated
 from tune_upl.errors import ConfigError
+from tune_upl.facts import BACKBONES, DATASETS, LOSS_PARAMETERS
 from tune_upl.loss_axes import Aggregation, Anchor
 
 Protocol = Literal["val", "seed"]
 Pooling = Literal["max", "avg", "avgmax"]
 
 
-
 def _registry_names(kind: str) -> list[str]:
-    # Imported lazily: the registries live beside the code that builds each kind (one plain dict each).
-    if kind == "backbone_type":
-        from tune_upl.models import BACKBONES as reg
-    elif kind == "loss_name":
-        from tune_upl.losses import LOSSES as reg
-    else:
-        from tune_upl.archives import DATASETS as reg
-    return sorted(reg)
+    """The names a field may take: the facts' tables (torch-free; the builders agree, tests/test_facts.py)."""
+    table = {"backbone_type": BACKBONES, "loss_name": LOSS_PARAMETERS, "data_name": DATASETS}[kind]
+    return sorted(table)
 
 
 # Fields that only some losses take (the others would drop them silently): each loss builder's parameters are
-# named as these fields, and `losses_taking` reads which builder has which from the signatures.
+# named as these fields, listed in `facts.LOSS_PARAMETERS`.
 LOSS_SPECIFIC = ("margin", "loss_anchor", "loss_aggregation")
 
 
 def losses_taking(field: str) -> list[str]:
     """The losses whose builder has a parameter named `field`."""
-    from tune_upl.losses import LOSS_PARAMETERS
-
     return sorted(name for name, params in LOSS_PARAMETERS.items() if field in params)
 
 

@@ -29,6 +29,7 @@ from tune_upl.metrics import retrieval_metrics
 from tune_upl.models import MetricModel, build_model
 from tune_upl.optim import OPTIMIZERS
 from tune_upl.errors import CheckpointError, DivergedError, NoGPU, OutOfMemory, first_line
+from tune_upl.gpu_memory import memory_cap
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -74,30 +75,6 @@ def resolve_device(name: str, gpu_share: float = 0.0) -> torch.device:
             f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); allowed: auto, cuda or cuda:0 to cuda:{count - 1}"
         )
     return torch.device("cuda", int(index))
-
-
-# GPU memory a process holds outside torch's caching allocator: the CUDA context and the kernels it loads
-# (cuBLAS, cuDNN), about 0.5-1 GB per process (cuBLAS and cuDNN workspaces are allocated through the
-# caching allocator, inside the cap). `scripts/gpu_check.sh` measures it on a real GPU against this figure.
-PROCESS_OVERHEAD_BYTES = 2**30
-CARD_RESERVE = 0.01  # of the card's memory, kept free for the driver's own allocations: packed trials fill 99%
-
-
-def memory_cap(gpu_share: float, total_bytes: int) -> Optional[float]:
-    """The fraction of the GPU's memory a packed trial's caching allocator may hold: its share of 99% of the
-    card less the process overhead, so that `1 / gpu_share` trials, each with its context, fit the card
-    together with room for the driver. None for a whole GPU (no neighbour to protect); a share too small to
-    hold even the overhead is refused."""
-    if gpu_share >= 1:
-        return None
-    cap = gpu_share * (1 - CARD_RESERVE) - PROCESS_OVERHEAD_BYTES / total_bytes
-    if cap <= 0:
-        raise ValueError(
-            f"resources.gpu {gpu_share:g} of a {total_bytes / 2**30:.1f} GiB GPU is {gpu_share * total_bytes / 2**30:.2f} "
-            f"GiB, which leaves no memory for training after the process's {PROCESS_OVERHEAD_BYTES / 2**30:g} GiB "
-            "outside torch's allocator (CUDA context, kernels); give each trial a larger share"
-        )
-    return cap
 
 
 def claim_gpu(device: torch.device, gpu_share: float) -> Optional[float]:
@@ -355,7 +332,7 @@ def train_epoch(run: Run) -> dict[str, float]:
     if not cfg.final or last:
         embeddings, labels = embed(run, run.eval_loader)
         metrics = retrieval_metrics(embeddings, labels, cfg.recalls).as_metrics(run.metric_prefix)
-        if cfg.final:  # kept with the final model: the retrieval tool queries this database
+        if run.eval_split == "test":  # kept with the final (or, under seed, selected) model: its picture and `retrieve`
             paths = [str(r.path) for r in run.eval_loader.dataset.records]
             run.test_database = {"embeddings": embeddings.cpu(), "labels": labels.cpu(), "paths": paths}
     run.epoch = epoch

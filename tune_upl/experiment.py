@@ -46,7 +46,7 @@ from tune_upl.results import older_layout_line, read_saved_spec
 from tune_upl.planning import (
     Study, baseline_point, max_epochs, plan_studies, prepare_data, prepare_weights, search_trials, serial_loading,
 )
-from tune_upl.search import check_resources, init_ray, logger_callbacks, per_study, ray_session, run_studies, trials_at_once
+from tune_upl.concurrency import per_study, trials_at_once  # Ray-free: `--dry-run` says them without Ray
 from tune_upl.spec import SearchSpec, parse_spec
 from tune_upl.storage import Remote, prune_checkpoints, push_file, writable_folder
 from tune_upl import signals
@@ -68,6 +68,7 @@ class Options:
     overwrite: bool = False
     autoscaling: bool = False  # the cluster grows on demand: skip the largest-node check
     allow_cpu: bool = False  # a spec that asks for GPUs runs on CPUs when the cluster has none
+    check_nodes: bool = True  # probe every node before the first trial (`probe`)
     loggers: tuple[str, ...] = ()  # mlflow, wandb: Ray Tune's logger callbacks
     callbacks: tuple[Any, ...] = ()  # more Ray Tune callbacks, for programs that embed the search
 
@@ -83,7 +84,7 @@ def load_saved_spec(experiment: Path) -> tuple[SearchSpec, dict[str, Any], Paths
 def describe(spec: SearchSpec, studies: list[Study]) -> str:
     """What a search would run (`--dry-run`): studies, trials, epochs, resources."""
     per_trial = f"each {spec.resources.cpu:g} CPU + {spec.resources.gpu:g} GPU"
-    # the cluster is not known before Ray starts: its size may lower this (search.trials_at_once)
+    # the cluster is not known before Ray starts: its size may lower this (concurrency.trials_at_once)
     total = trials_at_once(spec, studies)
     cap = f", capped by max_concurrent_total {spec.max_concurrent_total}" if spec.max_concurrent_total else ""
     at_once = (f"all {len(studies)} stud{'y' if len(studies) == 1 else 'ies'} in one run: up to {total} trials at "
@@ -237,14 +238,35 @@ def check_optuna_database(experiment: Path) -> None:
 def preflight(spec: SearchSpec, overrides: dict[str, Any], options: Options, paths: Paths,
               studies: list[Study]) -> tuple[SearchSpec, list[Study], dict[str, dict[str, list[int]]]]:
     """Every check a start can fail, before anything is written into the experiment folder: data prepared
-    (class splits included), weights fetched, Ray up and able to hold a trial. Returns the spec to run
-    (`--allow-cpu` may drop its GPU), its studies and their class lists (for the record)."""
+    (class splits included), weights fetched, Ray up and able to hold a trial, and every node that can hold one
+    seeing the storage, the data, the weights and its GPUs (`probe`). Returns the spec to run (`--allow-cpu`
+    may drop its GPU), its studies and their class lists (for the record)."""
+    from tune_upl.planning import study_configs
+    from tune_upl.probe import check_nodes
+    from tune_upl.search import check_resources, init_ray  # Ray loads here, not on import (`--dry-run`)
+
     prepare_data(studies)
     prepare_weights(studies)
     classes = _class_lists(studies)  # too few classes, or a val_fraction that leaves no training class
     print(init_ray(options.address, options.verbose), flush=True)
     spec = check_resources(spec, autoscaling=options.autoscaling, allow_cpu=options.allow_cpu)
-    return spec, plan_studies(spec, overrides, paths), classes
+    studies = plan_studies(spec, overrides, paths)
+    if options.check_nodes:
+        configs = [cfg for study in studies for cfg in study_configs(study)]
+        gpu = spec.resources.gpu if _uses_cuda(studies) else 0.0  # device: cpu everywhere: its GPUs are unused
+        print(check_nodes(options.storage, options.remote.uri if options.remote else None, spec.name, configs,
+                          spec.resources.cpu, spec.resources.gpu, gpu, options.autoscaling), flush=True)
+    return spec, studies, classes
+
+
+def _uses_cuda(studies: list[Study]) -> bool:
+    """Whether any trial may run on CUDA: a device other than cpu, fixed or among a study's choices."""
+    for study in studies:
+        searched = study.space.get("device")
+        devices = searched.choice if searched is not None and searched.choice else [study.base.get("device", "auto")]
+        if any(device != "cpu" for device in devices):
+            return True
+    return False
 
 
 def driver_lock(storage: Path, name: str) -> FileLock:
@@ -308,6 +330,8 @@ def write_record(experiment: Path, studies: list[Study], spec: SearchSpec,
     import ray
     import torch
 
+    from tune_upl.search import ray_session
+
     queued = spec.baseline and spec.searcher.type != "grid"  # a grid runs its own points only
     baselines = {s.key: baseline_point(s.space, s.base) for s in studies} if queued else {}
     write_json(experiment / RECORD_FILE, {
@@ -346,6 +370,8 @@ def _run_studies(spec: SearchSpec, studies: list[Study], experiment: Path, optio
     """Every study's search and final runs in one Tune run (`tune_upl.multistudy`), as many trials at once as
     the cluster holds; then the search trials' checkpoints are pruned, but the selected ones."""
     import ray
+
+    from tune_upl.search import run_studies
 
     at_once = trials_at_once(spec, studies, None if options.autoscaling else ray.cluster_resources())
     gpus = f", {at_once * spec.resources.gpu:g} GPUs" if spec.resources.gpu else ""
@@ -399,6 +425,8 @@ def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options, pa
     driver's (`cli.driver_paths`); without them, paths reach the trials as the spec and overrides give them.
     A stop signal ends it with `signals.Interrupted` or `Terminated` (nothing selected, started or marked
     after it); a run that ends without everything done, with `Incomplete`."""
+    from tune_upl.search import logger_callbacks  # Ray loads when a search runs, not when this module is imported
+
     studies = plan_studies(spec, overrides, paths)  # validates every study before anything starts
     callbacks = (*logger_callbacks(options.loggers, spec.name), *options.callbacks)
     found = check_storage(options.storage)

@@ -1,5 +1,6 @@
 """The loop one trial runs, with or without Ray: build the run (claiming its GPU), continue from a saved
-state, train epoch by epoch, evaluate, checkpoint and report, through plain callbacks (`TrialHooks`).
+state, train epoch by epoch, evaluate, checkpoint (a tested epoch's checkpoint with its retrieval picture, which
+the report then copies without loading torch) and report, through plain callbacks (`TrialHooks`).
 
 Tune's trainable (`trainable.py`) passes Tune's report and checkpoint; the GPU check (`benchmarks/gpu_check.py`)
 passes plain ones on a machine without Ray. One loop, so what the check measures is what a trial runs.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from tune_upl.atomic import write_json
 from tune_upl.config import TrialConfig
 from tune_upl.engine import Run, build_run, evaluated_split, is_out_of_memory, out_of_memory, save_state, train_epoch
 from tune_upl.errors import DivergedError, NoGPU, OutOfMemory, WeightsMissing, first_line
@@ -27,6 +30,7 @@ from tune_upl.layout import (
     CHECKPOINT_FILE, DIVERGED_FLAG, EMBEDDINGS_FILE, ERROR_KEY, GPU_START_FLAG, NO_GPU_FLAG, NO_WEIGHTS_FLAG, OOM_FLAG,
 )
 from tune_upl.metrics import RetrievalResult
+from tune_upl.saved_models import RETRIEVAL_NUM, RETRIEVAL_PICTURE, RETRIEVAL_QUERIES, RETRIEVAL_QUERIES_FILE
 
 # Failures no retry can mend, and the flag each sets in the trial's last result (see layout.trial_state): the
 # configuration's own (a diverged loss, out of memory) and the node's (a GPU torch cannot see, a missing
@@ -64,6 +68,11 @@ def checkpoint_due(cfg: TrialConfig, history: list[dict[str, float]]) -> bool:
     epoch = int(history[-1]["epoch"])
     if epoch == cfg.num_epochs or epoch in cfg.checkpoint_epochs or epoch % cfg.checkpoint_every == 0:
         return True
+    return improves_best(cfg, history)
+
+
+def improves_best(cfg: TrialConfig, history: list[dict[str, float]]) -> bool:
+    """Under protocol seed, whether the epoch just trained improves `checkpoint_best` over the earlier ones."""
     if cfg.protocol != "seed" or cfg.final or cfg.checkpoint_best == "none":
         return False
     metric, _, mode = cfg.checkpoint_best.partition(":")
@@ -137,6 +146,34 @@ def _epochs(run: Run, hooks: TrialHooks) -> None:
             continue
         with tempfile.TemporaryDirectory() as folder:
             save_state(run, Path(folder) / CHECKPOINT_FILE)
-            if run.test_database is not None:
+            if cfg.final and run.test_database is not None:
                 torch.save(run.test_database, Path(folder) / EMBEDDINGS_FILE)
+            if picture_due(run):
+                save_picture(run, Path(folder))
             hooks.report(result, Path(folder))
+
+
+def picture_due(run: Run) -> bool:
+    """Whether the epoch just trained is one a report shows retrieval for, with its test database at hand: a
+    final run's last epoch, or under protocol seed an epoch that improves `checkpoint_best` (the selection
+    takes a trial's best epoch, whose checkpoint this is)."""
+    cfg = run.cfg
+    if run.test_database is None:
+        return False
+    return run.epoch == cfg.num_epochs if cfg.final else improves_best(cfg, run.history)
+
+
+def save_picture(run: Run, folder: Path) -> None:
+    """Draw the retrieval picture of the epoch just evaluated into its checkpoint `folder`, from the test
+    embeddings the evaluation already made (a few dozen images read and resized), so that the report reads
+    a file instead of loading torch to embed. A picture that cannot be drawn is named, never fails the run."""
+    from tune_upl.retrieve import as_database, draw_picture
+
+    try:
+        records = {str(r.path): r for r in run.eval_loader.dataset.records}
+        db = as_database(run.test_database, "", run.cfg.to_dict(), folder / CHECKPOINT_FILE, "this run")
+        queries = draw_picture(db, folder / RETRIEVAL_PICTURE, records, RETRIEVAL_QUERIES, RETRIEVAL_NUM)
+        write_json(folder / RETRIEVAL_QUERIES_FILE, {"queries": queries})
+    except Exception as error:  # the run trained and tested: a picture is not worth failing it
+        print(f"warning: retrieval picture not drawn: {type(error).__name__}: {first_line(error)}", file=sys.stderr,
+              flush=True)

@@ -1,4 +1,5 @@
-"""Proxy losses: one small class each, registered in `LOSSES`, built with `build_loss(name, **params)`.
+"""Proxy losses: one small class each, registered in `LOSSES`, built with `build_loss(name, **params)`; their
+names and parameters are `facts.LOSS_PARAMETERS`.
 
 Every loss takes `(similarities [B, C], labels [B])`, where `similarities` are cosines between the
 batch's embeddings and the class proxies, and works in float32 with log-sum-exp forms so that it stays
@@ -6,13 +7,13 @@ finite at scale 64 with similarities near +-1, also under autocast.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tune_upl.facts import LOSS_PARAMETERS  # noqa: F401 (each loss's parameters: re-exported beside its builder)
 from tune_upl.loss_axes import AGGREGATIONS, ANCHORS, DEFAULT_CELL, PROXY_ANCHOR_CELL
 
 
@@ -121,11 +122,8 @@ LOSSES: dict[str, Callable[..., nn.Module]] = {
     "proxy_anchor": proxy_anchor,
     "proxy_nca": ProxyNCALoss,
 }
-# The TrialConfig fields each loss takes: its builder's parameters, named as the fields (a margin exists only
-# where the loss has one), read from the signature so that they cannot drift from the code.
-LOSS_PARAMETERS: dict[str, tuple[str, ...]] = {
-    name: tuple(inspect.signature(builder).parameters) for name, builder in LOSSES.items()
-}
+# Each builder's parameters are named as TrialConfig fields and listed in `facts.LOSS_PARAMETERS`, which config
+# validates against without torch; tests/test_facts.py checks them against the signatures.
 
 
 def build_loss(name: str, **params: float) -> nn.Module:

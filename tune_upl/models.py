@@ -15,28 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from tune_upl.errors import ConfigError, WeightsMissing
+from tune_upl.facts import (  # noqa: F401 (the input conventions are re-exported for callers of models)
+    BACKBONES as BACKBONE_FACTS, BNINCEPTION_MEAN, IMAGENET_MEAN, IMAGENET_STD, TINY_CHANNELS, TORCHVISION_INPUT,
+    BackboneFacts, InputNorm, imagenet_file,
+)
 
-if TYPE_CHECKING:  # config validates names against BACKBONES: the dependency runs from config to here only
+if TYPE_CHECKING:
     from tune_upl.config import TrialConfig
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-BNINCEPTION_MEAN = (104.0, 117.0, 128.0)  # BGR order, 0-255 scale (pretrainedmodels' bninception)
-
-
-@dataclass(frozen=True)
-class InputNorm:
-    """How uint8 RGB images become a backbone's input: the normalisation its ImageNet weights were trained with."""
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    unit_scale: bool = True  # divide by 255 first (torchvision); Caffe models take 0-255
-    bgr: bool = False  # channels in BGR order (Caffe)
-
-
-TORCHVISION_INPUT = InputNorm(IMAGENET_MEAN, IMAGENET_STD)
-CAFFE_BGR_INPUT = InputNorm(BNINCEPTION_MEAN, (1.0, 1.0, 1.0), unit_scale=False, bgr=True)
 
 
 @dataclass(frozen=True)
@@ -71,25 +56,34 @@ class Weights:
 
 @dataclass(frozen=True)
 class BackboneEntry:
-    """Everything the platform knows about one backbone, in one place: how to build it (with the weights
-    read from a file, or without), the channels of its feature map, its input normalisation, where its
-    published weights live, and its name in reports. No builder downloads: `weights.py` fetches files
-    once, in the driver, before any trial."""
+    """A backbone's builder (with the weights read from a file, or without) beside its facts (`facts.BACKBONES`:
+    feature-map channels, input normalisation, published weights, report name). No builder downloads:
+    `weights.py` fetches files once, in the driver, before any trial."""
 
     build: Callable[[Optional[Weights]], nn.Module]
-    dim: int
-    input: InputNorm
-    weights_url: str  # the published ImageNet weights ("" for none)
-    display: str
+    facts: BackboneFacts
+
+    @property
+    def dim(self) -> int:
+        return self.facts.dim
+
+    @property
+    def input(self) -> InputNorm:
+        return self.facts.input
+
+    @property
+    def weights_url(self) -> str:
+        return self.facts.weights_url
+
+    @property
+    def display(self) -> str:
+        return self.facts.display
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.MaxPool2d(2)
     )
-
-
-TINY_CHANNELS = (3, 32, 64, 128, 256)
 
 
 def build_tiny(weights: Optional[Weights]) -> nn.Module:
@@ -190,25 +184,12 @@ def build_inception(weights: Optional[Weights]) -> nn.Module:
 
 
 BACKBONES: dict[str, BackboneEntry] = {
-    "googlenet": BackboneEntry(build_googlenet, 1024, TORCHVISION_INPUT,
-                               "https://download.pytorch.org/models/googlenet-1378be20.pth", "GoogLeNet"),
-    "inception": BackboneEntry(build_inception, 1024, CAFFE_BGR_INPUT,
-                               "http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth", "Inception"),
-    "resnet18": BackboneEntry(build_resnet18, 512, TORCHVISION_INPUT,
-                              "https://download.pytorch.org/models/resnet18-f37072fd.pth", "ResNet18"),
-    "resnet50": BackboneEntry(build_resnet50, 2048, TORCHVISION_INPUT,
-                              "https://download.pytorch.org/models/resnet50-0676ba61.pth", "ResNet50"),
-    "tiny": BackboneEntry(build_tiny, TINY_CHANNELS[-1], TORCHVISION_INPUT, "", "Tiny"),
+    "googlenet": BackboneEntry(build_googlenet, BACKBONE_FACTS["googlenet"]),
+    "inception": BackboneEntry(build_inception, BACKBONE_FACTS["inception"]),
+    "resnet18": BackboneEntry(build_resnet18, BACKBONE_FACTS["resnet18"]),
+    "resnet50": BackboneEntry(build_resnet50, BACKBONE_FACTS["resnet50"]),
+    "tiny": BackboneEntry(build_tiny, BACKBONE_FACTS["tiny"]),
 }
-
-
-def imagenet_file(backbone_type: str, weights_dir: str) -> Path:
-    """Where `pretrained: auto` reads a backbone's ImageNet weights: its published file name in weights_dir."""
-    url = BACKBONES[backbone_type].weights_url
-    if not url:
-        raise ConfigError(f"TrialConfig.pretrained: the {backbone_type} backbone has no ImageNet weights; "
-                          "use none or a file")
-    return Path(weights_dir).expanduser() / url.rsplit("/", 1)[-1]
 
 
 def weights_file(cfg: TrialConfig) -> Optional[Path]:

@@ -14,11 +14,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from tune_upl.config import FIELD_DEFAULTS, Paths, TrialConfig, make_config
 from tune_upl.errors import SpecError
 from tune_upl.layout import study_key
+from tune_upl.ray_private import asha_rung_epochs
 from tune_upl.spec import Param, SearchSpec, grace_period_problem, loss_combination_problem
 
 
@@ -107,12 +106,9 @@ def max_epochs(base: dict[str, Any], space: dict[str, Param]) -> int:
 
 
 def rung_epochs(grace_period: int, reduction_factor: float, max_t: int) -> tuple[int, ...]:
-    """The epochs at which Ray 2.60's ASHA (one bracket) may stop a trial, below max_t: its milestones
-    grace_period * reduction_factor**k, computed as `_Bracket` does (numpy's logs, int() of the count), each
-    decided by the first result at or past it, so at the milestone rounded up."""
-    count = int(np.log(max_t / grace_period) / np.log(reduction_factor) + 1)
-    milestones = (grace_period * reduction_factor ** k for k in range(count))
-    return tuple(sorted({math.ceil(m) for m in milestones if math.ceil(m) < max_t}))
+    """The epochs at which the study's ASHA (one bracket) may stop a trial, below max_t: Ray's own rung
+    arithmetic (`ray_private.asha_rung_epochs`), so a trial stopped there keeps its state."""
+    return asha_rung_epochs(grace_period, reduction_factor, max_t)
 
 
 def checkpoint_plan(spec: SearchSpec, base: dict[str, Any], space: dict[str, Param],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -29,6 +30,7 @@ from tune_upl.ablation import (
     loss_label,
     trial_points,
 )
+from tune_upl.facts import BACKBONES, DATASETS
 from tune_upl.loss_axes import AGGREGATIONS, ANCHORS, DEFAULT_CELL, PROXY_ANCHOR_CELL
 from tune_upl.importance import (
     MEANINGFUL_TRIALS, MIN_TOP_TRIALS, TARGET_QUANTILE, Importance, importances, told_study,
@@ -42,22 +44,17 @@ from tune_upl.storage import is_uri
 from tune_upl.errors import ExperimentError
 
 LEADERBOARD_TOP = 50  # trials per study in the markdown; every trial is in <name>/trials.csv
-RETRIEVAL_QUERIES, RETRIEVAL_NUM = 3, 8
 SEARCH_STATES = (COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED)  # always shown, even at 0
 
 
 def backbone_display(name: str) -> str:
-    """A backbone's name in reports, from its registry entry; a name the registry lacks (an old experiment) as is."""
-    from tune_upl.models import BACKBONES  # torch loads only when a report is written, not on import
-
-    return getattr(BACKBONES.get(name), "display", name)
+    """A backbone's name in reports, from its facts; a name the facts lack (an old experiment's) as is."""
+    return BACKBONES[name].display if name in BACKBONES else name
 
 
 def data_display(name: str) -> str:
-    """A dataset's name in reports, from its registry entry (or as is, like `backbone_display`)."""
-    from tune_upl.archives import DATASETS
-
-    return getattr(DATASETS.get(name), "display", name)
+    """A dataset's name in reports, from its facts (or as is, like `backbone_display`)."""
+    return DATASETS[name].display if name in DATASETS else name
 
 
 def _percent(value: float) -> str:
@@ -547,8 +544,9 @@ def importance_section(data: ExperimentData, figures: Figures) -> list[str]:
 
 
 def retrieval_section(data: ExperimentData, figures: Figures) -> list[str]:
-    """A grid of fixed queries for the best-tested study of each dataset (the seed's test.py pictures)."""
-    from tune_upl.retrieve import report_grid, tail
+    """A grid of fixed queries for the best-tested study of each dataset (the seed's test.py pictures): the
+    picture the tested run drew when it ended, copied here (no model is loaded)."""
+    from tune_upl.saved_models import RETRIEVAL_NUM, RETRIEVAL_QUERIES, SavedPicture, saved_picture, tail
 
     tested = _tested(data)
     if not tested:
@@ -558,31 +556,33 @@ def retrieval_section(data: ExperimentData, figures: Figures) -> list[str]:
         best = max(finals, key=lambda f: statistics.mean(_values(f, "test_recall@1") or [0.0]))
         info: dict[str, Any] = {}
 
-        def draw(path: Path, key: str = best.key) -> bool:
+        def copy(path: Path, key: str = best.key) -> bool:
             try:
-                info["db"] = report_grid(data.folder, path, key, RETRIEVAL_QUERIES, RETRIEVAL_NUM)
-            except ExperimentError as error:  # no test database yet: the section says how to make one
+                info["picture"] = saved_picture(data.folder, key)
+            except ExperimentError as error:  # no picture was drawn: the section says how to make one
                 info["why"] = str(error)
                 return False
+            shutil.copyfile(info["picture"].path, path)
             return True
 
-        link = figures.draw(f"retrieval_{data_name}.png", draw)
+        link = figures.draw(f"retrieval_{data_name}.png", copy)
         lines += [f"### {data_display(data_name)}: `{best.key}`", ""]
         if not link:
             if "why" in info:
                 command = shlex.join(["python", "run_search.py", "retrieve", "--name", data.name, "--study", best.key,
                                       "--query_img_name", "IMAGE"])
-                lines += [f"*No picture: {info['why']} (`{command}` embeds the test images once).*", ""]
+                lines += [f"*No picture: {info['why']} (`{command}` embeds the test images and retrieves for any "
+                          "image).*", ""]
             continue
-        db = info["db"]
-        example = tail(db.paths[0])
+        picture: SavedPicture = info["picture"]
+        example = tail(picture.queries[0]) if picture.queries else "IMAGE"
         lines += [f"![retrieval: query and its top {RETRIEVAL_NUM}]({link})", "",
                   f"*Each row: a query from the test classes (the first image of {RETRIEVAL_QUERIES} evenly "
                   f"spaced test classes) and its {RETRIEVAL_NUM} nearest test images by cosine similarity (under "
-                  "each), framed green when of the query's class, red otherwise. Model: the "
-                  f"{db.source}. Any image: `" + shlex.join(["python", "run_search.py", "retrieve", "--name", data.name,
-                                                             "--query_img_name", example, "--retrieval_num",
-                                                             str(RETRIEVAL_NUM)]) + "`.*", ""]
+                  "each), framed green when of the query's class, red otherwise, drawn by the run when it ended. "
+                  f"Model: the {picture.source}. Any image: `" + shlex.join(
+                      ["python", "run_search.py", "retrieve", "--name", data.name, "--study", best.key, "--query_img_name",
+                       example, "--retrieval_num", str(RETRIEVAL_NUM)]) + "`.*", ""]
     return lines
 
 

@@ -1,16 +1,15 @@
 """An experiment folder read offline, as tables: the report's one loader.
 
-Built from Tune's results (`ray.tune.ExperimentAnalysis`, which needs no running Ray; imported inside the
-one function that parses Tune's state, so importing a reader loads no Ray), never from the Optuna study
-(Optuna marks trials that Tune resumed as failed). Works on finished, interrupted and running experiments:
-a study folder Tune has not saved yet is skipped, a result line still being written is ignored, and a
-study without `selection.json` simply has no final result yet.
+Built from Tune's files, never from the Optuna study (Optuna marks trials that Tune resumed as failed):
+each trial's state from Tune's saved state (`ray_private.read_saved_trials`, a reader of Tune's own
+format that loads no Ray) and its epochs from its `result.json`, read here row by row. Works on finished,
+interrupted and running experiments: a study folder Tune has not saved yet is skipped, a result line still
+being written is ignored, and a study without `selection.json` simply has no final result yet.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from tune_upl.layout import (
     trial_state,
 )
 from tune_upl.errors import ExperimentError
+from tune_upl.ray_private import SavedTrial, TuneStateError, read_saved_trials
 from tune_upl.spec import Param, parse_spec
 
 NUMERIC_KEYS = ("training_iteration", "time_this_iter_s", "time_total_s", "timestamp")  # of every result row
@@ -218,7 +218,7 @@ def _names_study(params: Path) -> bool:
         return True
 
 
-Trials = dict[Path, list[tuple[Any, pd.DataFrame, float]]]  # Tune experiment folder -> its trials (`_trials_of`)
+Trials = dict[Path, list[tuple[SavedTrial, pd.DataFrame, float]]]  # Tune folder -> its trials (`_trials_of`)
 
 
 def read_trials(experiment: Path, damaged: list[str]) -> Trials:
@@ -227,14 +227,14 @@ def read_trials(experiment: Path, damaged: list[str]) -> Trials:
     return {folder: _trials_of(folder, damaged) for folder in tune_folders(experiment)}
 
 
-def _study_of(folder: Path, trial: Any) -> str:
+def _study_of(folder: Path, trial: SavedTrial) -> str:
     """The study the trial's config names; a trial that names none is of an older layout (one line)."""
     if STUDY_KEY not in trial.config:
         raise ExperimentError(older_layout(folder.parent.name, [], unnamed=trial.trial_id))
     return str(trial.config[STUDY_KEY])
 
 
-def _is_final(trial: Any) -> bool:
+def _is_final(trial: SavedTrial) -> bool:
     return bool(trial.config.get("final"))
 
 
@@ -292,27 +292,18 @@ def paid_hours(frame: pd.DataFrame) -> float:
     return float(frame["time_this_iter_s"].sum()) / 3600 if "time_this_iter_s" in frame else 0.0
 
 
-def _trials_of(folder: Path, damaged: list[str]) -> list[tuple[Any, pd.DataFrame, float]]:
+def _trials_of(folder: Path, damaged: list[str]) -> list[tuple[SavedTrial, pd.DataFrame, float]]:
     """Each trial Tune knows in this experiment folder, with its results (the last row per epoch) and hours.
-    Results are read here, row by row, not by Ray (which drops a whole file for one bad line); each file with
+    Results are read here, row by row (Ray's reader drops a whole file for one bad line); each file with
     unreadable rows is added to `damaged`."""
-    from ray.tune import ExperimentAnalysis
-
-    class TrialsOnly(ExperimentAnalysis):
-        """Tune's saved trials without Ray reading their result files too (we read them once, below)."""
-
-        def _fetch_trial_dataframes(self) -> dict[str, pd.DataFrame]:
-            return {}
-
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # should Ray read them
     try:
-        analysis = TrialsOnly(str(folder))
-    except Exception as error:  # Ray's parse of its own state: whatever it raises, name the folder
-        raise ExperimentError(f"{folder}: Tune's saved state ({TUNE_STATE_PATTERN}) cannot be read ({error}); "
-                              "restore the folder from a copy") from None
+        saved = read_saved_trials(folder)
+    except TuneStateError as error:
+        raise ExperimentError(f"{error.path}: Tune's saved state cannot be read ({error.problem}); restore {folder} "
+                              "from a copy") from None
     found = []
-    for trial in analysis.trials:
-        path = Path(trial.path) / RESULT_FILE
+    for trial in saved:
+        path = trial.path / RESULT_FILE
         frame, bad = read_result_rows(path)
         if bad:
             damaged.append(f"{path}: {bad} unreadable row{'' if bad == 1 else 's'} skipped")
@@ -320,11 +311,11 @@ def _trials_of(folder: Path, damaged: list[str]) -> list[tuple[Any, pd.DataFrame
     return found
 
 
-def _last_result(trial: Any, frame: pd.DataFrame) -> dict[str, Any]:
+def _last_result(trial: SavedTrial, frame: pd.DataFrame) -> dict[str, Any]:
     return dict(trial.last_result or {}) or (_clean(frame.iloc[-1].to_dict()) if not frame.empty else {})
 
 
-def _state(trial: Any, frame: pd.DataFrame, epochs: int) -> str:
+def _state(trial: SavedTrial, frame: pd.DataFrame, epochs: int) -> str:
     state = trial_state(trial.status, _last_result(trial, frame), trial.config.get("num_epochs"))
     # Tune saves a running trial as pending, so its folder cannot tell running from interrupted
     return UNFINISHED if state in (PENDING, RUNNING) and epochs else state
@@ -393,11 +384,9 @@ def trial_rows(read: Trials, spec: dict[str, Any], searched: list[str],
     return table, (pd.concat(epochs, ignore_index=True) if epochs else pd.DataFrame())
 
 
-def _trial_note(trial: Any) -> str:
+def _trial_note(trial: SavedTrial) -> str:
     """Why a trial ended early: its error's last line, or the diverged / out-of-memory message."""
-    error = (trial.last_result or {}).get(ERROR_KEY)
-    name = trial.run_metadata.error_filename  # not `trial.error_file`: that one needs a running Ray
-    error = error_line(Path(trial.path) / name if name else None) or error
+    error = error_line(trial.error_file) or trial.last_result.get(ERROR_KEY)
     return str(error).replace("|", "/")[:160] if error else ""
 
 

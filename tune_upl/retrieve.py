@@ -2,7 +2,8 @@
 selected model's embedding database, each framed green when its class is the query's and red otherwise.
 
 The database is the first final seed's `test_embeddings.pt` (protocol `val`), or under protocol `seed`
-the selected trial's best checkpoint with the test split embedded once and kept beside `selection.json`.
+the selected trial's best checkpoint with the test split embedded once and kept beside `selection.json`
+(`saved_models` finds them). The report's picture is drawn by the run itself when it ends (`draw_picture`).
 A query is a path in the database (also a unique tail of one, e.g. `images/012.x/x_3.jpg`), or any image
 file, which the model embeds first; its class is then looked up in the prepared dataset (unknown: grey).
 """
@@ -17,20 +18,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from tune_upl.errors import DatasetError, ExperimentError
-from tune_upl.layout import (
-    STUDY_KEY,
-    trial_fields,
-    CHECKPOINT_COLUMN,
-    CHECKPOINT_FILE,
-    CHECKPOINT_PREFIX,
-    EMBEDDINGS_FILE,
-    FINAL_RUN_SUFFIX,
-    RUN_FOLDER,
-    PARAMS_FILE,
-    RESULT_FILE,
-    SPEC_FILE,
-)
-from tune_upl.results import load_selections, read_params, read_results
+from tune_upl.layout import CHECKPOINT_FILE, EMBEDDINGS_FILE
 
 GREEN, RED, GREY = (0, 255, 0), (255, 0, 0), (128, 128, 128)
 FILE_SIZE, FILE_FRAME = 224, 8  # the saved pictures, as the seed's test.py saved them
@@ -67,82 +55,33 @@ class Query:
 
 
 # ---------------------------------------------------------------- the database
-def selections(experiment: Path) -> list[dict[str, Any]]:
-    if not (experiment / SPEC_FILE).is_file():
-        known = sorted(p.parent.name for p in experiment.parent.glob(f"*/{SPEC_FILE}"))
-        raise FileNotFoundError(f"no experiment {experiment.name!r} in {experiment.parent}; "
-                                f"allowed: {', '.join(known) or 'none yet'}")
-    return load_selections(experiment)
+def load_database(experiment: Path, study: Optional[str] = None) -> Database:
+    """The selected model's test database; under protocol seed the test split is embedded once, then kept."""
+    from tune_upl.saved_models import final_checkpoint, pick_selection, selected_checkpoint, selected_source
 
-
-def pick_selection(experiment: Path, study: Optional[str] = None) -> dict[str, Any]:
-    found = selections(experiment)
-    if not found:
-        raise ExperimentError(f"experiment {experiment.name} has no selected model yet (no study has finished)")
-    if study is None:
-        return found[0]
-    match = [s for s in found if s["key"] == study]
-    if not match:
-        raise ExperimentError(f"--study {study}: no such selected study in {experiment.name}; "
-                              f"allowed: {', '.join(s['key'] for s in found)}")
-    return match[0]
-
-
-def _final_database(experiment: Path, selection: dict[str, Any]) -> Optional[tuple[Path, dict[str, Any], str]]:
-    """The first final seed's last checkpoint with test embeddings: (checkpoint folder, config, source)."""
-    runs = []
-    for trial in (experiment / RUN_FOLDER).glob(f"*{FINAL_RUN_SUFFIX}/{PARAMS_FILE}"):  # every study's final runs
-        checkpoints = sorted(trial.parent.glob(f"{CHECKPOINT_PREFIX}*/{EMBEDDINGS_FILE}"))
-        named = read_params(trial) if checkpoints else {}
-        config = trial_fields(named)  # the model's config, without the study the searcher named
-        if (checkpoints and named.get(STUDY_KEY, selection["key"]) == selection["key"]
-                and all(config.get(k) == v for k, v in selection["config"].items() if k not in ("seed", "final"))):
-            runs.append((int(config["seed"]), checkpoints[-1].parent, config, trial.parent.name.removesuffix(FINAL_RUN_SUFFIX)))
-    if not runs:
-        return None
-    seed, folder, config, trial_id = min(runs, key=lambda r: r[0])
-    return folder, config, f"final run with seed {seed} (trial {trial_id}) of study {selection['key']}"
-
-
-def _selected_checkpoint(experiment: Path, selection: dict[str, Any]) -> Path:
-    """The selected trial's checkpoint of the selected epoch (protocol seed)."""
-    trial_id, epoch = selection["trial_id"], selection["epoch"]
-    for params in (experiment / RUN_FOLDER).glob(f"{trial_id}/{PARAMS_FILE}"):
-        frame = read_results(params.parent / RESULT_FILE)
-        if CHECKPOINT_COLUMN not in frame:
-            continue
-        for name in frame.loc[frame["training_iteration"] == epoch, CHECKPOINT_COLUMN].dropna():
-            folder = params.parent / name
-            if (folder / CHECKPOINT_FILE).is_file():
-                return folder
-    raise ExperimentError(f"the checkpoint of trial {trial_id} at epoch {epoch} is gone (checkpoints_to_keep "
-                          "keeps the best by the objective; was the objective changed?)")
-
-
-def load_database(experiment: Path, study: Optional[str] = None, build: bool = True) -> Database:
-    """The selected model's test database; under protocol seed it is embedded once (when `build`)."""
     selection = pick_selection(experiment, study)
-    found = _final_database(experiment, selection)
+    found = final_checkpoint(experiment, selection, EMBEDDINGS_FILE)
     if found is not None:
         folder, config, source = found
         saved = torch.load(folder / EMBEDDINGS_FILE, map_location="cpu", weights_only=True)
     elif selection.get("test_selected"):
-        folder, config = _selected_checkpoint(experiment, selection), selection["config"]
-        source = (f"trial {selection['trial_id']} at its test-selected epoch {selection['epoch']} "
-                  f"of study {selection['key']}")
+        folder, config = selected_checkpoint(experiment, selection), selection["config"]
+        source = selected_source(selection)
         cached = experiment / selection["key"] / EMBEDDINGS_FILE
         if cached.is_file():
             saved = torch.load(cached, map_location="cpu", weights_only=True)
-        elif build:
+        else:
             saved = _embed_test_split(config, folder / CHECKPOINT_FILE)
             torch.save(saved, cached)
-        else:
-            raise ExperimentError(f"the test images of study {selection['key']} are not embedded yet")
     else:
         raise ExperimentError(f"the final stage of study {selection['key']} has not saved a tested model yet")
+    return as_database(saved, selection["key"], config, folder / CHECKPOINT_FILE, source)
+
+
+def as_database(saved: dict[str, Any], key: str, config: dict[str, Any], checkpoint: Path, source: str) -> Database:
+    """A saved test database (embeddings, labels, paths: `engine.Run.test_database`) ready to search."""
     embeddings = F.normalize(saved["embeddings"].float(), dim=-1)
-    return Database(selection["key"], embeddings, saved["labels"].long(), list(saved["paths"]), config,
-                    folder / CHECKPOINT_FILE, source)
+    return Database(key, embeddings, saved["labels"].long(), list(saved["paths"]), config, checkpoint, source)
 
 
 def _restored_run(config: dict[str, Any], state_file: Path) -> Any:
@@ -239,11 +178,6 @@ def search(db: Database, query: Query, k: int) -> list[Hit]:
     values, indices = similarities.topk(k)
     return [Hit(int(i), float(v), None if query.label is None else int(db.labels[i]) == query.label)
             for v, i in zip(values, indices)]
-
-
-def tail(path: str, parts: int = 3) -> str:
-    """The last folders and name of a path: enough for `locate`, without anyone's home folder."""
-    return "/".join(Path(path).parts[-parts:])
 
 
 def fixed_queries(db: Database, count: int) -> list[int]:
@@ -348,14 +282,16 @@ def retrieve(experiment: Path, query: str, k: int, output: Path, study: Optional
     return save_retrieval(db, found, search(db, found, k), output / Path(found.path).stem)
 
 
-def report_grid(experiment: Path, target: Path, study: Optional[str], queries: int = 3, k: int = 8) -> Database:
-    """The report's picture: fixed queries from the test database, one row each, in one PNG."""
-    db = load_database(experiment, study, build=False)
-    records = None if all(Path(p).is_file() for p in db.paths) else _records_by_path(db.config)
-    rows = []
+def draw_picture(db: Database, target: Path, records: Optional[dict[str, Any]] = None, queries: int = 3,
+                 k: int = 8) -> list[str]:
+    """The report's picture, drawn by the run that made `db` when it ends: fixed queries from the test
+    database, one row each with its `k` nearest test images, in one PNG. `records`: the prepared images by
+    source path, for sources no longer on disk. Returns the queries' paths."""
+    rows, shown = [], []
     for index in fixed_queries(db, queries):
         query = Query(db.paths[index], int(db.labels[index]), db.embeddings[index], index)
         rows.append((picture(query.path, records),
                      [(picture(db.paths[h.index], records), h) for h in search(db, query, k)]))
+        shown.append(query.path)
     grid(rows).save(target)
-    return db
+    return shown

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import collections
 import fnmatch
-import logging
-import math
 import os
-import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +24,7 @@ from tune_upl.layout import (
 )
 from tune_upl.multistudy import Session, StudyRouter, StudySearcher, resuming
 from tune_upl.planning import Study, final_runs, search_trials
+from tune_upl.ray_private import drop_missing_score_errors, stop_tune_run, use_old_console_output
 from tune_upl.spec import SearchSpec
 from tune_upl.storage import open_location
 from tune_upl import signals
@@ -187,9 +185,9 @@ def _trainable(spec: SearchSpec, function: Optional[Callable[[dict[str, Any]], N
 
 
 class StopOnSignal(tune.Callback):
-    """Ends the run at the step after a stop signal (`tune_upl.signals`), as Tune's SIGUSR1 handler does:
-    Tune saves the experiment and returns. The handler is Tune's own, installed for the length of its run
-    (and SIGINT's is off, `TUNE_DISABLE_SIGINT_HANDLER`, so that the driver's handler records the signal)."""
+    """Ends the run at the step after a stop signal (`tune_upl.signals`) through Tune's own stop
+    (`ray_private.stop_tune_run`): Tune saves the experiment and returns. SIGINT's handler is off
+    (`TUNE_DISABLE_SIGINT_HANDLER`), so that the driver's handler records the signal."""
 
     def __init__(self) -> None:
         self.asked = False
@@ -197,9 +195,7 @@ class StopOnSignal(tune.Callback):
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         if signals.stopping() and not self.asked:
             self.asked = True
-            handler = signal.getsignal(signal.SIGUSR1)
-            if callable(handler):
-                handler(signal.SIGUSR1, None)
+            stop_tune_run()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"asked": False}  # a restored run has not been asked
@@ -278,28 +274,6 @@ def _best_kept(spec: SearchSpec) -> tune.CheckpointConfig:
                                  checkpoint_score_order=spec.objective.mode)
 
 
-def per_study(spec: SearchSpec, study: Study) -> int:
-    """A study's trials at once: its `max_concurrent`, or fewer when it never has that many to run (its
-    search trials, then its final runs)."""
-    return min(spec.max_concurrent, max(search_trials(spec, study), final_runs(spec)))
-
-
-def trials_at_once(spec: SearchSpec, studies: list[Study], cluster: Optional[dict[str, float]] = None) -> int:
-    """How many trials of all studies run at once: `max_concurrent_total`, else what the cluster holds at the
-    per-trial request (`cluster`: `ray.cluster_resources()`; None: not known, as for a growing cluster),
-    and never more than every study's `max_concurrent` together. A number, never "unlimited": it also
-    bounds how far ahead of their results the samplers propose."""
-    wanted = sum(per_study(spec, study) for study in studies)
-    if spec.max_concurrent_total is not None:
-        return min(wanted, spec.max_concurrent_total)
-    if cluster is None:
-        return wanted
-    fits = [cluster.get("CPU", 0.0) / spec.resources.cpu]
-    if spec.resources.gpu > 0:
-        fits.append(cluster.get("GPU", 0.0) / spec.resources.gpu)
-    return max(1, min(wanted, math.floor(min(fits) + 1e-9)))
-
-
 def _discard(folder: str) -> None:
     """Remove what a run Tune never saved left in `folder` (`tuner.pkl`, trial folders), so that the new run
     and the report see only the new run's trials."""
@@ -339,9 +313,7 @@ def run_studies(spec: SearchSpec, studies: list[Study], storage: Path, verbose: 
     searched = sum(search_trials(spec, study) for study in studies)
     total = searched + len(studies) * finals
     names = list(dict.fromkeys(name for study in studies for name in study.space))
-    quiet = logging.getLogger("ray.train._internal.checkpoint_manager")
-    if not any(isinstance(f, _FinalRunsHaveNoObjective) for f in quiet.filters):
-        quiet.addFilter(_FinalRunsHaveNoObjective(spec.objective.metric))
+    drop_missing_score_errors(spec.objective.metric)  # a final run's checkpoints lack the objective
     session = Session(storage, publish, at_once)
 
     def new_tuner() -> tune.Tuner:
@@ -377,24 +349,11 @@ def _run_dirname(trial: Any) -> str:
     return trial.trial_id + (FINAL_RUN_SUFFIX if trial.config.get("final") else "")
 
 
-class _FinalRunsHaveNoObjective(logging.Filter):
-    """Ray logs an error for each checkpoint whose result lacks the score attribute: a final run's (it
-    reports no validation metric; its test metrics come once, at its last epoch). Ray then keeps its
-    latest checkpoint, the final model, which is what is wanted: drop that one message."""
-
-    def __init__(self, metric: str):
-        super().__init__()
-        self.message = f"Result dict has no key: {metric}."
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.message)
-
-
 def quiet_ray(verbose: bool) -> None:
     """Without --verbose, our one line per trial replaces Ray's boxes, tables and sync warnings."""
     if verbose:
         return
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the old reporter honours verbose=0 fully
+    use_old_console_output()  # the old reporter honours verbose=0 fully
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 

@@ -5,7 +5,8 @@ After every epoch it reports the epoch's metrics; at some epochs (`loop.checkpoi
 (model, optimiser, scheduler, epoch, RNG states, the metrics so far). When Tune restarts the trial (a
 failure, or a resumed search) it continues after its last checkpoint from `ray.tune.get_checkpoint()`,
 so the epochs since then run (and are reported) again. Only the Tune API from `ray.tune` is used (in Ray 2.60
-`ray.train.report` raises inside a Tune trial). The data were prepared by the driver; a trial only reads.
+`ray.train.report` raises inside a Tune trial), and `ray_private` for the trial's folder in storage. The
+data were prepared by the driver; a trial only reads.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tune_upl.config import make_config
 from tune_upl.engine import load_state
 from tune_upl.layout import CHECKPOINT_FILE, trial_fields
 from tune_upl.loop import TrialHooks, run_trial
+from tune_upl.ray_private import local_trial_folder
 
 # With `reuse_actors`, Ray waits this long (default 2 s) for the previous trial's thread to end before it hands
 # the worker to the next trial; past it the *next* trial fails ("reuse requires reset_config()"). Releasing a
@@ -36,13 +38,7 @@ def fault_folder() -> Path:
     """Where drills count the faults they fired: the trial's folder in storage when that is a local or shared
     path, the same for every attempt on any worker (Ray gives a reused worker process another working
     folder for the same trial); on a URI storage, the attempt's working folder."""
-    import pyarrow.fs
-
-    context = tune.get_context()
-    storage = context.get_storage()
-    if isinstance(getattr(storage, "storage_filesystem", None), pyarrow.fs.LocalFileSystem):
-        return Path(storage.trial_fs_path)
-    return Path(context.get_trial_dir())
+    return local_trial_folder() or Path(tune.get_context().get_trial_dir())
 
 
 def report(result: dict[str, Any], folder: Optional[Path]) -> None:

@@ -14,7 +14,7 @@ from typing import Iterable
 from tune_upl.atomic import build_file_once
 from tune_upl.config import TrialConfig
 from tune_upl.errors import WeightsMissing
-from tune_upl.models import BACKBONES, imagenet_file
+from tune_upl.facts import BACKBONES, imagenet_file
 
 
 @dataclass(frozen=True)

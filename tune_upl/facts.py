@@ -1,0 +1,102 @@
+"""The names and facts of every backbone, loss and dataset, without torch: one copy of each fact.
+
+Why a module of its own: `config` validates names against these tables, and the report names things by
+them, on machines and in commands that never train (`--dry-run`, a bad spec, `report` on a laptop), so
+they must not load torch. The modules that build each kind (`models`, `losses`, `archives`) read their
+facts from here and add only the builders; `tests/test_facts.py` checks that the two agree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tune_upl.errors import ConfigError
+
+# ---------------------------------------------------------------- backbones
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BNINCEPTION_MEAN = (104.0, 117.0, 128.0)  # BGR order, 0-255 scale (pretrainedmodels' bninception)
+
+
+@dataclass(frozen=True)
+class InputNorm:
+    """How uint8 RGB images become a backbone's input: the normalisation its ImageNet weights were trained with."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    unit_scale: bool = True  # divide by 255 first (torchvision); Caffe models take 0-255
+    bgr: bool = False  # channels in BGR order (Caffe)
+
+
+TORCHVISION_INPUT = InputNorm(IMAGENET_MEAN, IMAGENET_STD)
+CAFFE_BGR_INPUT = InputNorm(BNINCEPTION_MEAN, (1.0, 1.0, 1.0), unit_scale=False, bgr=True)
+TINY_CHANNELS = (3, 32, 64, 128, 256)  # the tiny CNN's four conv blocks (models.build_tiny)
+
+
+@dataclass(frozen=True)
+class BackboneFacts:
+    """What is known about a backbone without building it: the channels of its feature map (the embedding
+    layer's input width), its input normalisation, where its published ImageNet weights live ("" for none)
+    and its name in reports."""
+
+    dim: int
+    input: InputNorm
+    weights_url: str
+    display: str
+
+    @property
+    def weights_name(self) -> str:
+        """The published weights file's name, as torch's hub cache stores it ("" for none)."""
+        return self.weights_url.rsplit("/", 1)[-1] if self.weights_url else ""
+
+
+BACKBONES: dict[str, BackboneFacts] = {
+    "googlenet": BackboneFacts(1024, TORCHVISION_INPUT, "https://download.pytorch.org/models/googlenet-1378be20.pth",
+                               "GoogLeNet"),
+    "inception": BackboneFacts(1024, CAFFE_BGR_INPUT,
+                               "http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth", "Inception"),
+    "resnet18": BackboneFacts(512, TORCHVISION_INPUT, "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+                              "ResNet18"),
+    "resnet50": BackboneFacts(2048, TORCHVISION_INPUT, "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+                              "ResNet50"),
+    "tiny": BackboneFacts(TINY_CHANNELS[-1], TORCHVISION_INPUT, "", "Tiny"),
+}
+
+
+def imagenet_file(backbone_type: str, weights_dir: str) -> Path:
+    """Where `pretrained: auto` reads a backbone's ImageNet weights: its published file name in weights_dir."""
+    name = BACKBONES[backbone_type].weights_name
+    if not name:
+        raise ConfigError(f"TrialConfig.pretrained: the {backbone_type} backbone has no ImageNet weights; "
+                          "use none or a file")
+    return Path(weights_dir).expanduser() / name
+
+
+# ---------------------------------------------------------------- losses
+# The TrialConfig fields each loss takes, in its builder's parameter order (`losses.LOSSES`; a margin only
+# where the loss has one). config refuses a loss-specific field for a loss without it.
+LOSS_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "balanced_proxy": ("scale", "margin", "loss_anchor", "loss_aggregation"),
+    "normalized_softmax": ("scale",),
+    "proxy_anchor": ("scale", "margin"),
+    "proxy_nca": ("scale",),
+}
+
+
+# ---------------------------------------------------------------- datasets
+@dataclass(frozen=True)
+class DatasetFacts:
+    """A dataset's name in reports, and whether its annotations carry bounding boxes (what `crop: cropped`
+    needs)."""
+
+    display: str
+    has_boxes: bool
+
+
+DATASETS: dict[str, DatasetFacts] = {
+    "car": DatasetFacts("CARS196", has_boxes=True),
+    "cub": DatasetFacts("CUB200-2011", has_boxes=True),
+    "folder": DatasetFacts("image folder", has_boxes=False),
+    "synthetic": DatasetFacts("synthetic", has_boxes=True),
+}
+
