@@ -11,7 +11,7 @@ LEAVES = {"errors": set(), "layout": {"errors"}, "loss_axes": set(), "signals": 
           "gpu_memory": set()}  # a leaf and what it may import of ours
 READERS = ("results", "report", "ablation", "figures", "importance", "retrieve")
 # at module level a reader imports only leaf modules, the config and spec schemas (no torch, no Ray), or readers
-READER_MAY_IMPORT = {"config", "spec", *READERS}
+READER_MAY_IMPORT = {"config", "spec", "references", *READERS}
 HEAVY = ("ray", "adamp", "torch", "tune_upl.engine", "tune_upl.loop", "tune_upl.search", "tune_upl.trainable",
          "tune_upl.experiment")
 

@@ -36,6 +36,7 @@ from tune_upl.layout import (
     PULLED_FOLDER,
     SPEC_FILE,
     TUNE_STATE_PATTERN,
+    WARM_START_FILE,
     driver_file,
     driver_lock_name,
     older_layout,
@@ -49,7 +50,7 @@ from tune_upl.planning import (
 from tune_upl.concurrency import per_study, trials_at_once  # Ray-free: `--dry-run` says them without Ray
 from tune_upl.spec import SearchSpec, parse_spec
 from tune_upl.storage import Remote, prune_checkpoints, push_file, writable_folder
-from tune_upl import signals
+from tune_upl import signals, warm_start
 from tune_upl.errors import ExperimentError, Incomplete
 
 PACKAGES = ("torch", "torchvision", "ray", "optuna", "numpy", "pydantic", "adamp", "pillow")
@@ -102,7 +103,9 @@ def describe(spec: SearchSpec, studies: list[Study]) -> str:
                      f"data {study.base.get('data_path')}, cache {study.base.get('cache_dir')}, "
                      f"searching {', '.join(study.space) or 'nothing'}")
     if spec.protocol == "val":
-        lines.append(f"  final stage: {spec.final_seeds} seeds per study, on train + validation classes, tested once")
+        recipe = (f" (+ {spec.final_seeds} recipe runs: the loss's recipe, same seeds)" if spec.recipe_runs else "")
+        lines.append(f"  final stage: {spec.final_seeds} seeds per study{recipe}, on train + validation classes, "
+                     "tested once")
     return "\n".join(lines)
 
 
@@ -441,8 +444,13 @@ def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options, pa
             print(f"experiment {spec.name} is complete already (in {options.storage / spec.name}); "
                   "use --overwrite to run it again", flush=True)
             return options.storage / spec.name
+        # the warm start's source read before Ray starts; a resumed experiment keeps the points it recorded
+        starts = warm_start.resolve(spec, studies, functools.partial(readable, options), options.storage / spec.name,
+                                    resumed=options.resume)
         checked, studies, classes = preflight(spec, overrides, options, paths, studies)
         experiment = open_experiment(spec, overrides, options, paths)  # the first write into the folder
+        if warm_start.record(experiment, starts):
+            _publish(options, experiment, WARM_START_FILE)
         spec = checked
         for warning in serial_loading(spec, studies):
             print(warning, flush=True)

@@ -4,8 +4,10 @@ Selection reads Tune's results only (never the Optuna study, which marks resumed
 picks, per study, the trial whose best epoch is best on the objective. Under protocol `val` the selected
 configuration is then retrained from scratch on all training classes with `final_seeds` seeds, each
 tested once after its last epoch: trials of the same Tune run as the search (the searcher of
-`tune_upl.multistudy` suggests them as soon as the study is selected). Under protocol `seed` there is no
-final stage: the test metrics of the test-selected epoch are the result, as in the seed.
+`tune_upl.multistudy` suggests them as soon as the study is selected). Under `recipe_runs` the loss's recipe
+(`planning.recipe_config`) is retrained and tested beside them with the same seeds, so the report can pair
+each seed's tuned run with its recipe run. Under protocol `seed` there is no final stage: the test metrics of
+the test-selected epoch are the result, as in the seed.
 """
 from __future__ import annotations
 
@@ -69,7 +71,10 @@ def selected_line(spec: SearchSpec, selection: Selection) -> str:
 
 def final_stage_line(spec: SearchSpec, key: str) -> str:
     seeds = f"{spec.final_seeds} seed{'' if spec.final_seeds == 1 else 's'}"
-    return f"final stage {key}{FINAL_RUN_SUFFIX}: {seeds} on all training classes, each tested once after its last epoch"
+    recipe = (f" (+ {spec.final_seeds} recipe run{'' if spec.final_seeds == 1 else 's'}: the loss's recipe with the "
+              "same seeds)" if spec.recipe_runs else "")
+    return (f"final stage {key}{FINAL_RUN_SUFFIX}: {seeds} on all training classes, each tested once after its last "
+            f"epoch{recipe}")
 
 
 def save_selection(selection: Selection, folder: Path) -> None:
@@ -100,10 +105,16 @@ def final_param_space(selection: Selection) -> dict[str, Any]:
     return {**selection.config, "final": True}
 
 
+def recipe_param_space(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A recipe run's config (without its seed): the study's recipe config (`Study.recipe`), as a final run."""
+    return {**recipe, "final": True}
+
+
 def unfinished(spec: SearchSpec, keys: list[str], experiment: Path) -> list[str]:
     """What the experiment folder still lacks, per study (`keys`), read from the files alone: a selection
     (or the record that nothing could be selected), and under protocol `val` each final seed's run with its
-    last epoch and its test result. [] when the search is done."""
+    last epoch and its test result (under `recipe_runs`, each seed's recipe run too). [] when the search is
+    done."""
     from tune_upl.results import load_experiment
 
     data = load_experiment(experiment)
@@ -119,9 +130,16 @@ def unfinished(spec: SearchSpec, keys: list[str], experiment: Path) -> list[str]
         if spec.protocol == "seed":
             continue
         epochs = int(final.config["num_epochs"])
+        seeds = final_seeds(spec, Selection(**final.selection))
         done = {int(r["seed"]) for r in final.runs if int(r.get("epochs", 0)) >= epochs}
-        lacking = [seed for seed in final_seeds(spec, Selection(**final.selection)) if seed not in done]
+        lacking = [seed for seed in seeds if seed not in done]
         if lacking:
             missing.append(f"study {key}: final run{'s' if len(lacking) > 1 else ''} of seed "
                            f"{', '.join(map(str, lacking))} without {epochs} epochs and a test result")
+        if spec.recipe_runs:
+            done = {int(r["seed"]) for r in final.recipe_runs if int(r.get("epochs", 0)) >= int(r["planned_epochs"])}
+            lacking = [seed for seed in seeds if seed not in done]
+            if lacking:
+                missing.append(f"study {key}: recipe run{'s' if len(lacking) > 1 else ''} of seed "
+                               f"{', '.join(map(str, lacking))} without all its epochs and a test result")
     return missing

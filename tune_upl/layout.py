@@ -6,11 +6,12 @@ files here without importing the code that wrote them (and with it Ray and torch
 
 Under `<storage>/<name>/`: `search_spec.json` (the resolved spec and overrides: a resume reads it),
 `record.json` (code version, packages, hardware, class lists), `optuna.db` (each study's Optuna study),
+`warm_start.json` with a `warm_start` spec (each study's warm-start points, resolved once at start),
 `<study>/selection.json` per study once it is selected, and `COMPLETE` once everything has run. Every
 trial of every study, its final runs included, is in one Tune experiment, `trials/` (a final run's folder
-is `<trial id>.final`), whatever the searcher. Each trial folder (named by its trial id) holds Tune's
-`params.json`, `result.json` and `checkpoint_*/` folders, each checkpoint our `state.pt` (and, for a
-final run, `test_embeddings.pt`). A folder with any other Tune experiment was written by tune_upl
+is `<trial id>.final`, a recipe run's `<trial id>.recipe`), whatever the searcher. Each trial folder (named
+by its trial id) holds Tune's `params.json`, `result.json` and `checkpoint_*/` folders, each checkpoint our
+`state.pt` (and, for a final run, `test_embeddings.pt`). A folder with any other Tune experiment was written by tune_upl
 `LAST_READER` or older, which is the last version that reads it (`older_layout`).
 """
 from __future__ import annotations
@@ -29,7 +30,9 @@ COMPLETE_FILE = "COMPLETE"
 OPTUNA_FILE = "optuna.db"  # each TPE study's Optuna storage, in the experiment's local folder
 SELECTION_FILE = "selection.json"  # in each study's folder
 UNSELECTABLE_FILE = "unselectable.json"  # instead, in a study's folder where no trial reported the objective
+WARM_START_FILE = "warm_start.json"  # each study's warm-start points and their source, resolved once at start
 FINAL_RUN_SUFFIX = ".final"  # a final run's folder in RUN_FOLDER: `<trial id>.final`
+RECIPE_RUN_SUFFIX = ".recipe"  # a recipe run's (`recipe_runs`: the loss's recipe, retrained and tested)
 RUN_FOLDER = "trials"  # the one Tune experiment of a search: every study's trials and final runs
 LAST_READER = "0.1.0"  # the last tune_upl that reads experiments in an older layout (a Tune experiment per
 # study or per final stage, `grid/`, or trials that do not name their study)
@@ -88,12 +91,23 @@ def _folder_safe(value: str) -> str:
 
 
 # ---------------------------------------------------------------- what the searcher adds to a trial's config
-# The searcher names each trial's study (and a search trial's Optuna trial number) in its config: Tune keeps
-# them through `Tuner.restore` and writes them to `params.json`, so the scheduler, the progress lines and
-# every reader take a trial's study from the trial itself. The trainable removes them before `make_config`.
+# The searcher names each trial's study (and a search trial's Optuna trial number, a warm-start trial its
+# source) in its config: Tune keeps them through `Tuner.restore` and writes them to `params.json`, so the
+# scheduler, the progress lines and every reader take a trial's study from the trial itself. The trainable
+# removes them before `make_config`.
 STUDY_KEY = "study"
 OPTUNA_NUMBER_KEY = "optuna_trial"
-SEARCH_KEYS = (STUDY_KEY, OPTUNA_NUMBER_KEY)
+WARM_START_KEY = "warm_start"  # a warm-start trial: "<source experiment>/<source study>" (`tune_upl.warm_start`)
+# a recipe run (`recipe_runs`): a final run (`final: true`, a `TrialConfig` field) of the loss's recipe
+RECIPE_KEY = "recipe"
+SEARCH_KEYS = (STUDY_KEY, OPTUNA_NUMBER_KEY, WARM_START_KEY, RECIPE_KEY)
+
+
+def run_suffix(config: dict[str, Any]) -> str:
+    """A trial folder's suffix after its id, by the trial's kind: `.recipe`, `.final`, or none (a search trial)."""
+    if config.get(RECIPE_KEY):
+        return RECIPE_RUN_SUFFIX
+    return FINAL_RUN_SUFFIX if config.get("final") else ""
 
 
 def trial_fields(config: dict[str, Any]) -> dict[str, Any]:
@@ -119,9 +133,11 @@ def driver_file(relative: str) -> bool:
 
 
 def report_file(relative: str) -> bool:
-    """What a report and the retrieval tool need: all but the search's checkpoints (final models are kept)."""
+    """What a report and the retrieval tool need: all but the search's checkpoints (final and recipe models are
+    kept)."""
     parts = relative.split("/")
-    return not any(p.startswith(CHECKPOINT_PREFIX) for p in parts) or (len(parts) > 1 and parts[1].endswith(FINAL_RUN_SUFFIX))
+    return not any(p.startswith(CHECKPOINT_PREFIX) for p in parts) or (
+        len(parts) > 1 and parts[1].endswith((FINAL_RUN_SUFFIX, RECIPE_RUN_SUFFIX)))
 
 
 # ---------------------------------------------------------------- a trial's state

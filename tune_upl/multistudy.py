@@ -16,14 +16,16 @@ one searcher and its one scheduler is built here, thinly, on Tune's public `Sear
   objective and how each trial ended, COMPLETE, PRUNED or FAIL (`tune_upl.telling`): a trial's result
   reaches only its own study. When a study's last search trial has ended it selects among the study's
   trials that did not fail (`final.select_trials`, on the results it was told), writes
-  `<study>/selection.json`, and suggests the `final_seeds` final runs. Its saved state (Tune saves it
-  with the experiment) is its bookkeeping and each study's sampler, whose random state must carry on: a
+  `<study>/selection.json`, and suggests the `final_seeds` final runs (under `recipe_runs`, each seed's run
+  of the study's recipe too: a final run marked `recipe`, `Study.recipe`'s config). Its saved state (Tune
+  saves it with the experiment) is its bookkeeping and each study's sampler, whose random state must carry on: a
   sampler made again from the spec's seed would propose the study's first start-up points a second time.
   The Optuna studies (their trials) reload from SQLite on resume.
 - `StudyRouter` sends each trial's results to its own study's ASHA (or FIFO); final runs are FIFO. Tune
   pickles the scheduler when the run starts, so after a resume every study's rungs start empty.
 
-Each trial's config names its study (and a search trial its Optuna trial number): `layout.SEARCH_KEYS`,
+Each trial's config names its study (and a search trial its Optuna trial number, a warm-start trial its source,
+queued after the baseline: `tune_upl.warm_start`): `layout.SEARCH_KEYS`,
 which Tune keeps through a restore and writes to `params.json`, and the trainable drops.
 """
 from __future__ import annotations
@@ -42,10 +44,12 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from tune_upl import signals, telling
-from tune_upl.final import Selection, final_param_space, final_seeds, save_selection, save_unselectable, select_trials
+from tune_upl.final import (
+    Selection, final_param_space, final_seeds, recipe_param_space, save_selection, save_unselectable, select_trials,
+)
 from tune_upl.layout import (
-    ERROR_KEY, FAULT_FLAGS, OPTUNA_FILE, OPTUNA_NUMBER_KEY, SELECTION_FILE, STUDY_KEY, UNSELECTABLE_FILE, faulted,
-    trial_fields,
+    ERROR_KEY, FAULT_FLAGS, OPTUNA_FILE, OPTUNA_NUMBER_KEY, RECIPE_KEY, SELECTION_FILE, STUDY_KEY, UNSELECTABLE_FILE,
+    WARM_START_KEY, faulted, trial_fields,
 )
 from tune_upl.planning import Study, baseline_point, final_runs, grid_points, max_epochs, search_trials, suggest_config
 from tune_upl.spec import SearchSpec
@@ -101,6 +105,7 @@ class Entry:
     number: Optional[int] = None
     ended: bool = False
     told: Optional[tuple[optuna.trial.TrialState, Optional[float]]] = None
+    recipe: bool = False  # a final run of the study's recipe (`recipe_runs`), not of its selection
 
     @property
     def final(self) -> bool:
@@ -156,10 +161,13 @@ class StudySearcher(Searcher):
     No attribute is named `searcher`: Tune follows `.searcher` chains (wrappers) when it saves the search
     state and counts pending trials."""
 
-    def __init__(self, spec: SearchSpec, studies: list[Study], session: Session):
+    def __init__(self, spec: SearchSpec, studies: list[Study], session: Session,
+                 warm: Optional[dict[str, tuple[str, list[dict[str, Any]]]]] = None):
         # no metric for Tune: it would refuse every result without it, and a final run reports none
         super().__init__(metric=None, mode=None)
         self._spec, self._studies = spec, list(studies)
+        # per study key: the source its warm-start trials name, and their points (`tune_upl.warm_start`)
+        self._warm = dict(warm or {})
         self._experiment, self._publish, self._limit = session.experiment, session.publish, session.limit
         self._searches = {s.key: search_trials(spec, s) for s in self._studies}  # each study's search trials
         self._book = Book()
@@ -174,7 +182,8 @@ class StudySearcher(Searcher):
         return dict(self._book.selections), dict(self._book.failed)
 
     def finals(self, key: str) -> int:
-        """Final runs study `key` will have: none under protocol seed or when nothing could be selected."""
+        """Final runs study `key` will have, its recipe runs included (`planning.final_runs`): none under protocol
+        seed or when nothing could be selected."""
         return 0 if key in self._book.failed else final_runs(self._spec)
 
     # ------------------------------------------------------------ Tune's interface
@@ -195,17 +204,19 @@ class StudySearcher(Searcher):
             return Searcher.FINISHED if self._finished() else None
         study, final = picked
         if final:
-            selection = self._book.selections[study.key]
-            seed = final_seeds(self._spec, selection)[self._started(study.key, final=True)]
-            entry = Entry(study.key, {**final_param_space(selection), "seed": seed})
+            recipe, seed = self._next_final(study.key)
+            config = recipe_param_space(study.recipe) if recipe else final_param_space(self._book.selections[study.key])
+            entry = Entry(study.key, {**config, "seed": seed}, recipe=recipe)
+            marks = {RECIPE_KEY: True} if recipe else {}
         else:
             trial = self._open(study).ask()
             entry = Entry(study.key, suggest_config(trial, study.space, study.base), trial.number)
+            marks = {k: v for k, v in trial.user_attrs.items() if k == WARM_START_KEY}  # a warm-start point's source
             # remote storage gets every asked trial before Tune can save the entry: a resume elsewhere must not
             # hand this trial's number to another
             self._push(OPTUNA_FILE)
         self._book.entries[trial_id] = entry
-        return {**entry.config, STUDY_KEY: study.key, **({} if final else {OPTUNA_NUMBER_KEY: entry.number})}
+        return {**entry.config, STUDY_KEY: study.key, **({} if final else {OPTUNA_NUMBER_KEY: entry.number}), **marks}
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         """Keep the epoch for selection; give Optuna its learning curve (the intermediate values TPE ranks
@@ -264,7 +275,8 @@ class StudySearcher(Searcher):
         if entry is None:
             if config.get(STUDY_KEY) not in {s.key for s in self._studies}:
                 return
-            entry = Entry(str(config[STUDY_KEY]), trial_fields(config), config.get(OPTUNA_NUMBER_KEY))
+            entry = Entry(str(config[STUDY_KEY]), trial_fields(config), config.get(OPTUNA_NUMBER_KEY),
+                          recipe=bool(config.get(RECIPE_KEY)))
             self._book.entries[tid] = entry
         result = dict(trial.last_result or {})
         if not entry.final and result.get("training_iteration"):  # an epoch reported after the book was saved
@@ -313,6 +325,7 @@ class StudySearcher(Searcher):
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickled by `Tuner.restore` (from the run's `tuner.pkl`), inside the resuming driver's session."""
         self.__dict__.update(state)
+        self.__dict__.setdefault("_warm", {})  # pickled before warm starts existed
         self._attach()
 
     def _attach(self) -> None:
@@ -329,6 +342,15 @@ class StudySearcher(Searcher):
     # ------------------------------------------------------------ what to run next
     def _started(self, key: str, final: bool) -> int:
         return sum(1 for e in self._book.entries.values() if e.study == key and e.final == final)
+
+    def _next_final(self, key: str) -> tuple[bool, int]:
+        """The study's next final run: (whether a recipe run, its seed), the first of its plan no entry holds. The
+        plan pairs each final seed's run of the selection with its recipe run (`recipe_runs`), so a stage cut
+        short still has pairs; a run Tune lost on a resume is suggested again, a finished one never."""
+        kinds = (False, True) if self._spec.recipe_runs else (False,)
+        plan = [(recipe, seed) for seed in final_seeds(self._spec, self._book.selections[key]) for recipe in kinds]
+        taken = {(e.recipe, int(e.config["seed"])) for e in self._book.entries.values() if e.study == key and e.final}
+        return next(run for run in plan if run not in taken)
 
     def _next(self, running: collections.Counter) -> Optional[tuple[Study, bool]]:
         """The study that gets the free slot (and whether for a final run): under its own max_concurrent,
@@ -370,17 +392,21 @@ class StudySearcher(Searcher):
             )
             if study.key not in self._book.created:
                 if not opened.trials:  # a study found with trials has had its points queued
-                    for point in self._queued(study):
-                        opened.enqueue_trial(point)
+                    for point, attrs in self._queued(study):
+                        opened.enqueue_trial(point, user_attrs=attrs)
                 self._book.created.add(study.key)
             self._optuna[study.key] = opened
         return self._optuna[study.key]
 
-    def _queued(self, study: Study) -> list[dict[str, Any]]:
-        """What a new Optuna study is given to run first: a grid's points `num_samples` times, or the baseline."""
+    def _queued(self, study: Study) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """What a new Optuna study is given to run first, each point with the user attributes of its Optuna
+        trial: a grid's points `num_samples` times, or the baseline and then the warm-start points, each of
+        those naming its source (`WARM_START_KEY`, which the trial's config then carries)."""
         if self._spec.searcher.type == "grid":
-            return grid_points(study) * self._spec.num_samples
-        return [baseline_point(study.space, study.base)] if self._spec.baseline else []
+            return [(point, {}) for point in grid_points(study) * self._spec.num_samples]
+        source, points = self._warm.get(study.key, ("", []))
+        return ([(baseline_point(study.space, study.base), {})] if self._spec.baseline else []) + [
+            (dict(point), {WARM_START_KEY: source}) for point in points]
 
     # ------------------------------------------------------------ selection
     def _row(self, trial_id: str, result: dict[str, Any]) -> dict[str, Any]:

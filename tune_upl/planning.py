@@ -1,7 +1,8 @@
 """Planning a search, apart from Ray: the studies a spec splits into, each study's space and fixed fields
 (its paths made absolute), the define-by-run space the searcher samples, the baseline point (the seed's
-recipe) and the grid's points. Also the driver's data preparation and weights fetching, which must happen
-before any trial.
+recipe), the grid's points, and the final stage's runs (under `recipe_runs`, each study's recipe run config,
+fixed here once). Also the driver's data preparation and weights fetching, which must happen before any
+trial.
 
 Nothing here imports Ray: `--dry-run`, the benchmarks and the tests plan without starting it. The
 distributions and the `when` rule are `spec.Param`'s.
@@ -12,10 +13,10 @@ import itertools
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from tune_upl.config import FIELD_DEFAULTS, Paths, TrialConfig, make_config
-from tune_upl.errors import SpecError
+from tune_upl.errors import ConfigError, SpecError
 from tune_upl.layout import study_key
 from tune_upl.ray_private import asha_rung_epochs
 from tune_upl.spec import Param, SearchSpec, grace_period_problem, loss_combination_problem
@@ -29,6 +30,8 @@ class Study:
     point: dict[str, Any]
     base: dict[str, Any]
     space: dict[str, Param] = field(default_factory=dict)
+    # `recipe_runs`: the config of its recipe runs (`recipe_config`), fixed when the search is planned
+    recipe: Optional[dict[str, Any]] = None
 
 
 def order_space(space: dict[str, Param]) -> dict[str, Param]:
@@ -83,7 +86,9 @@ def plan_studies(spec: SearchSpec, overrides: dict[str, Any], paths: Paths = Pat
             raise SpecError(problem)
         base.update(checkpoint_plan(spec, base, space, {**spec.fixed, **point, **overrides}))
         cfg = make_config(base)  # every study's fixed part must be a valid config on its own
-        study = Study(study_key(point), point, base, space)
+        recipe = (recipe_config(base, {*spec.fixed, *point, *overrides}, published_recipe(base["loss_name"]),
+                                study_key(point)) if spec.recipe_runs else None)
+        study = Study(study_key(point), point, base, space, recipe)
         twin = next((s for s in studies if same_study(make_config(s.base), cfg, point)), None)
         if twin is not None:
             raise SpecError(f"studies: {twin.key} and {study.key} are the same study (equal once validated and paths "
@@ -136,13 +141,22 @@ def suggest_config(trial: Any, space: dict[str, Param], base: dict[str, Any]) ->
 
 
 def baseline_point(space: dict[str, Param], base: dict[str, Any]) -> dict[str, Any]:
-    """The seed's recipe for every searched field whose space contains it; the rest is sampled."""
+    """The study's first trial: its loss's published recipe (`references.recipe`, the paper's or official
+    code's settings), so the search's gain over it is tuning gain. A searched field takes the recipe's value
+    where its range holds it, the seed's (`FIELD_DEFAULTS`) where the recipe states none; a recipe value
+    outside the range is sampled (the seed's would pass for the loss's own). balanced_proxy's recipe is the
+    seed's. When `loss_name` is itself searched the study has no one loss: every field takes the seed's
+    value, and `loss_name` the seed's loss where its choices hold it (whose recipe that is)."""
+    from tune_upl.references import recipe  # read only for a baseline
+
+    published = {} if "loss_name" in space else recipe(base.get("loss_name", FIELD_DEFAULTS["loss_name"]))
     point: dict[str, Any] = {}
     for name, param in space.items():
         if param.holds({**base, **point}) is False:
             continue
-        if param.contains(FIELD_DEFAULTS[name]):
-            point[name] = FIELD_DEFAULTS[name]
+        value = published.get(name, FIELD_DEFAULTS[name])
+        if param.contains(value):
+            point[name] = value
     return point
 
 
@@ -162,9 +176,40 @@ def grid_points(study: Study) -> list[dict[str, Any]]:
     return points
 
 
+def published_recipe(loss_name: str) -> dict[str, Any]:
+    """The loss's published recipe, TrialConfig field -> value (`references.recipe`); a damaged
+    `references.yaml` is one line."""
+    from tune_upl.references import recipe  # read only under recipe_runs
+
+    try:
+        return dict(recipe(loss_name))
+    except ConfigError as error:
+        raise SpecError(f"recipe_runs: no recipe of {loss_name}: {error}") from None
+
+
+def recipe_config(base: dict[str, Any], held: set[str], published: dict[str, Any], key: str) -> dict[str, Any]:
+    """A study's recipe run: its fixed part `base`, and the loss's `published` recipe for every field it names
+    that the study does not hold (`held`: its fixed, `studies` and command-line fields, so the recipe run differs
+    from the selection only where the search chose), whether or not the searched range contains the value;
+    every other searched field at the seed's default. Checked here, before anything runs."""
+    config = {**base, **{name: value for name, value in published.items() if name not in held}}
+    try:
+        make_config({**config, "final": True})
+    except ConfigError as error:
+        raise SpecError(f"recipe_runs: the recipe of {base['loss_name']} (tune_upl/references.yaml) does not make a "
+                        f"valid run of study {key}: {error}") from None
+    return config
+
+
 def final_runs(spec: SearchSpec) -> int:
-    """A selected study's final runs: `final_seeds`, none under protocol seed."""
-    return 0 if spec.protocol == "seed" else spec.final_seeds
+    """A selected study's final runs: `final_seeds`, and as many recipe runs under `recipe_runs`; none under
+    protocol seed."""
+    return 0 if spec.protocol == "seed" else spec.final_seeds + recipe_runs(spec)
+
+
+def recipe_runs(spec: SearchSpec) -> int:
+    """A selected study's recipe runs (among its `final_runs`): one per final seed under `recipe_runs`."""
+    return spec.final_seeds if spec.recipe_runs and spec.protocol == "val" else 0
 
 
 def search_trials(spec: SearchSpec, study: Study) -> int:

@@ -30,6 +30,7 @@ from tune_upl.ablation import (
     loss_label,
     trial_points,
 )
+from tune_upl.comparisons import Paired, method_gains, paired_interval
 from tune_upl.facts import BACKBONES, DATASETS
 from tune_upl.loss_axes import AGGREGATIONS, ANCHORS, DEFAULT_CELL, PROXY_ANCHOR_CELL
 from tune_upl.importance import (
@@ -37,7 +38,7 @@ from tune_upl.importance import (
 )
 from tune_upl.references import References, load_references
 from tune_upl.layout import (
-    COMPLETED, DIVERGED, ERRORED, OPEN_STATES, OPTUNA_FILE, STATES, STOPPED_EARLY, search_command,
+    COMPLETED, DIVERGED, ERRORED, OPEN_STATES, OPTUNA_FILE, STATES, STOPPED_EARLY, WARM_START_KEY, search_command,
 )
 from tune_upl.results import ExperimentData, FinalResult, load_experiment
 from tune_upl.storage import is_uri
@@ -248,6 +249,70 @@ def _comparison_line(c: Comparison) -> str:
     return head + f", 95% interval [{100 * i.low:+.1f}, {100 * i.high:+.1f}] ({i.df:.1f} df): {verdict}"
 
 
+# ---------------------------------------------------------------- tuning gain and method gain
+def _by_seed(runs: list[dict[str, Any]], name: str = "test_recall@1") -> dict[int, float]:
+    """Each run's `name` by its seed (runs without it are left out)."""
+    return {int(run["seed"]): float(run[name]) for run in runs if name in run and not pd.isna(run[name])}
+
+
+def gain_groups(data: ExperimentData) -> dict[tuple[str, str], dict[str, FinalResult]]:
+    """Per dataset and backbone, each loss (or cell) whose selection or recipe has a tested final run."""
+    groups: dict[tuple[str, str], dict[str, FinalResult]] = {}
+    for final in data.finals:
+        if not final.test_selected and (final.runs or final.recipe_runs):
+            name, backbone, loss, _ = _group(final.config)
+            groups.setdefault((name, backbone), {})[loss] = final
+    return groups
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def _paired_cell(found: Optional[Paired]) -> str:
+    """`+1.2 [-0.3, +2.7] (3 seeds)` in points; without an interval, the difference and why."""
+    if found is None:
+        return "- (no shared seed)"
+    if found.interval is None:
+        return f"{_points(found.difference)} (1 seed: no interval)"
+    i = found.interval
+    return f"{_points(found.difference)} [{_points(i.low)}, {_points(i.high)}] ({found.pairs} seeds)"
+
+
+def gains_section(data: ExperimentData) -> list[str]:
+    """Per dataset and backbone: each loss's recipe and tuned selection on test R@1 (mean ± std over the final
+    seeds), the tuning gain (selection − recipe) paired by seed, and the method gain of the loss with the best
+    recipe over each other loss, at the recipes and tuned, paired by seed, with one sentence per pair."""
+    groups = gain_groups(data)
+    if not any(final.recipe_runs for losses in groups.values() for final in losses.values()):
+        return ["No recipe run has been tested yet.", ""]
+    lines = []
+    for (name, backbone), losses in sorted(groups.items()):
+        recipes = {loss: _by_seed(final.recipe_runs) for loss, final in sorted(losses.items())}
+        tuned = {loss: _by_seed(final.runs) for loss, final in sorted(losses.items())}
+        rows = [{"Loss": loss,
+                 "Recipe R@1": _mean_std(list(recipes[loss].values())) if recipes[loss] else "-",
+                 "Tuned R@1": _mean_std(list(tuned[loss].values())) if tuned[loss] else "-",
+                 "Tuning gain (tuned − recipe)": _paired_cell(paired_interval(tuned[loss], recipes[loss])),
+                 "Seeds (recipe, tuned)": f"{len(recipes[loss])}, {len(tuned[loss])}"}
+                for loss in recipes]
+        lines += [f"### {data_display(name)} / {backbone_display(backbone)}", "", _table(rows), ""]
+        gains = method_gains(recipes, tuned)
+        if gains:
+            best = gains[0].best
+            rows = [{"Pair": f"`{g.best}` − `{g.other}`", "At the recipes": _paired_cell(g.at_recipe),
+                     "Tuned": _paired_cell(g.tuned)} for g in gains]
+            lines += [f"Method gain of `{best}`, the best recipe here, over each other loss (points, 95% interval "
+                      "paired by seed):", "", _table(rows), "", *[f"- {g.verdict()}" for g in gains], ""]
+    return lines + ["*Test R@1, mean ± std over the final seeds. Recipe: the loss's published recipe "
+                    "(`tune_upl/references.yaml`) for the fields it names, the study's fixed values and the seed's "
+                    "defaults for the rest, retrained on all training classes with the same final seeds as the tuned "
+                    "selection and tested once. Gains are differences in points with their 95% paired t interval "
+                    "over the seeds both sides ran (n − 1 degrees of freedom; the runs of one seed share its "
+                    "initialisation and batches); an interval that contains 0 means these seeds cannot tell the two "
+                    "apart.*", ""]
+
+
 # ---------------------------------------------------------------- the ablation of the Unified Proxy Loss
 def ablation_section(data: ExperimentData, refs: References) -> list[str]:
     """Per dataset and backbone with two or more tested cells: anchor rows × aggregation columns of test R@1,
@@ -342,7 +407,8 @@ def search_summary(data: ExperimentData) -> list[str]:
     lines += [
         f"- search: {len(trials)} trials, {int(trials['epochs'].sum())} epochs, {_hours(search_hours)} of "
         "trial time (each trial's training and evaluation time, added up)",
-        f"- final stage: {len(finals)} run{'' if len(finals) == 1 else 's'}, {_hours(final_hours)} of trial time",
+        f"- final stage: {len(finals)} run{'' if len(finals) == 1 else 's'}{_recipe_count(finals)}, "
+        f"{_hours(final_hours)} of trial time",
         f"- accelerator-hours: {accel}",
         f"- wall time: {_hours(wall) if not math.isnan(wall) else '-'}, from the first trial's start to the last "
         "result (including any time the experiment was stopped)",
@@ -350,6 +416,12 @@ def search_summary(data: ExperimentData) -> list[str]:
         "",
     ]
     return lines
+
+
+def _recipe_count(finals: pd.DataFrame) -> str:
+    """` (N of them recipe runs)` where the final stage ran recipes, else nothing."""
+    count = int(finals["recipe"].sum()) if "recipe" in finals else 0
+    return f" ({count} of them recipe run{'' if count == 1 else 's'})" if count else ""
 
 
 def _accelerator_hours(runs: pd.DataFrame, resources: dict[str, Any]) -> str:
@@ -409,9 +481,43 @@ def baseline_against_selected(data: ExperimentData) -> list[str]:
         tested = _values(final, "test_recall@1")
         if tested:
             runs = "test-selected run" if final.test_selected else "final seed" + ("s" if len(tested) > 1 else "")
+            recipe = list(_by_seed(final.recipe_runs).values())
+            also = (f" The loss's recipe, retrained and tested with the same seeds: {_mean_std(recipe)} (see the "
+                    "tuning gain above)." if recipe else "")
             lines += [f"*The selection's test R@1: {_mean_std(tested)} over {len(tested)} {runs}; the baseline "
-                      "was not retrained or tested (its test numbers stay unseen).*", ""]
+                      f"was not retrained or tested (its test numbers stay unseen).{also}*", ""]
     return lines or ["No study has been selected yet.", ""]
+
+
+# ---------------------------------------------------------------- warm start
+def warm_started(trials: pd.DataFrame) -> pd.Series:
+    """Which search trials ran a warm-start point (their config names its source: `layout.WARM_START_KEY`)."""
+    if trials.empty:
+        return pd.Series(dtype=bool)
+    return trials["_config"].map(lambda config: bool(config.get(WARM_START_KEY)))
+
+
+def warm_start_lines(data: ExperimentData) -> list[str]:
+    """Per study, where its warm-start trials came from (`warm_start.json`) and which source values fell
+    outside its space (dropped from the point: its sampler chose them)."""
+    from tune_upl.warm_start import load  # the recorded warm starts: only for a warm-started experiment
+
+    starts = load(data.folder)
+    if not starts:
+        return []
+    lines = ["### Warm start", "", f"Each study ran first, after its baseline, the best completed trials (by their "
+             f"best epoch's `{next(iter(starts.values())).metric}`) of a finished experiment's study of the same "
+             "loss and backbone, marked *warm start* in the leaderboard; a value outside the study's space was "
+             "dropped from the point and left to the sampler.", ""]
+    for key, start in starts.items():
+        ran = int(warm_started(data.trials[data.trials["study"] == key]).sum()) if not data.trials.empty else 0
+        trials = ", ".join(f"`{t}` ({v:.4f})" for t, v in zip(start.trials, start.objectives))
+        dropped = "; ".join(f"point {i + 1} (`{start.trials[i]}`): " + ", ".join(f"{n}={_fmt(v)}" for n, v in d.items())
+                            for i, d in enumerate(start.dropped) if d)
+        lines.append(f"- `{key}`: {len(start.points)} point{'' if len(start.points) == 1 else 's'} from `{start.source}`"
+                     f", its trials {trials}; {ran} warm-start trial{'' if ran == 1 else 's'} ran; dropped: "
+                     f"{dropped or 'none'}")
+    return lines + [""]
 
 
 # ---------------------------------------------------------------- leaderboard
@@ -427,6 +533,8 @@ def leaderboard(data: ExperimentData, csv_name: str) -> list[str]:
             continue
         shown = mine.head(LEADERBOARD_TOP)[["study", "baseline", "trial", "state", "epochs", "objective",
                                             *data.searched, "note"]].copy()
+        if warm_started(data.trials).any():  # a column only where the experiment was warm-started
+            shown.insert(2, "warm start", warm_started(mine.head(LEADERBOARD_TOP)).map({True: "yes", False: ""}))
         shown["objective"] = shown["objective"].map(lambda v: "-" if pd.isna(v) else f"{v:.4f}")
         for name in data.searched:
             shown[name] = shown[name].map(_fmt)
@@ -659,11 +767,13 @@ def render(data: ExperimentData, folder: Path, storage: Optional[str] = None) ->
     lines = _header(data, storage) + damaged_note(data) + unselectable_note(data)
     lines += ["## Benchmark (test classes)", "", *benchmark_tables(data, refs, storage)]
     lines += ["## Loss comparison", "", *loss_comparison(data, loss_figure)]
+    if data.spec.get("recipe_runs") or any(final.recipe_runs for final in data.finals):
+        lines += ["## Tuning gain and method gain (recipe against tuned)", "", *gains_section(data)]
     ablation = ablation_section(data, refs)
     if ablation:
         lines += ["## Ablation of the Unified Proxy Loss (anchor × aggregation)", "", *ablation]
     lines += ["## What each embedding size buys", "", *embedding_section(data, figures)]
-    lines += ["## Search summary", "", *search_summary(data)]
+    lines += ["## Search summary", "", *search_summary(data), *warm_start_lines(data)]
     lines += ["### Baseline (the seed's recipe) against the selected configuration", "",
               *baseline_against_selected(data)]
     lines += ["## Figures", "", *figure_sections(data, figures)]

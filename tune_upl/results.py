@@ -23,6 +23,7 @@ from tune_upl.layout import (
     ERROR_KEY,
     PARAMS_FILE,
     PENDING,
+    RECIPE_KEY,
     RECORD_FILE,
     RESULT_FILE,
     RUN_FOLDER,
@@ -140,11 +141,13 @@ def read_selection(path: Path) -> dict[str, Any]:
 
 @dataclass
 class FinalResult:
-    """One study's selection and its test numbers: a run per final seed, or the test-selected epoch."""
+    """One study's selection and its test numbers: a run per final seed, or the test-selected epoch; under
+    `recipe_runs`, its recipe's run per final seed too (each row: seed, epochs, planned_epochs, test_*)."""
 
     key: str
     selection: dict[str, Any]
     runs: list[dict[str, Any]]
+    recipe_runs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -166,7 +169,7 @@ class ExperimentData:
     complete: bool
     trials: pd.DataFrame  # one row per search trial (see `trial_rows`)
     epochs: pd.DataFrame  # one row per reported epoch of a search trial: study, trial and Tune's result
-    final_trials: pd.DataFrame  # one row per final-stage run: study, trial, seed, state, hours, test_*
+    final_trials: pd.DataFrame  # one row per final-stage run: study, trial, recipe, seed, state, hours, test_*
     finals: list[FinalResult] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)  # result files with rows that could not be read, and how many
     unselectable: dict[str, str] = field(default_factory=dict)  # study -> why nothing could be selected
@@ -391,7 +394,8 @@ def _trial_note(trial: SavedTrial) -> str:
 
 
 def final_rows(read: Trials, spec: dict[str, Any]) -> pd.DataFrame:
-    """Every final-stage run: study, trial, seed, state, epochs, hours, trained_on, start, end, test metrics."""
+    """Every final-stage run: study, trial, recipe (a recipe run), seed, state, epochs, planned_epochs, hours,
+    trained_on, start, end, test metrics."""
     rows = []
     for folder, found in read.items():
         for trial, frame, hours in found:
@@ -402,9 +406,11 @@ def final_rows(read: Trials, spec: dict[str, Any]) -> pd.DataFrame:
             rows.append({
                 "study": _study_of(folder, trial),
                 "trial": trial.trial_id,
+                "recipe": bool(trial.config.get(RECIPE_KEY)),
                 "seed": trial.config.get("seed"),
                 "state": _state(trial, frame, int(last.get("training_iteration", 0))),
                 "epochs": int(last.get("training_iteration", 0)),
+                "planned_epochs": trial.config.get("num_epochs"),
                 "hours": hours,
                 "trained_on": _device(frame),  # not `device`: a searched field may have that name
                 "start": start,
@@ -412,6 +418,12 @@ def final_rows(read: Trials, spec: dict[str, Any]) -> pd.DataFrame:
                 **{k: v for k, v in last.items() if k.startswith("test_")},
             })
     return pd.DataFrame(rows)
+
+
+def _tested_runs(runs: pd.DataFrame) -> list[dict[str, Any]]:
+    """The runs tested after their last epoch (their rows carry test metrics), by seed."""
+    records = runs.sort_values("seed").to_dict("records") if len(runs) else []
+    return [r for r in map(_clean, records) if any(k.startswith("test_") for k in r)]
 
 
 def load_experiment(experiment: Path) -> ExperimentData:
@@ -433,12 +445,12 @@ def load_experiment(experiment: Path) -> ExperimentData:
     finals = []
     for selection in selections:
         if selection.get("test_selected"):
-            runs = [dict(selection["test_selected"])]
-        else:
-            mine = final_trials[final_trials["study"] == selection["key"]] if not final_trials.empty else final_trials
-            runs = [r for r in map(_clean, mine.sort_values("seed").to_dict("records") if len(mine) else [])
-                    if any(k.startswith("test_") for k in r)]  # a run tested after its last epoch
-        finals.append(FinalResult(selection["key"], selection, runs))
+            finals.append(FinalResult(selection["key"], selection, [dict(selection["test_selected"])]))
+            continue
+        mine = final_trials[final_trials["study"] == selection["key"]] if not final_trials.empty else final_trials
+        recipe = mine["recipe"] if len(mine) else pd.Series(dtype=bool)
+        finals.append(FinalResult(selection["key"], selection, _tested_runs(mine[~recipe] if len(mine) else mine),
+                                  _tested_runs(mine[recipe] if len(mine) else mine)))
     unselectable = {p.parent.name: json.loads(p.read_text()).get("reason", "") for p in
                     sorted(experiment.glob(f"*/{UNSELECTABLE_FILE}"))}
     return ExperimentData(experiment, spec, overrides, record, (experiment / COMPLETE_FILE).is_file(),

@@ -19,14 +19,15 @@ from ray import tune
 
 from tune_upl.final import Selection, final_stage_line, selected_line
 from tune_upl.layout import (
-    COMPLETED, ERROR_KEY, ERRORED, FINAL_RUN_SUFFIX, OPTUNA_FILE, RUN_FOLDER, STOPPED_EARLY, STUDY_KEY,
-    TUNE_STATE_PATTERN, error_line, trial_state,
+    COMPLETED, ERROR_KEY, ERRORED, OPTUNA_FILE, RUN_FOLDER, STOPPED_EARLY, STUDY_KEY,
+    TUNE_STATE_PATTERN, error_line, run_suffix, trial_state,
 )
 from tune_upl.multistudy import Session, StudyRouter, StudySearcher, resuming
 from tune_upl.planning import Study, final_runs, search_trials
 from tune_upl.ray_private import drop_missing_score_errors, stop_tune_run, use_old_console_output
 from tune_upl.spec import SearchSpec
 from tune_upl.storage import open_location
+from tune_upl.warm_start import load as load_warm_start, searcher_points
 from tune_upl import signals
 from tune_upl.errors import SpecError, first_line
 
@@ -138,7 +139,7 @@ class TrialLines(tune.Callback):
         shown = f"{score:.4f}" if score is not None else "-"
         best = self.best.get(key)
         best_text = f"best {best[0]:.4f} ({best[1]})" if best else "best -"
-        where = f"{key}{FINAL_RUN_SUFFIX if final else ''} " if len(self.studies) > 1 or final else ""
+        where = f"{key}{run_suffix(trial.config)} " if len(self.studies) > 1 or final else ""
         print(
             f"[{self.done}/{self.total}] {where}trial {trial.trial_id} {state:<13} epochs {epochs}/{planned} "
             f"{metric} {shown} | {params} | {best_text}",
@@ -300,8 +301,9 @@ def run_studies(spec: SearchSpec, studies: list[Study], storage: Path, verbose: 
                 function: Optional[Callable[[dict[str, Any]], None]] = None) -> SearchRun:
     """Every study's search and final runs in one Tuner (`trials/`), resumed where the folder holds one.
 
-    `storage` is the experiment's local folder (`optuna.db` and the selections live there; `publish(name)`
-    copies one of its files to remote storage); Tune's folders go under `tune_root` (a URI) when given.
+    `storage` is the experiment's local folder (`optuna.db`, the selections and `warm_start.json` live there;
+    `publish(name)` copies one of its files to remote storage); Tune's folders go under `tune_root` (a URI) when
+    given.
     `function` replaces the trial function (the benchmarks replay recorded curves)."""
     root = tune_root or str(storage)
     folder = f"{root}/{RUN_FOLDER}"
@@ -315,9 +317,10 @@ def run_studies(spec: SearchSpec, studies: list[Study], storage: Path, verbose: 
     names = list(dict.fromkeys(name for study in studies for name in study.space))
     drop_missing_score_errors(spec.objective.metric)  # a final run's checkpoints lack the objective
     session = Session(storage, publish, at_once)
+    warm = searcher_points(load_warm_start(storage))  # recorded by the driver at start (`warm_start.record`)
 
     def new_tuner() -> tune.Tuner:
-        searcher = StudySearcher(spec, studies, session)
+        searcher = StudySearcher(spec, studies, session, warm)
         return tune.Tuner(
             _trainable(spec, function),
             tune_config=tune.TuneConfig(
@@ -344,9 +347,10 @@ def run_studies(spec: SearchSpec, studies: list[Study], storage: Path, verbose: 
 
 
 def _run_dirname(trial: Any) -> str:
-    """A trial's folder in the one run of all studies: its id, a final run's `<id>.final` (a report pulled
-    from remote storage keeps the final models' checkpoints by that name: `layout.report_file`)."""
-    return trial.trial_id + (FINAL_RUN_SUFFIX if trial.config.get("final") else "")
+    """A trial's folder in the one run of all studies: its id, a final run's `<id>.final`, a recipe run's
+    `<id>.recipe` (a report pulled from remote storage keeps their checkpoints by those names:
+    `layout.report_file`)."""
+    return trial.trial_id + run_suffix(trial.config)
 
 
 def quiet_ray(verbose: bool) -> None:

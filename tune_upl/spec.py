@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -77,6 +77,22 @@ class Resources(_Strict):
             raise ValueError("one GPU per trial at most (a trial trains on one GPU); allowed: 0 to 1, "
                              "a fraction such as 0.5 packs several trials onto one GPU")
         return value
+
+
+class WarmStart(_Strict):
+    """A finished experiment whose best completed trials each new study runs first, after its baseline
+    (`tune_upl.warm_start`), so that a search does not start cold where a similar one has ended."""
+
+    experiment: str  # its name in the same storage, or an absolute path to its folder
+    k: Annotated[int, Field(ge=1)]  # trials taken per study: the source study's k best completed ones
+
+    @field_validator("experiment")
+    @classmethod
+    def _name_or_path(cls, value: str) -> str:
+        if value.startswith("/") or re.match(NAME_PATTERN, value):
+            return value
+        raise ValueError("allowed: a finished experiment's name in the same storage (letters, digits, _ . -, as "
+                         "under --name) or an absolute path to its folder")
 
 
 class Param(_Strict):
@@ -177,10 +193,13 @@ class SearchSpec(_Strict):
     # selected: once a study is selected, its other trials' checkpoints are deleted; all: every trial keeps them
     keep_checkpoints: Literal["all", "selected"] = "selected"
     baseline: bool = True
+    # protocol val: each study's final stage also retrains and tests the loss's published recipe, same seeds
+    recipe_runs: bool = False
     reuse_actors: bool = True  # a trial reuses the finished one's worker process (saves ~4 s a trial)
     studies: dict[str, list[Any]] = {}
     fixed: dict[str, Any] = {}
     space: dict[str, Param] = {}
+    warm_start: Optional[WarmStart] = None
 
     @model_validator(mode="after")
     def _check_fields(self) -> "SearchSpec":
@@ -221,6 +240,16 @@ class SearchSpec(_Strict):
             continuous = [name for name, p in self.space.items() if p.choice is None]
             if continuous:
                 raise ValueError(f"space.{continuous[0]}: grid search takes choice only; allowed: choice")
+        if self.warm_start is not None:
+            problem = warm_start_problem(self)
+            if problem:
+                raise ValueError(problem)
+        if self.recipe_runs and self.protocol != "val":
+            raise ValueError("recipe_runs: protocol seed has no final stage to run the recipe in; allowed: "
+                             "recipe_runs under protocol val")
+        if self.recipe_runs and "loss_name" in self.space:
+            raise ValueError("recipe_runs: loss_name is searched, so a study has no one loss whose recipe to run; "
+                             "allowed: loss_name under studies or fixed")
         if "seed" in self.studies and self.protocol == "val":
             raise ValueError("studies.seed: a study's final runs retrain with seeds seed+1 ... seed+final_seeds, so "
                              "seed cannot also tell studies apart in their one run; allowed: seed under fixed "
@@ -269,6 +298,21 @@ class SearchSpec(_Strict):
         return [dict(zip(names, combo)) for combo in itertools.product(*(self.studies[n] for n in names))]
 
 
+def warm_start_problem(spec: SearchSpec) -> Optional[str]:
+    """Why the spec's warm start cannot run: a grid runs its own points only, and a study must have room for its
+    baseline and the k warm-start trials within `num_samples`."""
+    if spec.searcher.type == "grid":
+        return ("warm_start: a grid runs its own points only; allowed: warm_start with searcher tpe, gp or random, "
+                "or no warm_start")
+    room = spec.num_samples - (1 if spec.baseline else 0)
+    if spec.warm_start.k > room:
+        return (f"warm_start.k = {spec.warm_start.k}: a study runs num_samples = {spec.num_samples} trials"
+                f"{', its baseline first' if spec.baseline else ''}; allowed: 1 to {room}" if room >= 1 else
+                f"warm_start.k = {spec.warm_start.k}: num_samples = {spec.num_samples} leaves no trial after the "
+                "baseline; allowed: num_samples 2 or more, or baseline: false")
+    return None
+
+
 def grace_period_problem(scheduler: Scheduler, epochs: int, study: str) -> Optional[str]:
     """ASHA may stop a trial only after `grace_period` epochs, so a study must train at least that long (Ray
     asserts it only once the run has started)."""
@@ -312,6 +356,8 @@ def _allowed_keys(loc: tuple) -> list[str]:
     model: Any = SearchSpec
     for part in loc:
         annotation = model.model_fields[part].annotation if part in getattr(model, "model_fields", {}) else Param
+        # Optional[X] (warm_start): the section's keys are X's
+        annotation = next((a for a in get_args(annotation) if a is not type(None)), annotation)
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else Param
     return list(model.model_fields)
 
