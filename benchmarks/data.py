@@ -104,7 +104,7 @@ def measure(args: argparse.Namespace) -> SuiteResult:
 
     from tune_upl.config import make_config
     from tune_upl.data import ImageDataset, Record, load_records, train_transform
-    from tune_upl.models import IMAGENET_MEAN, IMAGENET_STD
+    from tune_upl.facts import IMAGENET_MEAN, IMAGENET_STD
     from tune_upl.prepare import prepare_dataset
 
     result = SuiteResult("data")

@@ -83,7 +83,8 @@ def prepare(plan: Plan, work: Path) -> None:
     import torch
 
     from tune_upl.config import make_config
-    from tune_upl.models import BACKBONES, build_tiny
+    from tune_upl.facts import BACKBONES
+    from tune_upl.models import build_tiny
     from tune_upl.prepare import prepare_dataset
     from tune_upl.synthetic import ensure_synthetic
 

@@ -48,7 +48,8 @@ def test_the_loss_specific_fields_are_those_some_losses_take_and_the_report_know
     have and others lack; the cells the report marks are the losses they name."""
     from tune_upl.config import LOSS_SPECIFIC
     from tune_upl.loss_axes import DEFAULT_CELL, PROXY_ANCHOR_CELL
-    from tune_upl.losses import LOSS_PARAMETERS, build_loss
+    from tune_upl.facts import LOSS_PARAMETERS
+    from tune_upl.losses import build_loss
 
     params = [set(p) for p in LOSS_PARAMETERS.values()]
     assert set(LOSS_SPECIFIC) == set.union(*params) - set.intersection(*params)

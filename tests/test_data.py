@@ -10,7 +10,8 @@ from tune_upl.archives import read_cub_layout
 from tune_upl.config import make_config
 from tune_upl.data import ImageDataset, SplitManager, eval_transform, load_records, make_loader, train_transform
 from tune_upl.errors import SplitAccessError
-from tune_upl.models import BACKBONES, BNINCEPTION_MEAN, IMAGENET_MEAN, IMAGENET_STD, build_model
+from tune_upl.facts import BACKBONES, BNINCEPTION_MEAN, IMAGENET_MEAN, IMAGENET_STD
+from tune_upl.models import build_model
 from tune_upl.prepare import decode_image_file
 
 

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from tune_upl.losses import LOSS_PARAMETERS, LOSSES, build_loss
+from tune_upl.facts import LOSS_PARAMETERS
+from tune_upl.losses import LOSSES, build_loss
 
 
 def reference_proxy_anchor(sims, labels, scale, margin):

@@ -5,7 +5,8 @@ import torch
 from tune_upl.config import make_config
 from tune_upl.config import FIELD_HELP
 from tune_upl.errors import ConfigError, WeightsMissing
-from tune_upl.models import BACKBONES, build_model, imagenet_file
+from tune_upl.facts import BACKBONES, imagenet_file
+from tune_upl.models import build_model
 
 
 def images(*shape: int) -> torch.Tensor:

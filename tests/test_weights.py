@@ -15,7 +15,8 @@ import torch
 from tune_upl.cli import main, torch_hub_checkpoints, with_paths
 from tune_upl.config import make_config
 from tune_upl.errors import ConfigError, WeightsMissing
-from tune_upl.models import BACKBONES, build_model
+from tune_upl.facts import BACKBONES
+from tune_upl.models import build_model
 from tune_upl.weights import ensure_weights, needed_weights
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 from tune_upl.config import TrialConfig
 from tune_upl.faults import fault_due, fire
 from tune_upl.data import ImageDataset, SplitManager, eval_transform, load_records, make_loader, train_transform
-from tune_upl.losses import LOSS_PARAMETERS, build_loss
+from tune_upl.facts import LOSS_PARAMETERS
+from tune_upl.losses import build_loss
 from tune_upl.metrics import retrieval_metrics
 from tune_upl.models import MetricModel, build_model
 from tune_upl.optim import OPTIMIZERS

@@ -369,9 +369,10 @@ def _prune(spec: SearchSpec, options: Options, experiment: Path, folder: str, se
 
 
 def _run_studies(spec: SearchSpec, studies: list[Study], experiment: Path, options: Options,
-                 callbacks: tuple[Any, ...]) -> None:
+                 callbacks: tuple[Any, ...], starts: dict[str, warm_start.StudyStart]) -> None:
     """Every study's search and final runs in one Tune run (`tune_upl.multistudy`), as many trials at once as
-    the cluster holds; then the search trials' checkpoints are pruned, but the selected ones."""
+    the cluster holds, each study's warm-start points (`starts`) queued after its baseline; then the search
+    trials' checkpoints are pruned, but the selected ones."""
     import ray
 
     from tune_upl.search import run_studies
@@ -385,7 +386,8 @@ def _run_studies(spec: SearchSpec, studies: list[Study], experiment: Path, optio
     publish = functools.partial(push_file, options.remote, experiment) if options.remote else None
     try:
         ran = run_studies(spec, studies, experiment, options.verbose, at_once, callbacks,
-                          tune_root=_tune_root(options, experiment), publish=publish)
+                          tune_root=_tune_root(options, experiment), publish=publish,
+                          warm=warm_start.searcher_points(starts))
     finally:
         _publish(options, experiment, OPTUNA_FILE)
     _prune(spec, options, experiment, RUN_FOLDER, list(ran.selections.values()))
@@ -456,7 +458,7 @@ def run_search(spec: SearchSpec, overrides: dict[str, Any], options: Options, pa
             print(warning, flush=True)
         write_record(experiment, studies, spec, classes)
         _publish(options, experiment, RECORD_FILE)
-        _run_studies(spec, studies, experiment, options, callbacks)
+        _run_studies(spec, studies, experiment, options, callbacks, starts)
         if signals.stopping():  # came after Tune's last step: nothing is marked after it
             raise signals.stop_error("after the last trial")
         finish(spec, studies, options, experiment)

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tune_upl.facts import LOSS_PARAMETERS  # noqa: F401 (each loss's parameters: re-exported beside its builder)
 from tune_upl.loss_axes import AGGREGATIONS, ANCHORS, DEFAULT_CELL, PROXY_ANCHOR_CELL
 
 

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tune_upl.errors import ConfigError, WeightsMissing
-from tune_upl.facts import (  # noqa: F401 (the input conventions are re-exported for callers of models)
-    BACKBONES as BACKBONE_FACTS, BNINCEPTION_MEAN, IMAGENET_MEAN, IMAGENET_STD, TINY_CHANNELS, TORCHVISION_INPUT,
-    BackboneFacts, InputNorm, imagenet_file,
+from tune_upl.facts import (
+    BACKBONES as BACKBONE_FACTS, TINY_CHANNELS, TORCHVISION_INPUT, BackboneFacts, InputNorm, imagenet_file,
 )
 
 if TYPE_CHECKING:
@@ -62,22 +61,6 @@ class BackboneEntry:
 
     build: Callable[[Optional[Weights]], nn.Module]
     facts: BackboneFacts
-
-    @property
-    def dim(self) -> int:
-        return self.facts.dim
-
-    @property
-    def input(self) -> InputNorm:
-        return self.facts.input
-
-    @property
-    def weights_url(self) -> str:
-        return self.facts.weights_url
-
-    @property
-    def display(self) -> str:
-        return self.facts.display
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:
@@ -209,7 +192,7 @@ def read_weights(cfg: TrialConfig) -> Optional[Weights]:
         return None
     if not file.is_file():
         if cfg.pretrained == "auto":
-            raise WeightsMissing([(cfg.backbone_type, str(file), BACKBONES[cfg.backbone_type].weights_url)])
+            raise WeightsMissing([(cfg.backbone_type, str(file), BACKBONE_FACTS[cfg.backbone_type].weights_url)])
         raise ConfigError(f"TrialConfig.pretrained = {cfg.pretrained!r}: no such file; "
                           "allowed: auto, none or a weights file")
     try:
@@ -324,5 +307,5 @@ def build_model(cfg: TrialConfig, num_classes: int) -> MetricModel:
     """Build backbone, head and proxies from the config; seeds must be set by the caller."""
     entry = BACKBONES[cfg.backbone_type]
     backbone = entry.build(read_weights(cfg))  # library models load by the library's own parameter names
-    net = EmbeddingNet(backbone, entry.dim, cfg.feature_dim, cfg.pooling, cfg.layer_norm, entry.input)
+    net = EmbeddingNet(backbone, entry.facts.dim, cfg.feature_dim, cfg.pooling, cfg.layer_norm, entry.facts.input)
     return MetricModel(net, ProxyHead(num_classes, cfg.feature_dim), freeze_bn=cfg.bn_frozen)

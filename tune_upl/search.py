@@ -27,7 +27,6 @@ from tune_upl.planning import Study, final_runs, search_trials
 from tune_upl.ray_private import drop_missing_score_errors, stop_tune_run, use_old_console_output
 from tune_upl.spec import SearchSpec
 from tune_upl.storage import open_location
-from tune_upl.warm_start import load as load_warm_start, searcher_points
 from tune_upl import signals
 from tune_upl.errors import SpecError, first_line
 
@@ -298,13 +297,14 @@ class SearchRun:
 def run_studies(spec: SearchSpec, studies: list[Study], storage: Path, verbose: bool, at_once: int,
                 callbacks: tuple[tune.Callback, ...] = (), tune_root: Optional[str] = None,
                 publish: Optional[Callable[[str], None]] = None,
-                function: Optional[Callable[[dict[str, Any]], None]] = None) -> SearchRun:
+                function: Optional[Callable[[dict[str, Any]], None]] = None,
+                warm: Optional[dict[str, tuple[str, list[dict[str, Any]]]]] = None) -> SearchRun:
     """Every study's search and final runs in one Tuner (`trials/`), resumed where the folder holds one.
 
-    `storage` is the experiment's local folder (`optuna.db`, the selections and `warm_start.json` live there;
-    `publish(name)` copies one of its files to remote storage); Tune's folders go under `tune_root` (a URI) when
-    given.
-    `function` replaces the trial function (the benchmarks replay recorded curves)."""
+    `storage` is the experiment's local folder (`optuna.db` and the selections live there; `publish(name)`
+    copies one of its files to remote storage); Tune's folders go under `tune_root` (a URI) when given.
+    `function` replaces the trial function (the benchmarks replay recorded curves); `warm`: per study key, the
+    source and the points queued after its baseline (`warm_start.searcher_points`)."""
     root = tune_root or str(storage)
     folder = f"{root}/{RUN_FOLDER}"
     resume = restorable(folder)
@@ -317,7 +317,6 @@ def run_studies(spec: SearchSpec, studies: list[Study], storage: Path, verbose: 
     names = list(dict.fromkeys(name for study in studies for name in study.space))
     drop_missing_score_errors(spec.objective.metric)  # a final run's checkpoints lack the objective
     session = Session(storage, publish, at_once)
-    warm = searcher_points(load_warm_start(storage))  # recorded by the driver at start (`warm_start.record`)
 
     def new_tuner() -> tune.Tuner:
         searcher = StudySearcher(spec, studies, session, warm)
