@@ -191,33 +191,84 @@ def timed(method, device: torch.device) -> tuple[Any, float, Optional[float]]:
     return found, seconds, peak.extra_mb
 
 
+SEED_KS = (1, 2, 4, 8)
+# N -> (classes, Recall@K): CUB-200-2011's test set, a CARS196-like 20,000, and Stanford Online Products' test
+# set (60,502 images of 11,316 classes, its papers' Recall@1,10,100,1000); quick runs use the small two
+SIZES: dict[int, tuple[int, tuple[int, ...]]] = {1000: (98, SEED_KS), 3000: (100, SEED_KS), 8131: (98, SEED_KS),
+                                                 20000: (200, SEED_KS), 60502: (11316, (1, 10, 100, 1000))}
+NAIVE_UP_TO = 20000  # above, the N x N matrix (14.6 GB at SOP's size) is not built: no naive or previous rows
+LARGE_MEMORY_SHARE = 0.10  # the bound at SOP's size: peak extra memory within 10% of the N x N float32 matrix
+
+
+def ours_and_peer(emb: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...], x: torch.Tensor, depth: int,
+                  device: torch.device, faiss: Any, repeats: int) -> tuple[dict[str, Any], dict, dict]:
+    """Ours and faiss (where loaded) alternately, `repeats` times: each one's result, best seconds and largest
+    peak extra memory, by name ("current", "faiss")."""
+    from benchmarks import knn_peer
+    from tune_upl.metrics import retrieval_metrics
+
+    seconds: dict[str, float] = {}
+    memory: dict[str, Optional[float]] = {}
+    seen: dict[str, Any] = {}
+    methods = {"current": lambda: retrieval_metrics(emb, labels, ks)}
+    if faiss is not None:
+        methods["faiss"] = lambda: knn_peer.search(faiss, x, depth)
+    for _ in range(repeats):
+        for name, method in methods.items():
+            seen[name], took, extra = timed(method, device)
+            seconds[name] = min(seconds.get(name, took), took)
+            memory[name] = extra if memory.get(name) is None else max(memory[name], extra or 0.0)
+    return seen, seconds, memory
+
+
+def large_rows(n: int, classes: int, ks: tuple[int, ...], device: torch.device, faiss: Any,
+               repeats: int) -> list[Row]:
+    """At a size whose N x N matrix does not fit: ours (time, and peak extra memory against the stated bound)
+    beside faiss's flat index at the same depth, and whether faiss's neighbours score as ours."""
+    emb, labels = clustered_embeddings(n, 512, classes, device)
+    depth = neighbour_depth(labels, ks)
+    x = F.normalize(emb.float(), dim=-1).cpu().contiguous()
+    seen, seconds, memory = ours_and_peer(emb, labels, ks, x, depth, device, faiss, repeats)
+    label = f"N = {n:,}, d = 512, {classes:,} classes"
+    matrix_mb = n * n * 4 / 2**20
+    ours = seen["current"]
+    bound = LARGE_MEMORY_SHARE * matrix_mb
+    met = memory["current"] <= bound if memory["current"] is not None else None
+    k_text = ",".join(str(k) for k in ks)
+    rows = [Row("eval", f"time, retrieval_metrics (Recall@{k_text}, MAP@R, R-precision; depth {depth}), {label}",
+                seconds["current"], "s", note=f"best of {repeats}; Recall@1 {ours.recall[1]:.4f}, "
+                f"Recall@{ks[-1]} {ours.recall[ks[-1]]:.4f}, MAP@R {ours.map_at_r:.4f}"),
+            Row("eval", f"peak extra memory, {label}", memory["current"] if memory["current"] is not None else
+                float("nan"), "MB", "the N x N float32 matrix (never built)", matrix_mb,
+                f"<= {LARGE_MEMORY_SHARE:.0%} of the N x N matrix", met)]
+    if faiss is not None:
+        rows += _peer_rows(label, depth, x, labels.cpu(), ks, seconds, memory, seen)
+    return rows
+
+
 def measure(args: argparse.Namespace) -> SuiteResult:
     """Each size: ours and faiss alternately (best of `--repeats`), then the previous and the naive once."""
     from benchmarks import knn_peer
-    from tune_upl.metrics import retrieval_metrics
 
     result = SuiteResult("eval")
     device = torch.device(args.device)
     faiss, loaded = knn_peer.load() if device.type == "cpu" else (None, "faiss-cpu is compared on --device cpu only")
     result.notes.append(loaded)
     repeats = args.repeats or (1 if args.quick else 3)
-    sizes = ((1000, 98), (3000, 100)) if args.quick else ((8131, 98), (20000, 200))
-    ks = (1, 2, 4, 8)
-    for n, classes in sizes:
+    wanted = [int(v) for v in str(args.eval_sizes).split(",")] if args.eval_sizes else []
+    unknown = [n for n in wanted if n not in SIZES]
+    if unknown:
+        raise ValueError(f"--eval-sizes {unknown[0]}: allowed: {', '.join(str(n) for n in SIZES)}")
+    sizes = wanted or ([1000, 3000] if args.quick else [8131, 20000])
+    for n in sizes:
+        classes, ks = SIZES[n]
+        if n > NAIVE_UP_TO:
+            result.rows += large_rows(n, classes, ks, device, faiss, repeats)
+            continue
         emb, labels = clustered_embeddings(n, 512, classes, device)
         depth = neighbour_depth(labels, ks)
         x = F.normalize(emb.float(), dim=-1).cpu().contiguous()
-        seconds: dict[str, float] = {}
-        memory: dict[str, Optional[float]] = {}
-        seen: dict[str, Any] = {}
-        methods = {"current": lambda: retrieval_metrics(emb, labels, ks)}
-        if faiss is not None:
-            methods["faiss"] = lambda: knn_peer.search(faiss, x, depth)
-        for _ in range(repeats):
-            for name, method in methods.items():
-                seen[name], took, extra = timed(method, device)
-                seconds[name] = min(seconds.get(name, took), took)
-                memory[name] = extra if memory.get(name) is None else max(memory[name], extra or 0.0)
+        seen, seconds, memory = ours_and_peer(emb, labels, ks, x, depth, device, faiss, repeats)
         for name, method in (("previous", previous_metrics), ("naive", naive_metrics)):
             seen[name], seconds[name], memory[name] = timed(lambda: method(emb, labels, ks), device)
         equal = seen["current"] == seen["naive"] == seen["previous"]

@@ -26,7 +26,9 @@ import benchmarks
 # suite name -> the module that measures it (imported when the suite runs)
 SUITES: dict[str, str] = {
     "data": "benchmarks.data", "train": "benchmarks.train", "eval": "benchmarks.eval",
-    "overhead": "benchmarks.overhead", "search": "benchmarks.search", "cluster": "benchmarks.cluster",
+    "overhead": "benchmarks.overhead", "search": "benchmarks.search", "warm": "benchmarks.warm",
+    "proxies": "benchmarks.proxies",
+    "cluster": "benchmarks.cluster",
 }
 CPU_SUITES = ("data", "train", "eval")  # what runs without Ray and without a GPU
 DEFAULT_SUITES = (*CPU_SUITES, "overhead", "search")
@@ -150,10 +152,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="data: comma-separated resources.cpu of the trials whose loaders are timed (default 4)")
     parser.add_argument("--repeats", type=int, default=0,
                         help="eval: timed runs of ours and the k-NN peer, the best kept (default 3, quick 1)")
+    parser.add_argument("--eval_sizes", "--eval-sizes", default="",
+                        help="eval: comma-separated N of 1000, 3000, 8131, 20000, 60502 (Stanford Online Products' "
+                             "test set, Recall@1,10,100,1000) (default 8131,20000; quick 1000,3000)")
     parser.add_argument("--threads", type=int, default=0, help="train: torch threads (default: all)")
     parser.add_argument("--cache_dir", "--cache-dir", help="overhead: where the synthetic set is (default: temporary)")
     parser.add_argument("--record", action="store_true",
-                        help="search: train the grid first (the 48-point grid: about 25 minutes here) and write --grid")
+                        help="search: train the grid first (the 48-point grid: about 25 minutes here) and write --grid; "
+                             "warm: train the source grid first (reports/search_grid_source.csv)")
     parser.add_argument("--grid", default=DEFAULT_GRID,
                         help="the recorded grid's CSV (default: the search suite's reports/search_grid_fine.csv, "
                              f"the cluster suite's {DEFAULT_GRID})")

@@ -44,19 +44,23 @@ SEARCH_WITHIN = 0.01  # "within 1 point" of the grid's best Recall@1
 TARGETS = (SEARCH_WITHIN, 0.02)
 
 
-def search_fixed(data_path: str, cache_dir: str) -> dict[str, Any]:
+SEARCH_IMAGE_SIZE = 48  # the recorded grid's crop size (the warm suite's source grid uses another)
+
+
+def search_fixed(data_path: str, cache_dir: str, image_size: int = SEARCH_IMAGE_SIZE) -> dict[str, Any]:
     """The recorded grid's fixed TrialConfig values: the 144-class bird set (72 training classes, half of them
     held out for validation), the tiny backbone at 48 px, protocol val, one thread a trial."""
-    return dict(data_name="cub", data_path=data_path, cache_dir=cache_dir, backbone_type="tiny", image_size=48,
+    return dict(data_name="cub", data_path=data_path, cache_dir=cache_dir, backbone_type="tiny", image_size=image_size,
                 num_epochs=SEARCH_EPOCHS, warm_up=0, batch_size=32, num_workers=0, num_threads=1, device="cpu",
                 protocol="val", val_fraction=0.5)
 
 
-def write_search_dataset(data_path: Path) -> Path:
-    """144 classes (head colour x wing x breast x tail colour), 30 JPEGs each, in the CUB layout."""
+def write_search_dataset(data_path: Path, dataset_seed: int = 0) -> Path:
+    """144 classes (head colour x wing x breast x tail colour), 30 JPEGs each, in the CUB layout; another
+    `dataset_seed` draws other images of the same classes."""
     from tune_upl.synthetic import LARGE_ATTRIBUTES, generate
 
-    return generate(data_path / "cub", 0, SEARCH_IMAGES_PER_CLASS, LARGE_ATTRIBUTES)
+    return generate(data_path / "cub", dataset_seed, SEARCH_IMAGES_PER_CLASS, LARGE_ATTRIBUTES)
 
 
 
@@ -73,10 +77,11 @@ def grid_spec(fixed: dict[str, Any], grid: dict[str, list[Any]], searcher: dict[
     }, name)
 
 
-def record_grid(out: Path, grid: dict[str, list[Any]]) -> Any:
+def record_grid(out: Path, grid: dict[str, list[Any]], dataset_seed: int = 0,
+                image_size: int = SEARCH_IMAGE_SIZE) -> Any:
     """Train every point of `grid` for SEARCH_EPOCHS epochs through Ray Tune with the platform's trainable
-    (`train_trial`, one CPU a trial, two at a time, a Tune grid search) and write each epoch's validation
-    metrics to `out` (CSV)."""
+    (`train_trial`, one CPU a trial, two at a time, a Tune grid search) on the synthetic set of `dataset_seed`
+    at `image_size`, and write each epoch's validation metrics to `out` (CSV)."""
     import pandas as pd
     from ray import tune
 
@@ -86,8 +91,8 @@ def record_grid(out: Path, grid: dict[str, list[Any]]) -> Any:
 
     with tempfile.TemporaryDirectory() as tmp, RaySession():
         data_path = Path(tmp) / "data"
-        write_search_dataset(data_path)
-        fixed = search_fixed(str(data_path), str(Path(tmp) / "cache"))
+        write_search_dataset(data_path, dataset_seed)
+        fixed = search_fixed(str(data_path), str(Path(tmp) / "cache"), image_size)
         prepare_dataset(make_config(fixed), progress=False)
         tuner = tune.Tuner(
             tune.with_resources(train_trial, {"cpu": 1}),
@@ -215,32 +220,40 @@ def reported_order(results: Any) -> list[float]:
     return [float(value) for _, value in sorted(rows)]
 
 
+def replay_spec(sampler: str, seed: int, fixed: dict[str, Any], grid: dict[str, list[Any]], samples: int,
+                concurrent: int, name: str) -> Any:
+    """The spec of a replayed search: `sampler` at `seed`, ASHA with rungs at epochs 1, 2 and 4, one final seed."""
+    spec = grid_spec(fixed, grid, searcher_of(sampler, seed),
+                     {"type": "asha", "grace_period": 1, "reduction_factor": 2}, samples, concurrent, name)
+    return spec.model_copy(update={"final_seeds": 1})
+
+
 def replay_search(sampler: str, telling: str, seed: int, concurrent: int, curves: dict[tuple[str, ...], list[float]],
-                  grid: dict[str, list[Any]], fixed: dict[str, Any], samples: int, storage: Path) -> list[float]:
+                  grid: dict[str, list[Any]], fixed: dict[str, Any], samples: int, storage: Path,
+                  warm: Optional[tuple[str, list[dict[str, Any]]]] = None, name: str = "") -> Any:
     """One real Tune + Optuna + ASHA search against the table, through the platform's own run of its studies
-    (`run_studies`, one study here); returns every epoch's value in the order it was reported."""
+    (`run_studies`, one study here), `warm`: (source, points) queued after its baseline as a warm start
+    queues them; returns Tune's results (`reported_order` reads them)."""
     from ray import tune
 
     from tune_upl.planning import plan_studies
     from tune_upl.search import run_studies
 
-    # ASHA rungs at epochs 1, 2, 4
-    name = f"{sampler}_{telling}_{concurrent}_{seed}"
-    spec = grid_spec(fixed, grid, searcher_of(sampler, seed),
-                     {"type": "asha", "grace_period": 1, "reduction_factor": 2}, samples, concurrent, name)
-    spec = spec.model_copy(update={"final_seeds": 1})
+    name = name or f"{sampler}_{telling}_{concurrent}_{seed}"
+    spec = replay_spec(sampler, seed, fixed, grid, samples, concurrent, name)
     studies = plan_studies(spec, {})
     folder = storage / name
     folder.mkdir(parents=True, exist_ok=True)
     function = tune.with_parameters(replay_trial, curves=curves, names=tuple(grid))
     with told_complete() if telling == "complete" else contextlib.nullcontext(), \
             contextlib.redirect_stdout(io.StringIO()):  # the platform's line per trial, 200 searches of them
-        ran = run_studies(spec, studies, folder, verbose=False, at_once=concurrent, function=function)
+        ran = run_studies(spec, studies, folder, verbose=False, at_once=concurrent, function=function,
+                          warm={studies[0].key: warm} if warm else None)
     results = ran.results
     errors = [r.error for r in results if r.error is not None]
     if errors:
         raise RuntimeError(f"a replay trial failed: {errors[0]}")
-    return reported_order(results)
+    return results
 
 
 def best_so_far(values: list[float], length: int) -> np.ndarray:
@@ -376,8 +389,8 @@ def measure(args: argparse.Namespace) -> SuiteResult:
             for sampler, telling in variants:
                 for seed in seeds:
                     start = time.perf_counter()
-                    values = replay_search(sampler, telling, seed, concurrent, curves, grid, fixed, samples,
-                                           Path(tmp) / "runs")
+                    values = reported_order(replay_search(sampler, telling, seed, concurrent, curves, grid, fixed,
+                                                          samples, Path(tmp) / "runs"))
                     runs.append({"sampler": sampler, "telling": telling, "concurrent": concurrent, "seed": seed,
                                  "spent": {w: epochs_to_reach([values], best - w) for w in TARGETS},
                                  "reached": max(values), "epochs": len(values), "values": values,

@@ -87,3 +87,48 @@ def make_folder(root: Path, names: tuple[str, ...], per_class: int = PER_CLASS) 
             write_image(root / name / f"img_{k}.jpg", c, c * per_class + k)
     (root / names[0] / "notes.txt").write_text("not an image\n")
     return root
+
+
+SOP_SUPER = ("bicycle_final", "chair_final", "lamp_final")
+
+
+def make_sop(root: Path, train_classes: int = 6, test_classes: int = 6, per_class: int = PER_CLASS) -> Path:
+    """Stanford_Online_Products/ as extracted from Stanford_Online_Products.zip: Ebay_train.txt lists the
+    first `train_classes` classes, Ebay_test.txt the rest (a header, then image_id class_id super_class_id
+    path, ids 1-based and restarting in each list), the images in <super class>_final/<product>_<k>.JPG."""
+    top = root / "Stanford_Online_Products"
+    lists = {"Ebay_train.txt": ["image_id class_id super_class_id path"],
+             "Ebay_test.txt": ["image_id class_id super_class_id path"]}
+    index = 0
+    for c in range(1, train_classes + test_classes + 1):
+        name = "Ebay_train.txt" if c <= train_classes else "Ebay_test.txt"
+        sup = (c - 1) % len(SOP_SUPER) + 1
+        for k in range(per_class):
+            rel = f"{SOP_SUPER[sup - 1]}/{111085122800 + c}_{k}.JPG"
+            write_image(top / rel, c, index)
+            index += 1
+            lists[name].append(f"{len(lists[name])} {c} {sup} {rel}")
+    for name, lines in lists.items():
+        (top / name).write_text("\n".join(lines) + "\n")
+    return top
+
+
+def make_inshop(root: Path, train_items: int = 6, test_items: int = 6, per_item: int = PER_CLASS) -> Path:
+    """The In-shop Clothes Retrieval Benchmark's Eval/list_eval_partition.txt (the image count, a header, then
+    image_name item_id evaluation_status, columns padded with spaces as in the official file) and img/
+    (Img/img.zip): the first `train_items` items train; each test item's first half of images are queries,
+    the rest gallery. Item ids are not consecutive (id_00000002, id_00000005, ...), as in the archive."""
+    rows = []
+    index = 0
+    for n in range(train_items + test_items):
+        item = 3 * n + 2
+        for k in range(per_item):
+            rel = f"img/WOMEN/Dresses/id_{item:08d}/{k + 1:02d}_{k % 2 + 1}_{('front', 'side')[k % 2]}.jpg"
+            write_image(root / rel, n + 1, index)
+            index += 1
+            status = "train" if n < train_items else ("query" if k < per_item // 2 else "gallery")
+            rows.append(f"{rel:<60}id_{item:08d}          {status}")
+    (root / "Eval").mkdir(parents=True, exist_ok=True)
+    (root / "Eval" / "list_eval_partition.txt").write_text(
+        "\n".join([str(len(rows)), "image_name item_id evaluation_status", *rows]) + "\n")
+    return root

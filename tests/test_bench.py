@@ -12,7 +12,7 @@ import torch
 
 from experiments import ROOT
 
-from benchmarks import cluster, harness, knn_peer, search
+from benchmarks import cluster, eval as eval_suite, harness, knn_peer, search, warm
 from tune_upl.metrics import top_depth
 from tune_upl.neighbours import cells
 
@@ -30,6 +30,19 @@ def test_top_depth_equals_stable_sort_with_ties(depth):
     noise = torch.rand(30, 40, generator=gen)  # real-valued: ties only within one rounding cell
     expected = torch.sort(cells(noise), dim=1, descending=True, stable=True).indices[:, :depth]
     assert torch.equal(top_depth(noise, depth), expected)
+
+
+@pytest.mark.parametrize("depth", [130, 500, 1000])
+def test_top_depth_on_rows_too_narrow_for_super_blocks_equals_stable_sort(depth):
+    """8,000 columns: 125 super-blocks, so depths 130 to 1,000 bound the row by its 1,000 blocks (SOP's
+    Recall@1000 takes this path on its 60,502 images); real values, and exact ties across the cut."""
+    gen = torch.Generator().manual_seed(depth)
+    noise = torch.rand(16, 8000, generator=gen) * 2 - 1
+    expected = torch.sort(cells(noise), dim=1, descending=True, stable=True).indices[:, :depth]
+    assert torch.equal(top_depth(noise, depth), expected)
+    ties = torch.randint(0, 50, (16, 8000), generator=gen).float() / 64  # ~160 equal values a level
+    expected = torch.sort(cells(ties), dim=1, descending=True, stable=True).indices[:, :depth]
+    assert torch.equal(top_depth(ties, depth), expected)
 
 
 def test_cpu_suites_quick(tmp_path):
@@ -59,6 +72,29 @@ def test_cpu_suites_quick(tmp_path):
     for needle in ("# Performance", "command: python -m benchmarks", "cpu:", "gpu:", "torch ", "| eval |",
                    "| train |", "| data |", "need `--device cuda`"):
         assert needle in text
+
+
+def test_proxies_suite_counts_the_proxies_and_their_adamp_state_at_sops_classes(tmp_path):
+    (result,) = harness.run(["--suite", "proxies", "--quick", "--out", str(tmp_path / "p.md"), "--device", "cpu"])
+    small, large = result.details[("proxy_anchor", 100)], result.details[("proxy_anchor", 11318)]
+    assert large["proxies_mb"] == pytest.approx(11318 * 512 * 4 / 2**20)  # 22.1 MB of float32 proxies
+    assert large["state_mb"] == pytest.approx(2 * large["proxies_mb"], abs=0.01)  # AdamP's two moments
+    assert small["proxies_mb"] == pytest.approx(100 * 512 * 4 / 2**20) and small["seconds"] > 0
+    assert result.rows[1].baseline_value == small["seconds"] and result.rows[1].value == large["seconds"]
+
+
+def test_eval_at_a_size_without_the_n_by_n_matrix_bounds_memory_and_names_the_peer():
+    """The SOP-size rows (`--eval-sizes 60502`), at a small N: ours against the bound and the flat index."""
+    faiss, _ = knn_peer.load()
+    rows = eval_suite.large_rows(3000, 600, (1, 10, 100, 1000), torch.device("cpu"), faiss, 1)
+    time_row, memory_row = rows[:2]
+    assert "depth 1000" in time_row.measure and time_row.value > 0 and "Recall@1000 1.0000" in time_row.note
+    assert memory_row.baseline_value == pytest.approx(3000 * 3000 * 4 / 2**20)
+    assert memory_row.met == (memory_row.value <= 0.10 * memory_row.baseline_value)
+    if faiss is not None:
+        assert "depth 1001" in rows[2].measure and rows[2].baseline_value > 0
+    with pytest.raises(ValueError, match="--eval-sizes 5000: allowed: 1000, 3000, 8131, 20000, 60502"):
+        harness.run(["--suite", "eval", "--eval-sizes", "5000", "--out", "/dev/null"])
 
 
 def test_knn_peer_missing_is_one_line(monkeypatch):
@@ -124,6 +160,28 @@ def test_search_suite_replays_the_committed_grid(ray_session, tmp_path):
     assert len(result.rows) == 2 * (3 + 1) + 1  # per target: a row a sampler, the grid in a random order
     assert result.rows[0].baseline_value == 48 * 6 and 0 < result.rows[3].value <= 288
     assert result.rows[-1].value > 0.05
+
+
+@pytest.mark.slow  # three searches (~25 s in the Ray group); warm starts themselves are tested in test_warm_start
+def test_warm_suite_queues_the_source_searchs_best_after_the_baseline(ray_session, tmp_path):
+    """One seed of the warm suite on the committed grids: the source search's k best completed trials (ranked
+    by their best epoch on the source grid) are what the warm search runs right after its baseline, and the
+    cold and warm searches share that baseline."""
+    source = search.load_grid(Path(warm.SOURCE_CSV), search.FINE_GRID)
+    target = search.load_grid(Path(search.FINE_GRID_CSV), search.FINE_GRID)
+    assert len(source) == 48 and source.keys() == target.keys() and source != target
+    (result,) = harness.run(["--suite", "warm", "--quick", "--out", str(tmp_path / "w.md")])
+    (run,) = result.details["runs"]
+    keys = [search._grid_key(p, search.FINE_GRID) for p in run["points"]]
+    assert len(keys) == warm.K == len(set(keys))
+    assert run["source_best"] == [max(source[k]) for k in keys] == sorted(run["source_best"], reverse=True)
+    assert run["warm"][:search.SEARCH_EPOCHS] == run["cold"][:search.SEARCH_EPOCHS]  # the baseline, 6 epochs
+    assert run["warm"][search.SEARCH_EPOCHS] == target[keys[0]][0]  # then the source's best point
+    assert run["target_ranks"] == [1 + sum(max(c) > max(target[k]) for c in target.values()) for k in keys]
+    for kind in ("cold", "warm"):
+        one, two = (run["spent"][kind][w] for w in search.TARGETS)
+        assert one is None or (two is not None and two <= one <= len(run[kind]))
+    assert -1 <= result.details["rank_agreement"] <= 1 and (tmp_path / "warm_start.png").stat().st_size > 0
 
 
 def test_told_complete_tells_a_stopped_trial_complete_at_its_last_value():

@@ -32,7 +32,7 @@ def test_command_line_strings_are_converted():
         ({"feature_dim": 0}, r"TrialConfig.feature_dim = 0: Input should be greater than or equal to 1"),
         ({"backbone_type": "vgg"}, r"backbone_type = 'vgg': unknown backbone_type 'vgg'; allowed: googlenet, inception, resnet18, resnet50, tiny"),
         ({"loss_name": "x"}, r"allowed: balanced_proxy, normalized_softmax, proxy_anchor, proxy_nca"),
-        ({"data_name": "imagenet"}, r"allowed: car, cub, folder, synthetic"),
+        ({"data_name": "imagenet"}, r"allowed: car, cub, folder, inshop, sop, synthetic"),
         ({"protocol": "test"}, r"protocol = 'test': Input should be 'val' or 'seed'"),
         ({"recalls": "1,1"}, r"recalls.*must not repeat"),
         ({"val_fraction": 1.0}, r"val_fraction = 1.0: Input should be less than 1"),

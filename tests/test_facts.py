@@ -47,7 +47,8 @@ def test_each_dataset_has_a_reader_and_its_facts():
     assert set(archives.DATASETS) == set(facts.DATASETS)
     for name, fmt in archives.DATASETS.items():
         assert fmt.facts is facts.DATASETS[name] and callable(fmt.read) and callable(fmt.locate), name
-    assert [n for n, f in facts.DATASETS.items() if not f.has_boxes] == ["folder"]
+    assert [n for n, f in facts.DATASETS.items() if not f.has_boxes] == ["folder", "inshop", "sop"]
+    assert [n for n, f in facts.DATASETS.items() if f.official_split] == ["inshop", "sop"]
 
 
 def test_config_refuses_names_and_loss_fields_from_the_facts():
@@ -55,7 +56,7 @@ def test_config_refuses_names_and_loss_fields_from_the_facts():
         make_config(backbone_type="resnet51")
     assert str(error.value) == ("TrialConfig.backbone_type = 'resnet51': unknown backbone_type 'resnet51'; allowed: "
                                 "googlenet, inception, resnet18, resnet50, tiny")
-    with pytest.raises(ConfigError, match="unknown data_name 'cars'; allowed: car, cub, folder, synthetic"):
+    with pytest.raises(ConfigError, match="unknown data_name 'cars'; allowed: car, cub, folder, inshop, sop, synthetic"):
         make_config(data_name="cars")
     with pytest.raises(ConfigError, match="loss_name proxy_nca has no margin; the losses that take it: balanced_proxy, "
                                           "proxy_anchor"):

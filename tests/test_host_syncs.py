@@ -37,3 +37,12 @@ def test_fp16_makes_one_sync_a_step_the_grad_scalers_found_inf():
     assert run.scaler is not None
     counts = [step_syncs(run, images, labels).ops for _ in range(2)]
     assert counts == [["aten._local_scalar_dense.default"]] * 2
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_a_step_with_stanford_online_products_11318_proxies_makes_no_host_sync(loss):
+    """SOP's 11,318 training classes: a proxy per class, a batch touching a handful of them (the losses' paths
+    for proxies without a positive in the batch are the ones that could read a count on the host)."""
+    run, images, labels = step_run("tiny", loss, "adamp", batch=8, num_classes=11318)
+    assert run.model.head.proxies.shape[0] == 11318
+    assert (step_syncs(run, images, labels).ops, step_syncs(run, images, labels).ops) == ([], [])

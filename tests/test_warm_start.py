@@ -57,6 +57,12 @@ def test_a_study_takes_the_k_best_completed_trials_of_the_matching_study_on_its_
     assert pick("s", trials, epochs, car, "val_recall@1", "max", 1).trials == ["a"]
     sop = Study("data_name=sop", {"data_name": "sop"}, {**BASE, "data_name": "sop"}, SPACE)
     assert pick("s", trials, epochs, sop, "val_recall@1", "max", 1).source == "s/data_name=car"
+    # a sampler repeated c's values in g (its best epoch 0.68, second best overall): passed over for b
+    repeat = ("g", "data_name=cub", COMPLETED, _config("data_name=cub", lr=3e-3, scale=32, margin=0.2), [0.68])
+    trials, epochs = _source([*[(r["trial"], r["study"], r["state"], r["_config"], list(
+        epochs.loc[epochs["trial"] == r["trial"], "val_recall@1"])) for r in trials.to_dict("records")], repeat])
+    again = pick("cub_search", trials, epochs, study, "val_recall@1", "max", 2)
+    assert again.trials == ["c", "b"] and again.objectives == [0.7, 0.6]
 
 
 def test_values_outside_the_new_space_are_dropped_and_a_failing_when_takes_none():

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import pandas as pd
 
 from tune_upl.comparisons import Interval, pareto_front, welch_interval
-from tune_upl.loss_axes import DEFAULT_CELL, PROXY_ANCHOR_CELL
+from tune_upl.loss_axes import DEFAULT_CELL
 from tune_upl.results import ExperimentData, FinalResult
 
 UNIFIED = "balanced_proxy"  # the loss whose two axes (tune_upl.loss_axes) make the ablation's cells

@@ -8,12 +8,21 @@ One `DatasetFormat` per name in `DATASETS`, beside the dataset's facts (`facts.D
   height), `classes.txt`, `train_test_split.txt`, `images/`.
 - `car`: CARS196 in `<data_path>/car`: `car_ims/` and `cars_annos.mat`, whose variable `annotations`
   is a 1xN struct array (relative_im_path, bbox_x1, bbox_y1, bbox_x2, bbox_y2, class, test).
+- `sop`: Stanford Online Products as extracted from Stanford_Online_Products.zip into `<data_path>/sop`
+  (also one level down in `Stanford_Online_Products/`, or `<data_path>/Stanford_Online_Products` as the
+  Proxy-Anchor code reads it): `Ebay_train.txt` and `Ebay_test.txt` (a header, then `image_id class_id
+  super_class_id path`), the images under their paths. The lists are the split: 11,318 classes train, 11,316 test.
+- `inshop`: DeepFashion's In-Shop Clothes Retrieval Benchmark in `<data_path>/inshop` (or
+  `<data_path>/Inshop_Clothes`, the Proxy-Anchor code's name): `Eval/list_eval_partition.txt` (the image
+  count, a header, then `image_name item_id evaluation_status`), and the images under their names
+  (`img/...`, from Img/img.zip). The status is the split: train, and the test items' query and gallery images.
 - `folder`: an ImageFolder-style tree `<data_path>/<class name>/<image>`; class ids follow the
   sorted class names.
 - `synthetic`: the embedded generator's output, in the CUB layout, under `cache_dir`.
 
-Only the class ids matter for the split (`split_halves`); the archives' own train/test flags are
-ignored, as in the seed. Reading images into the cache is `tune_upl.prepare`'s concern.
+CUB-200-2011, CARS196, folders and the synthetic set split by class id (`split_halves`): the archives' own
+train/test flags are ignored, as in the seed. SOP and In-Shop keep their official partitions (each image's
+`split`), as every paper reporting them does. Reading images into the cache is `tune_upl.prepare`'s concern.
 """
 from __future__ import annotations
 
@@ -44,6 +53,7 @@ class SourceImage:
     name: str  # path relative to the dataset root: the manifest's `image` column
     class_id: int  # the dataset's own 1-based label
     box: Optional[Box]  # the object's bounding box, when the format has one
+    split: str = ""  # the archive's own partition (train, test, query, gallery); "": the class halves
 
 
 @dataclass(frozen=True)
@@ -209,6 +219,107 @@ def read_cars_annos(root: Path) -> list[SourceImage]:
     return images
 
 
+# ---------------------------------------------------------------- Stanford Online Products
+SOP_FILES = ("Ebay_train.txt", "Ebay_test.txt")
+SOP_HEADER = ["image_id", "class_id", "super_class_id", "path"]
+
+
+def _sop_roots(cfg: "TrialConfig") -> list[Path]:
+    base = Path(cfg.data_path).expanduser()
+    return [base / "sop", base / "sop" / "Stanford_Online_Products", base / "Stanford_Online_Products"]
+
+
+def sop_identity(cfg: "TrialConfig") -> Path:
+    return (Path(cfg.data_path).expanduser() / "sop").resolve()
+
+
+def locate_sop(cfg: "TrialConfig") -> Path:
+    return _first_with(_sop_roots(cfg), SOP_FILES[0], "Stanford Online Products",
+                       "extract Stanford_Online_Products.zip into")
+
+
+def sop_fingerprint(root: Path) -> list[Any]:
+    return file_stats(root, SOP_FILES)
+
+
+def read_sop(root: Path) -> list[SourceImage]:
+    """Both lists in file order, each image's split the list it is in."""
+    images = []
+    for name, split in zip(SOP_FILES, ("train", "test")):
+        lines = _lines(root / name)
+        if not lines or lines[0][1].split() != SOP_HEADER:
+            raise DatasetError(f"{root / name} line 1: expected the header {' '.join(SOP_HEADER)!r}")
+        for number, line in lines[1:]:
+            parts = line.split()
+            if len(parts) != 4 or not all(v.isdigit() for v in parts[:3]):
+                raise DatasetError(f"{root / name} line {number}: expected image_id class_id super_class_id path, "
+                                   f"got {line!r}")
+            images.append(SourceImage(parts[3], int(parts[1]), None, split))
+    return images
+
+
+# ---------------------------------------------------------------- In-Shop Clothes
+INSHOP_PARTITION = "Eval/list_eval_partition.txt"
+INSHOP_HEADER = ["image_name", "item_id", "evaluation_status"]
+INSHOP_SPLITS = ("train", "query", "gallery")
+
+
+def _inshop_roots(cfg: "TrialConfig") -> list[Path]:
+    base = Path(cfg.data_path).expanduser()
+    return [base / "inshop", base / "Inshop_Clothes"]
+
+
+def inshop_identity(cfg: "TrialConfig") -> Path:
+    return (Path(cfg.data_path).expanduser() / "inshop").resolve()
+
+
+def locate_inshop(cfg: "TrialConfig") -> Path:
+    return _first_with(_inshop_roots(cfg), INSHOP_PARTITION, "In-Shop Clothes",
+                       "extract Img/img.zip and Eval/list_eval_partition.txt of the In-shop Clothes Retrieval "
+                       "Benchmark into")
+
+
+def inshop_fingerprint(root: Path) -> list[Any]:
+    return file_stats(root, (INSHOP_PARTITION,))
+
+
+def read_inshop(root: Path) -> list[SourceImage]:
+    """The partition in file order; an item id `id_00000123` is class 123."""
+    path = root / INSHOP_PARTITION
+    lines = _lines(path)
+    if len(lines) < 2 or not lines[0][1].strip().isdigit() or lines[1][1].split() != INSHOP_HEADER:
+        raise DatasetError(f"{path}: expected the image count on line 1 and the header "
+                           f"{' '.join(INSHOP_HEADER)!r} on line 2")
+    images = []
+    for number, line in lines[2:]:
+        parts = line.split()
+        item = parts[1].removeprefix("id_") if len(parts) == 3 else ""
+        if not item.isdigit() or parts[2] not in INSHOP_SPLITS:
+            raise DatasetError(f"{path} line {number}: expected image_name item_id (id_NNNNNNNN) and one of "
+                               f"{', '.join(INSHOP_SPLITS)}, got {line!r}")
+        images.append(SourceImage(parts[0], int(item), None, parts[2]))
+    if int(lines[0][1]) != len(images):
+        raise DatasetError(f"{path}: line 1 counts {int(lines[0][1])} images, the file lists {len(images)}; "
+                           "the file is damaged or cut short")
+    return images
+
+
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, line) of the non-blank lines of an annotation file."""
+    if not path.is_file():
+        raise DatasetError(f"missing {path}: the dataset is not complete (or only half-extracted)")
+    return [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+
+
+def _first_with(roots: list[Path], marker: str, name: str, how: str) -> Path:
+    """The first of `roots` holding `marker`, or one error listing where it was looked for."""
+    for root in roots:
+        if (root / marker).is_file():
+            return root.resolve()
+    raise DatasetError(f"{name} not found: expected {' or '.join(str(r / marker) for r in roots)}; {how} "
+                       f"{roots[0]} or set --data_path")
+
+
 # ---------------------------------------------------------------- image folders
 def folder_identity(cfg: "TrialConfig") -> Path:
     return Path(cfg.data_path).expanduser().resolve()
@@ -274,6 +385,8 @@ DATASETS: dict[str, DatasetFormat] = {
     "car": DatasetFormat(car_identity, locate_car, car_fingerprint, read_cars_annos, DATASET_FACTS["car"]),
     "cub": DatasetFormat(cub_identity, locate_cub, cub_fingerprint, read_cub_layout, DATASET_FACTS["cub"]),
     "folder": DatasetFormat(folder_identity, locate_folder, folder_fingerprint, read_folder, DATASET_FACTS["folder"]),
+    "inshop": DatasetFormat(inshop_identity, locate_inshop, inshop_fingerprint, read_inshop, DATASET_FACTS["inshop"]),
+    "sop": DatasetFormat(sop_identity, locate_sop, sop_fingerprint, read_sop, DATASET_FACTS["sop"]),
     "synthetic": DatasetFormat(synthetic_identity, locate_synthetic, cub_fingerprint, read_cub_layout,
                                DATASET_FACTS["synthetic"]),
 }

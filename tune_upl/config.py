@@ -15,7 +15,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 from pydantic.dataclasses import dataclass
 from typing_extensions import Annotated
 from tune_upl.errors import ConfigError
-from tune_upl.facts import BACKBONES, DATASETS, LOSS_PARAMETERS
+from tune_upl.facts import BACKBONES, DATASETS, LOSS_PARAMETERS, standard_recalls
 from tune_upl.loss_axes import Aggregation, Anchor
 
 Protocol = Literal["val", "seed"]
@@ -62,8 +62,8 @@ class TrialConfig:
     )] = "/home/data"
     data_name: Annotated[str, Field(
         description=(
-            "dataset: car, cub, folder (a tree <class>/<image>), or synthetic (embedded, generated into "
-            "cache_dir)"
+            "dataset: car, cub, sop (Stanford Online Products), inshop (In-Shop Clothes), folder (a tree "
+            "<class>/<image>), or synthetic (embedded, generated into cache_dir)"
         ),
     )] = "car"
     backbone_type: Annotated[str, Field(
@@ -86,8 +86,10 @@ class TrialConfig:
         description="epochs at the start with the backbone frozen (seed default 2)",
     )] = 2
     recalls: Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(
-        description="Recall@K values to report, comma-separated (seed default 1,2,4,8)",
-    )] = (1, 2, 4, 8)
+        description="Recall@K values to report, comma-separated; empty (the default): the dataset's standard "
+                    "columns, 1,2,4,8 (the seed's) for car, cub, folder and synthetic, 1,10,100,1000 for sop, "
+                    "1,10,20,30,40,50 for inshop",
+    )] = ()
     # --- optimiser and loss (seed recipe: AdamP, StepLR(5, 0.5), scale 32, margin 0.1) ---
     optimizer: Annotated[Literal["adamp", "adamw", "sgd"], Field(
         description="adamp (seed; tune_upl.optim.AdamP, the package's update without host syncs), adamw or sgd "
@@ -242,8 +244,6 @@ class TrialConfig:
     @field_validator("recalls")
     @classmethod
     def _check_recalls(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if not value:
-            raise ValueError("must list at least one k, e.g. 1,2,4,8")
         if len(set(value)) != len(value):
             raise ValueError("must not repeat a k")
         return tuple(sorted(value))
@@ -283,6 +283,8 @@ class TrialConfig:
     def _check_combination(self) -> "TrialConfig":
         if self.final and self.protocol != "val":
             raise ValueError("final=true belongs to protocol val (protocol seed has no final stage)")
+        if not self.recalls:  # the dataset's standard columns, stored: every reader sees the same ks
+            object.__setattr__(self, "recalls", standard_recalls(self.data_name))
         if self.warm_up > self.num_epochs:
             raise ValueError(
                 f"warm_up={self.warm_up} exceeds num_epochs={self.num_epochs}: the backbone would never train"

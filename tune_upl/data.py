@@ -41,6 +41,7 @@ class Record:
     offset: int = 0
     height: int = 0
     width: int = 0
+    split: str = ""  # the manifest's split: train, test, or In-Shop's query and gallery ("": by class halves)
 
 
 def load_records(cfg: TrialConfig) -> list[Record]:
@@ -51,12 +52,14 @@ def load_records(cfg: TrialConfig) -> list[Record]:
         warnings.warn(f"cache_size {cfg.cache_size} is below the test resize {test_size} of image_size "
                       f"{cfg.image_size}: cached images are enlarged; prepare with --cache_size {test_size}")
     pixels = entry / PIXELS_FILE
-    return [Record(source / r.image, r.class_id, pixels, r.offset, r.height, r.width) for r in rows]
+    return [Record(source / r.image, r.class_id, pixels, r.offset, r.height, r.width, r.split) for r in rows]
 
 
 # ---------------------------------------------------------------- class splits
 class SplitManager:
-    """Class-disjoint splits: first half of the classes train, second half test (as the seed).
+    """Class-disjoint splits: the prepared split of each image (the first half of the classes train, the
+    second half test, as the seed; SOP's and In-Shop's official partitions), or the class halves for records
+    without one.
 
     Under protocol `val` a deterministic `round(val_fraction * n_train)` (at least 2) of the training
     classes validate; under `seed` all training classes train and there is no validation split.
@@ -68,7 +71,11 @@ class SplitManager:
         self.protocol = protocol
         classes = sorted({r.class_id for r in self.records})
         check_class_count(classes, "the prepared records")
-        train_all, self.test_classes = split_halves(classes)
+        if all(r.split for r in self.records):
+            train_all = sorted({r.class_id for r in self.records if r.split == "train"})
+            self.test_classes = sorted({r.class_id for r in self.records if r.split != "train"})
+        else:
+            train_all, self.test_classes = split_halves(classes)
         if protocol == "val":
             n_val = max(2, round(val_fraction * len(train_all)))
             if n_val >= len(train_all):

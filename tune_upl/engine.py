@@ -127,6 +127,9 @@ class Run:
     channels_last: bool = False
     forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # the (compiled) training forward
     test_database: Optional[dict[str, Any]] = None  # a final run's test embeddings, labels and image paths
+    # In-Shop's test split: the positions of its queries and of its gallery in the evaluated split (on the
+    # run's device); None: every image is a query against all others
+    query_gallery: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     fault_dir: Optional[Path] = None  # where injected faults are counted (the trial's folder under Tune)
     epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
@@ -220,7 +223,30 @@ def build_run(cfg: TrialConfig, gpu_share: float = 0.0) -> Run:
     run = build_training(cfg, device, splits, train_set.num_classes, make_loader(train_set, cfg, train=True),
                          make_loader(eval_set, cfg, train=False), eval_split)
     run.memory_cap = cap
+    run.query_gallery = query_gallery(eval_set.records, device)
     return run
+
+
+def query_gallery(records: list[Any], device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Index tensors of the query and gallery images of an evaluated split, or None for a split without
+    those roles. Indices, not masks: selecting with them on a GPU does not wait for the host."""
+    roles = [r.split for r in records]
+    if "query" not in roles:
+        return None
+    queries = [i for i, role in enumerate(roles) if role == "query"]
+    gallery = [i for i, role in enumerate(roles) if role == "gallery"]
+    return torch.tensor(queries, device=device), torch.tensor(gallery, device=device)
+
+
+def score(embeddings: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...], prefix: str,
+          roles: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict[str, float]:
+    """The split's retrieval metrics named `<prefix>_...`: every image against all others, or with `roles`
+    (In-Shop's test split) each query against the gallery only."""
+    if roles is None:
+        return retrieval_metrics(embeddings, labels, ks).as_metrics(prefix)
+    queries, gallery = roles
+    return retrieval_metrics(embeddings[queries], labels[queries], ks, references=embeddings[gallery],
+                             reference_labels=labels[gallery]).as_metrics(prefix)
 
 
 def build_training(cfg: TrialConfig, device: torch.device, splits: Optional[SplitManager], num_classes: int,
@@ -278,7 +304,7 @@ def embed(run: Run, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
 def evaluate(run: Run, loader: DataLoader, prefix: str) -> dict[str, float]:
     """Recall@K, MAP@R and R-precision of a split, named `<prefix>_recall@K`, `<prefix>_map@r`, ..."""
     embeddings, labels = embed(run, loader)
-    return retrieval_metrics(embeddings, labels, run.cfg.recalls).as_metrics(prefix)
+    return score(embeddings, labels, run.cfg.recalls, prefix, query_gallery(loader.dataset.records, run.device))
 
 
 def _step(run: Run, images: torch.Tensor, labels: torch.Tensor, poison: bool = False) -> torch.Tensor:
@@ -332,7 +358,7 @@ def train_epoch(run: Run) -> dict[str, float]:
     metrics = {}
     if not cfg.final or last:
         embeddings, labels = embed(run, run.eval_loader)
-        metrics = retrieval_metrics(embeddings, labels, cfg.recalls).as_metrics(run.metric_prefix)
+        metrics = score(embeddings, labels, cfg.recalls, run.metric_prefix, run.query_gallery)
         if run.eval_split == "test":  # kept with the final (or, under seed, selected) model: its picture and `retrieve`
             paths = [str(r.path) for r in run.eval_loader.dataset.records]
             run.test_database = {"embeddings": embeddings.cpu(), "labels": labels.cpu(), "paths": paths}

@@ -84,19 +84,34 @@ LOSS_PARAMETERS: dict[str, tuple[str, ...]] = {
 
 
 # ---------------------------------------------------------------- datasets
+SEED_RECALLS = (1, 2, 4, 8)  # the seed's --recalls: the columns of the CUB-200-2011 and CARS196 tables
+
+
 @dataclass(frozen=True)
 class DatasetFacts:
-    """A dataset's name in reports, and whether its annotations carry bounding boxes (what `crop: cropped`
-    needs)."""
+    """A dataset's name in reports, whether its annotations carry bounding boxes (what `crop: cropped`
+    needs), the Recall@K columns its papers report (`recalls` when a config leaves it empty), and whether its
+    archive fixes the split (SOP's and In-Shop's official partitions) instead of the seed's class halves."""
 
     display: str
     has_boxes: bool
+    recalls: tuple[int, ...] = SEED_RECALLS
+    official_split: bool = False
 
 
 DATASETS: dict[str, DatasetFacts] = {
     "car": DatasetFacts("CARS196", has_boxes=True),
     "cub": DatasetFacts("CUB200-2011", has_boxes=True),
     "folder": DatasetFacts("image folder", has_boxes=False),
+    "inshop": DatasetFacts("In-Shop Clothes", has_boxes=False, recalls=(1, 10, 20, 30, 40, 50), official_split=True),
+    "sop": DatasetFacts("Stanford Online Products", has_boxes=False, recalls=(1, 10, 100, 1000), official_split=True),
     "synthetic": DatasetFacts("synthetic", has_boxes=True),
 }
 
+
+def standard_recalls(data_name: str, recalls: "tuple[int, ...] | list[int]" = ()) -> tuple[int, ...]:
+    """The Recall@K values a run reports: `recalls` when given, else its dataset's standard columns."""
+    if recalls:
+        return tuple(recalls)
+    facts = DATASETS.get(data_name)
+    return facts.recalls if facts is not None else SEED_RECALLS

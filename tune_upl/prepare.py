@@ -44,6 +44,9 @@ MANIFEST_COLUMNS = ("image", "class", "split", "x", "y", "width", "height", "cac
 # the TrialConfig fields that pick a prepared entry (the options of the prepare command)
 DATA_FIELDS = ("data_name", "data_path", "crop", "cache_size", "cache_dir", "dataset_seed")
 IMAGES_PER_WORKER = 1000  # below this many images per process, starting a worker costs more than it saves
+# Up to this share of unreadable images is skipped and listed (a large archive may hold a damaged file); more
+# means the archive is not fully extracted or not this dataset, and preparing stops, listing them all.
+MAX_DAMAGED_SHARE = 0.05
 
 Job = tuple[str, Optional[Box], int]  # (image file, box to crop or None, cache_size)
 
@@ -72,12 +75,15 @@ class Prepared:
     test_classes: int
     built: bool  # False: it was prepared already
     seconds: float
+    skipped: tuple[str, ...] = ()  # damaged images left out (each with why), as listed in prepared.json
 
     def summary(self, cfg: TrialConfig) -> str:
         what = "prepared" if self.built else "already prepared"
         took = f" in {self.seconds:.1f} s" if self.built else ""
+        skipped = (f"; {len(self.skipped)} damaged image(s) left out, listed in {self.entry / MARKER_FILE}"
+                   if self.skipped else "")
         return (f"{what} {cfg.data_name} ({cfg.crop}, shorter side <= {cfg.cache_size} px): {self.images} images, "
-                f"{self.train_classes} train + {self.test_classes} test classes{took}; cache {self.entry}")
+                f"{self.train_classes} train + {self.test_classes} test classes{took}; cache {self.entry}{skipped}")
 
 
 # ---------------------------------------------------------------- where an entry lives
@@ -188,11 +194,32 @@ def _map(jobs: list[Job], workers: int) -> Iterator[Union[np.ndarray, str]]:
 
 
 # ---------------------------------------------------------------- building an entry
+def image_splits(images: list[SourceImage]) -> list[str]:
+    """Each image's split: the archive's own partition (SOP, In-Shop), else the seed's class halves."""
+    if images and all(im.split for im in images):
+        return [im.split for im in images]
+    train = set(split_halves([im.class_id for im in images])[0])
+    return ["train" if im.class_id in train else "test" for im in images]
+
+
+def split_counts(written: list[tuple[SourceImage, str]]) -> dict[str, Any]:
+    """Training and test classes (a test class has test, query or gallery images), and images per split."""
+    splits = [s for _, s in written]
+    train = {im.class_id for im, s in written if s == "train"}
+    test = {im.class_id for im, s in written if s != "train"}
+    if train & test:
+        raise DatasetError(f"{len(train & test)} classes have both training and test images (e.g. class "
+                           f"{min(train & test)}); allowed: class-disjoint partitions")
+    per_split = {s: splits.count(s) for s in sorted(set(splits))}
+    return {"train_classes": len(train), "test_classes": len(test), "split_images": per_split}
+
+
 def write_cache(folder: Path, source: Path, images: list[SourceImage], crop: str, size: int,
-                workers: int, progress: bool, label: str) -> int:
-    """Fill `folder` with pixels and manifest; every unreadable image is listed in one DatasetError."""
-    train, _ = split_halves([im.class_id for im in images])
-    train_set = set(train)
+                workers: int, progress: bool, label: str) -> tuple[int, list[tuple[SourceImage, str]], list[str]]:
+    """Fill `folder` with pixels and manifest; returns (bytes, each image written with its split, the damaged
+    images left out, each with why). More than MAX_DAMAGED_SHARE unreadable: one DatasetError listing every one."""
+    splits = image_splits(images)
+    written: list[tuple[SourceImage, str]] = []
     jobs = [(str(source / im.name), im.box if crop == "cropped" else None, size) for im in images]
     failures: list[str] = []
     offset = 0
@@ -201,22 +228,24 @@ def write_cache(folder: Path, source: Path, images: list[SourceImage], crop: str
                  file=sys.stderr, mininterval=0.5) as bar:
         rows = csv.writer(manifest, delimiter="\t", lineterminator="\n")
         rows.writerow(MANIFEST_COLUMNS)
-        for image, result in zip(images, _map(jobs, workers)):
+        for image, split, result in zip(images, splits, _map(jobs, workers)):
             bar.update()
             if isinstance(result, str):
                 failures.append(result)
                 continue
             pixels.write(result.tobytes())
             box = [f"{v:g}" for v in image.box] if image.box else ["", "", "", ""]
-            split = "train" if image.class_id in train_set else "test"
             rows.writerow([image.name, image.class_id, split, *box, result.shape[0], result.shape[1], offset])
             offset += result.nbytes
-    if failures:
+            written.append((image, split))
+    if len(failures) > MAX_DAMAGED_SHARE * len(images):
         raise DatasetError(
-            f"{len(failures)} of {len(images)} images cannot be read; fix or remove them, then prepare again:\n  "
-            + "\n  ".join(failures)
+            f"{len(failures)} of {len(images)} images cannot be read (more than {MAX_DAMAGED_SHARE:.0%}: is the "
+            "archive fully extracted?); fix or remove them, then prepare again:\n  " + "\n  ".join(failures)
         )
-    return offset
+    for failure in failures:
+        print(f"warning: left out a damaged image: {failure}", file=sys.stderr, flush=True)
+    return offset, written, failures
 
 
 def prepare_dataset(cfg: TrialConfig, workers: Optional[int] = None, progress: bool = True) -> Prepared:
@@ -254,11 +283,13 @@ def prepare_dataset(cfg: TrialConfig, workers: Optional[int] = None, progress: b
         if cfg.crop == "cropped" and any(im.box is None for im in images):
             raise DatasetError(f"{source}: crop cropped needs a bounding box for every image "
                                "(bounding_boxes.txt); allowed: crop uncropped")
+        split_counts(list(zip(images, image_splits(images))))  # a partition mixing classes fails before decoding
         n_workers = workers if workers is not None else min(available_cpus(), len(images) // IMAGES_PER_WORKER)
-        nbytes = write_cache(folder, source, images, cfg.crop, cfg.cache_size, n_workers, progress, cfg.data_name)
-        train, test = split_halves([im.class_id for im in images])
-        return json.dumps({"key": key, "images": len(images), "train_classes": len(train),
-                           "test_classes": len(test), "pixel_bytes": nbytes,
+        nbytes, written, skipped = write_cache(folder, source, images, cfg.crop, cfg.cache_size, n_workers, progress,
+                                               cfg.data_name)
+        check_class_count([im.class_id for im, _ in written], str(source))
+        return json.dumps({"key": key, "images": len(written), **split_counts(written),
+                           "skipped": skipped, "pixel_bytes": nbytes,
                            "seconds": round(time.perf_counter() - start, 2)}, indent=1) + "\n"
 
     root, built = build_once(entry.parent, entry.name, build, MARKER_FILE, is_current)
@@ -271,7 +302,7 @@ def _prepared(entry: Path, built: bool, start: float) -> Prepared:
     classes = marker["train_classes"] + marker["test_classes"]  # an entry prepared before the class check
     check_class_count(range(classes), marker["key"]["source"])
     return Prepared(entry, Path(marker["key"]["source"]), marker["images"], marker["train_classes"],
-                    marker["test_classes"], built, time.perf_counter() - start)
+                    marker["test_classes"], built, time.perf_counter() - start, tuple(marker.get("skipped", ())))
 
 
 # ---------------------------------------------------------------- reading an entry

@@ -31,7 +31,7 @@ from tune_upl.ablation import (
     trial_points,
 )
 from tune_upl.comparisons import Paired, method_gains, paired_interval
-from tune_upl.facts import BACKBONES, DATASETS
+from tune_upl.facts import BACKBONES, DATASETS, standard_recalls
 from tune_upl.loss_axes import AGGREGATIONS, ANCHORS, DEFAULT_CELL, PROXY_ANCHOR_CELL
 from tune_upl.importance import (
     MEANINGFUL_TRIALS, MIN_TOP_TRIALS, TARGET_QUANTILE, Importance, importances, told_study,
@@ -80,7 +80,8 @@ def _hours(hours: float) -> str:
 
 
 def _table(rows: list[dict[str, Any]], align: str = "center") -> str:
-    return pd.DataFrame(rows).to_markdown(index=False, colalign=[align] * len(rows[0]), disable_numparse=True)
+    frame = pd.DataFrame(rows).fillna("-")  # a row without a column (a k a source does not publish) shows "-"
+    return frame.to_markdown(index=False, colalign=[align] * len(frame.columns), disable_numparse=True)
 
 
 def _shown_path(path: Path) -> str:
@@ -122,8 +123,8 @@ def benchmark_tables(data: ExperimentData, refs: References, storage: Optional[s
     if not tested:
         return ["No selection has been tested yet (the search or its final stage is still running, or was "
                 f"interrupted: `{resume_hint(data, storage)}`).", ""]
-    ks = tuple(data.finals[0].config["recalls"])
     for data_name, finals in sorted(tested.items()):
+        ks = standard_recalls(data_name, finals[0].config.get("recalls") or ())  # each dataset's own columns
         selected = any(f.test_selected for f in finals)
         shown = data_display(data_name)
         lines += [f"### {shown}" + (f" (`{data_name}`)" if shown != data_name else ""), ""]
@@ -699,9 +700,13 @@ def references_section(refs: References) -> list[str]:
              "epoch on the test classes.", ""]
     for source in refs.sources.values():
         lines.append(f"- **{source.label}**: {source.title}. {source.where}. {source.note}")
-    rows = [{"source": refs.sources[r.source].label, "data": r.data, "backbone": r.backbone, "loss": r.loss,
-             "dim": r.dim, **{f"R@{k}": f"{v:.1f}" for k, v in r.recall.items()}} for r in refs.results]
-    return lines + ["", _table(rows, "left"), ""]
+    lines.append("")
+    for data_name in sorted({r.data for r in refs.results}):  # a table per dataset: each has its own Recall@K
+        rows = [{"source": refs.sources[r.source].label, "data": r.data, "backbone": r.backbone, "loss": r.loss,
+                 "dim": r.dim, **{f"R@{k}": f"{v:.1f}" for k, v in r.recall.items()}}
+                for r in refs.results if r.data == data_name]
+        lines += [_table(rows, "left"), ""]
+    return lines
 
 
 # ---------------------------------------------------------------- the whole report

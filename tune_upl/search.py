@@ -80,6 +80,10 @@ class TrialLines(tune.Callback):
         self.said = set(state.get("said", ()))
 
     def _say_decisions(self) -> None:
+        """Not once a stop signal came: Tune may still step before it stops, and a decision said then would
+        read as made after the signal; the resumed run says it (the said set is saved without it)."""
+        if signals.stopping():
+            return
         selections, failed = self.searcher.decisions()
         for key, reason in failed.items():
             if key not in self.said:

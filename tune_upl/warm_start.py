@@ -86,7 +86,8 @@ def pick(name: str, trials: pd.DataFrame, epochs: pd.DataFrame, study: Study, me
     """Study `study`'s warm start from a finished experiment's search trials (`results.trial_rows` and its
     epochs): the source study of the same loss and backbone (one on the same dataset first, else the first by
     key), its `k` best completed trials by their best epoch on `metric`, and their values for the fields
-    `study` searches."""
+    `study` searches; a trial whose values repeat a better one's is passed over (running a point twice
+    teaches the sampler nothing)."""
     where = f"warm_start.experiment = {name!r}"
     want = ", ".join(f"{n} {_wanted(study, n)}" for n in MATCHED)
     rows = [] if trials.empty else [r for r in trials.to_dict("records") if all(_fits(study, n, r["_config"].get(n))
@@ -110,8 +111,12 @@ def pick(name: str, trials: pd.DataFrame, epochs: pd.DataFrame, study: Study, me
                         f"{want} has completed trials")
     ranked.sort(key=lambda item: item[:2])
     start = StudyStart(f"{name}/{chosen}", metric, [], [], [], [])
-    for _, _, row, best in ranked[:k]:
+    for _, _, row, best in ranked:
+        if len(start.points) == k:
+            break
         point, dropped = searched_values(study, row["_config"])
+        if point in start.points:  # a sampler may repeat a configuration: running it twice teaches nothing
+            continue
         start.trials.append(str(row["trial"]))
         start.objectives.append(float(best))
         start.points.append(point)
