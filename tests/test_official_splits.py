@@ -148,3 +148,28 @@ def test_one_trial_search_reports_the_datasets_own_recall_columns(ray_session, d
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in report.splitlines() if line.startswith("|")]
     header = next(row for row in rows if row[:3] == ["Backbone", "Loss", "Dim"])
     assert header[3:3 + len(columns) + 1] == [*(f"R@{k}" for k in columns), "Runs"], header
+
+
+def test_an_objective_the_datasets_recall_columns_lack_is_refused_before_ray(tmp_path):
+    """SOP reports Recall@1,10,100,1000: a spec selecting on val_recall@2 there would never see its objective.
+    `--dry-run` (no Ray) refuses it in one line, exit 2; naming recalls under fixed makes it valid."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    spec = {"name": "sop-r2", "objective": {"metric": "val_recall@2"}, "fixed": {"data_name": "sop"},
+            "space": {"lr": {"loguniform": [1.0e-4, 1.0e-2]}}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "run_search.py", "--space", str(path), "--dry-run"], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.strip() == ("error: objective.metric = 'val_recall@2': study main reports Recall@1,10,100,1000 "
+                                  "(data_name sop's Recall@K columns); allowed: one of those, or recalls under fixed "
+                                  "including 2")
+    path.write_text(yaml.safe_dump({**spec, "fixed": {"data_name": "sop", "recalls": "1,2,10"}}))
+    fine = subprocess.run([sys.executable, "run_search.py", "--space", str(path), "--dry-run"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert fine.returncode == 0 and "study main" not in fine.stderr, fine.stderr

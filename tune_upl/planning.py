@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -86,6 +87,10 @@ def plan_studies(spec: SearchSpec, overrides: dict[str, Any], paths: Paths = Pat
             raise SpecError(problem)
         base.update(checkpoint_plan(spec, base, space, {**spec.fixed, **point, **overrides}))
         cfg = make_config(base)  # every study's fixed part must be a valid config on its own
+        problem = objective_problem(spec.objective.metric, cfg, study_key(point), "recalls" in space,
+                                    bool(base.get("recalls")))
+        if problem:  # the dataset's own Recall@K columns may lack the objective's k
+            raise SpecError(problem)
         recipe = (recipe_config(base, {*spec.fixed, *point, *overrides}, published_recipe(base["loss_name"]),
                                 study_key(point)) if spec.recipe_runs else None)
         study = Study(study_key(point), point, base, space, recipe)
@@ -98,6 +103,18 @@ def plan_studies(spec: SearchSpec, overrides: dict[str, Any], paths: Paths = Pat
             raise SpecError(f"studies: two studies are named {study.key}; give their values distinct spellings")
         studies.append(study)
     return studies
+
+
+def objective_problem(metric: str, cfg: TrialConfig, key: str, searched: bool, chosen: bool) -> Optional[str]:
+    """Why a study would never report its objective (a Recall@K whose k its `recalls` lack: each dataset has its
+    own columns, SOP's 1, 10, 100, 1000), or None."""
+    found = re.fullmatch(r"(?:val|test)_recall@(\d+)", metric)
+    if found is None or searched or int(found.group(1)) in cfg.recalls:
+        return None
+    study = f"study {key}" if key else "the study"
+    given = "its recalls" if chosen else f"data_name {cfg.data_name}'s Recall@K columns"
+    return (f"objective.metric = {metric!r}: {study} reports Recall@{','.join(map(str, cfg.recalls))} ({given}); "
+            f"allowed: one of those, or recalls under fixed including {found.group(1)}")
 
 
 def same_study(one: TrialConfig, other: TrialConfig, point: dict[str, Any]) -> bool:
