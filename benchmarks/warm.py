@@ -23,7 +23,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -98,11 +98,6 @@ def draw(cold: list[np.ndarray], warm: list[np.ndarray], best: float, out: Path)
     plt.close(fig)
 
 
-def _median(spent: list[Optional[int]]) -> float:
-    """The median epochs to reach, a search that never reached counting as never (inf)."""
-    return float(np.median([s if s is not None else np.inf for s in spent]))
-
-
 def measure(args: argparse.Namespace) -> SuiteResult:
     """Epochs to within 1 and 2 points of the target grid's best, cold against warm, paired by searcher seed."""
     from tune_upl.planning import plan_studies
@@ -156,15 +151,16 @@ def measure(args: argparse.Namespace) -> SuiteResult:
         cold_spent = [r["spent"]["cold"][within] for r in runs]
         warm_spent = [r["spent"]["warm"][within] for r in runs]
         paired = [(c if c is not None else np.inf) - (w if w is not None else np.inf) for c, w in zip(cold_spent, warm_spent)]
+        warm_stats, cold_stats = search.summary(warm_spent), search.summary(cold_spent)
         faster = sum(d > 0 for d in paired if d == d)
         slower = sum(d < 0 for d in paired if d == d)
         label = f"{within * 100:.0f} point(s)"
         result.rows.append(Row(
             "warm", f"epochs until within {label} of the target grid's best {search.SEARCH_METRIC}: TPE + ASHA "
             f"warm-started from the source grid's search (k={K}; median over {len(runs)} seeds, {samples} trials each)",
-            _median(warm_spent), "epochs", "the same search cold", _median(cold_spent),
-            note=f"warm faster on {faster} seeds, slower on {slower}, never reached: warm "
-                 f"{sum(w is None for w in warm_spent)}, cold {sum(c is None for c in cold_spent)}"))
+            warm_stats["median"], "epochs", "the same search cold", cold_stats["median"],
+            note=f"warm faster on {faster} seeds, slower on {slower}, never reached: warm {warm_stats['never']}, "
+                 f"cold {cold_stats['never']}"))
     ranks = [rank for r in runs for rank in r["target_ranks"]]
     result.rows.append(Row("warm", "the target grid's rank of the points the warm starts queued (median; 1 is the "
                            "target's best)", float(np.median(ranks)), "", note=f"Spearman's rank correlation of the "

@@ -212,15 +212,8 @@ def cpu_products(emb: torch.Tensor) -> Iterator[Optional[ThreadPoolExecutor]]:
         yield pool
 
 
-def recall_at_k(
-    embeddings: torch.Tensor,
-    labels: torch.Tensor,
-    ks: Iterable[int],
-    chunk_size: int = CHUNK_SIZE,
-    *,
-    references: Optional[torch.Tensor] = None,
-    reference_labels: Optional[torch.Tensor] = None,
-) -> dict[int, float]:
-    """`{k: fraction}`; see `retrieval_metrics` for MAP@R, R-precision, references and excluded queries."""
-    return retrieval_metrics(embeddings, labels, ks, chunk_size, references=references,
-                             reference_labels=reference_labels).recall
+def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, ks: Iterable[int], chunk_size: int = CHUNK_SIZE,
+                **gallery: Optional[torch.Tensor]) -> dict[int, float]:
+    """`{k: fraction}`: `retrieval_metrics`' recall, with its keywords (`references`, `reference_labels`); see it
+    for MAP@R, R-precision and the excluded queries."""
+    return retrieval_metrics(embeddings, labels, ks, chunk_size, **gallery).recall

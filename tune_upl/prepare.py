@@ -194,9 +194,10 @@ def _map(jobs: list[Job], workers: int) -> Iterator[Union[np.ndarray, str]]:
 
 
 # ---------------------------------------------------------------- building an entry
-def image_splits(images: list[SourceImage]) -> list[str]:
-    """Each image's split: the archive's own partition (SOP, In-Shop), else the seed's class halves."""
-    if images and all(im.split for im in images):
+def image_splits(images: list[SourceImage], official: bool) -> list[str]:
+    """Each image's split: the archive's own partition where the dataset has one (`facts.DatasetFacts.
+    official_split`: SOP, In-Shop), else the seed's class halves."""
+    if official:
         return [im.split for im in images]
     train = set(split_halves([im.class_id for im in images])[0])
     return ["train" if im.class_id in train else "test" for im in images]
@@ -214,11 +215,11 @@ def split_counts(written: list[tuple[SourceImage, str]]) -> dict[str, Any]:
     return {"train_classes": len(train), "test_classes": len(test), "split_images": per_split}
 
 
-def write_cache(folder: Path, source: Path, images: list[SourceImage], crop: str, size: int,
+def write_cache(folder: Path, source: Path, images: list[SourceImage], splits: list[str], crop: str, size: int,
                 workers: int, progress: bool, label: str) -> tuple[int, list[tuple[SourceImage, str]], list[str]]:
-    """Fill `folder` with pixels and manifest; returns (bytes, each image written with its split, the damaged
-    images left out, each with why). More than MAX_DAMAGED_SHARE unreadable: one DatasetError listing every one."""
-    splits = image_splits(images)
+    """Fill `folder` with pixels and manifest (each image's split from `splits`); returns (bytes, each image
+    written with its split, the damaged images left out, each with why). More than MAX_DAMAGED_SHARE
+    unreadable: one DatasetError listing every one."""
     written: list[tuple[SourceImage, str]] = []
     jobs = [(str(source / im.name), im.box if crop == "cropped" else None, size) for im in images]
     failures: list[str] = []
@@ -283,10 +284,11 @@ def prepare_dataset(cfg: TrialConfig, workers: Optional[int] = None, progress: b
         if cfg.crop == "cropped" and any(im.box is None for im in images):
             raise DatasetError(f"{source}: crop cropped needs a bounding box for every image "
                                "(bounding_boxes.txt); allowed: crop uncropped")
-        split_counts(list(zip(images, image_splits(images))))  # a partition mixing classes fails before decoding
+        splits = image_splits(images, fmt.facts.official_split)
+        split_counts(list(zip(images, splits)))  # a partition mixing classes fails before decoding
         n_workers = workers if workers is not None else min(available_cpus(), len(images) // IMAGES_PER_WORKER)
-        nbytes, written, skipped = write_cache(folder, source, images, cfg.crop, cfg.cache_size, n_workers, progress,
-                                               cfg.data_name)
+        nbytes, written, skipped = write_cache(folder, source, images, splits, cfg.crop, cfg.cache_size, n_workers,
+                                               progress, cfg.data_name)
         check_class_count([im.class_id for im, _ in written], str(source))
         return json.dumps({"key": key, "images": len(written), **split_counts(written),
                            "skipped": skipped, "pixel_bytes": nbytes,
