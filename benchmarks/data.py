@@ -69,9 +69,9 @@ def write_archive(root: Path, n: int, classes: int = 10, distinct: int = 60) -> 
 def loader_rate(cfg: "TrialConfig", records: list, repeats: int) -> float:
     """Images/s of the trial's own training loader (`make_loader`, its worker count, uint8 batches) over the
     records, best of `repeats` epochs after one that starts the persistent workers."""
-    from tune_upl.data import ImageDataset, make_loader, train_transform
+    from tune_upl.data import ImageDataset, make_loader, run_transforms
 
-    loader = make_loader(ImageDataset(records, train_transform(cfg.image_size)), cfg, train=True)
+    loader = make_loader(ImageDataset(records, run_transforms(cfg)[0]), cfg, train=True)
     rate = 0.0
     for epoch in range(repeats + 1):
         start, seen = time.perf_counter(), 0

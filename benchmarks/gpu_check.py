@@ -8,6 +8,10 @@
     in-memory batches (so the loader's share shows).
 (c) the packing ratio: the aggregate images/s of (a) over (b).
 (d) evaluation (Recall@K, MAP@R, R-precision) at N = 20,000 on the GPU, against the CPU's answer.
+(e) one DINO ViT-S/16 trial at resources.gpu = share (vit_optuna.yaml's packing) from a stand-in of the
+    published file, at 224 px, batch 128, bf16, no channels-last (a ViT's `auto`), AdamW with gradients
+    clipped to norm 3 and the patch embedding frozen: images/s, peak memory against its cap, an evaluation and
+    a checkpoint.
 Beside them: the memory a process holds outside torch's allocator, measured (NVML) against the figure the
 memory cap leaves for it (`gpu_memory.PROCESS_OVERHEAD_BYTES`), and the packed processes' total against the card.
 
@@ -36,6 +40,7 @@ from typing import Any, Optional
 
 PROG = "gpu_check"
 GIB = 2**30
+VIT = "vit_small_patch16_224.dino"
 
 
 class Failure(Exception):
@@ -49,6 +54,7 @@ class Plan:
     cpu: bool
     share: float
     trial: dict[str, Any]  # the TrialConfig values every trial shares
+    vit_trial: dict[str, Any]  # part (e)'s
     packed_threads: int
     alone_threads: int
     copies: int  # each generated image appears this many times in the dataset (a larger epoch)
@@ -66,15 +72,21 @@ class Plan:
 def make_plan(cpu: bool, work: Path, cache_dir: Path, timeout_s: float) -> Plan:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     common = dict(num_epochs=1, warm_up=0, cache_dir=str(cache_dir), seed=1)
+    vit = dict(backbone_type=VIT, optimizer="adamw", lr=5e-6, proxy_lr=5e-2, weight_decay=1e-2,
+               lr_schedule="constant", grad_clip=3.0, freeze_patch_embed=1, pretrained="auto",
+               weights_dir=str(work / "weights"))
     if cpu:
         trial = dict(common, data_name="synthetic", backbone_type="tiny", image_size=32, batch_size=16,
                      feature_dim=32, device="cpu", pretrained=str(work / "weights" / "tiny-standin.pth"))
-        return Plan(True, 0.5, trial, 1, max(1, cpus), 1, 2000, timeout_s or 300)
+        vit_trial = dict(trial, **vit, image_size=32, feature_dim=32)
+        return Plan(True, 0.5, trial, vit_trial, 1, max(1, cpus), 1, 2000, timeout_s or 300)
     trial = dict(common, data_name="folder", data_path=str(work / "images"), backbone_type="resnet50",
                  image_size=224, batch_size=64, feature_dim=512, device="auto", amp="bf16", channels_last=True,
                  optimizer="adamp", pretrained="auto", weights_dir=str(work / "weights"))
+    vit_trial = dict(trial, **vit, batch_size=128, feature_dim=384, channels_last="auto")
     share = 0.25
-    return Plan(False, share, trial, max(1, cpus // round(1 / share)), cpus, 16, 20000, timeout_s or 300)
+    return Plan(False, share, trial, vit_trial, max(1, cpus // round(1 / share)), cpus, 16, 20000,
+                timeout_s or 300)
 
 
 # ---------------------------------------------------------------- the data and the weights
@@ -82,6 +94,7 @@ def prepare(plan: Plan, work: Path) -> None:
     """The dataset (prepared cache) and the stand-in weights file the trials read."""
     import torch
 
+    from benchmarks.stand_ins import write_vit_stand_in
     from tune_upl.config import make_config
     from tune_upl.facts import BACKBONES
     from tune_upl.models import build_tiny
@@ -91,6 +104,7 @@ def prepare(plan: Plan, work: Path) -> None:
     start = time.perf_counter()
     weights = work / "weights"
     weights.mkdir(parents=True, exist_ok=True)
+    write_vit_stand_in(VIT, weights)  # part (e)
     if plan.cpu:
         torch.save(build_tiny(None).state_dict(), plan.trial["pretrained"])
     else:  # the published file's name, keys and shapes (the classifier too), random values
@@ -276,6 +290,22 @@ def evaluation(plan: Plan, work: Path) -> None:
                       f"more than one query in {plan.eval_n:,}")
 
 
+def vit(plan: Plan, work: Path) -> None:
+    """Part (e): a ViT-S/16 trial at the packed share, through the same trial loop."""
+    values = dict(plan.vit_trial, num_threads=plan.packed_threads)
+    [run] = spawn(plan, "e", "trial", work, config=values, share=plan.share)
+    last = trained("e", run)
+    plan.figures["e"] = run
+    plan.lines.append(
+        f"| (e) ViT-S/16 | 1 DINO ViT-S/16 trial at resources.gpu {plan.share:g}, {plan.vit_trial['image_size']} px, "
+        f"batch {plan.vit_trial['batch_size']}: images/s; val Recall@1; peak allocated; memory cap; checkpoint | "
+        f"{last['images_per_s']:.0f} | {last['val_recall@1']:.3f}; {_gib(run.get('peak_allocated'))}; "
+        f"{_cap(run.get('memory_cap'), run.get('total'))}; {run['checkpoint_bytes'] / 2**20:.0f} MB; {run['device']}, "
+        f"{run['amp']}, channels-last {run['channels_last']}, {run['optimizer']} |")
+    if not plan.cpu and run["channels_last"]:
+        raise Failure("part e: the ViT trial ran channels-last; its `auto` is contiguous")
+
+
 def _gib(value: Optional[float]) -> str:
     return "-" if value is None else f"{value / GIB:.2f} GiB"
 
@@ -356,7 +386,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = Path(args.out)
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        for part in (prepare, packed, alone, overhead, evaluation):
+        for part in (prepare, packed, alone, overhead, evaluation, vit):
             if time.monotonic() > plan.deadline:
                 raise Failure(f"the check's budget of {args.budget:.0f} s is spent before {part.__name__}")
             if part is alone and not args.cpu:

@@ -17,9 +17,9 @@ missing() { "$py" -c 'import importlib.util, sys; print(" ".join(m for m in sys.
 for module in $(missing torch torchvision); do
   say "$module missing: $py cannot import it; use a Python with PyTorch and torchvision"; exit 3
 done
-# what the trial loop imports beyond torch and torchvision; the carried wheels provide the first nine, each
+# what the trial loop imports beyond torch and torchvision; the carried wheels provide the first ten, each
 # wheel named by its module (pydantic and pydantic_core go together: pydantic pins its core's version)
-modules="pydantic pydantic_core annotated_types typing_inspection typing_extensions adamp pretrainedmodels munch threadpoolctl numpy PIL tqdm filelock yaml"
+modules="pydantic pydantic_core annotated_types typing_inspection typing_extensions adamp pretrainedmodels munch threadpoolctl timm numpy PIL tqdm filelock yaml"
 absent=$(missing $modules)
 if [ -n "$absent" ]; then
   wheels="${GPU_WHEELS:-.gpu_wheels}"

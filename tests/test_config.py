@@ -30,7 +30,10 @@ def test_command_line_strings_are_converted():
     "values, expected",
     [
         ({"feature_dim": 0}, r"TrialConfig.feature_dim = 0: Input should be greater than or equal to 1"),
-        ({"backbone_type": "vgg"}, r"backbone_type = 'vgg': unknown backbone_type 'vgg'; allowed: googlenet, inception, resnet18, resnet50, tiny"),
+        ({"backbone_type": "vgg"}, r"backbone_type = 'vgg': unknown backbone_type 'vgg'; allowed: "
+         r"deit3_small_patch16_224\.fb_in22k_ft_in1k, deit_small_patch16_224\.fb_in1k, googlenet, inception, resnet18, "
+         r"resnet50, tiny, "
+         r"vit_base_patch16_224\.dino, vit_small_patch16_224\.dino"),
         ({"loss_name": "x"}, r"allowed: balanced_proxy, normalized_softmax, proxy_anchor, proxy_nca"),
         ({"data_name": "imagenet"}, r"allowed: car, cub, folder, inshop, sop, synthetic"),
         ({"protocol": "test"}, r"protocol = 'test': Input should be 'val' or 'seed'"),

@@ -55,7 +55,9 @@ def test_config_refuses_names_and_loss_fields_from_the_facts():
     with pytest.raises(ConfigError) as error:
         make_config(backbone_type="resnet51")
     assert str(error.value) == ("TrialConfig.backbone_type = 'resnet51': unknown backbone_type 'resnet51'; allowed: "
-                                "googlenet, inception, resnet18, resnet50, tiny")
+                                "deit3_small_patch16_224.fb_in22k_ft_in1k, deit_small_patch16_224.fb_in1k, googlenet, "
+                                "inception, resnet18, resnet50, tiny, vit_base_patch16_224.dino, "
+                                "vit_small_patch16_224.dino")
     with pytest.raises(ConfigError, match="unknown data_name 'cars'; allowed: car, cub, folder, inshop, sop, synthetic"):
         make_config(data_name="cars")
     with pytest.raises(ConfigError, match="loss_name proxy_nca has no margin; the losses that take it: balanced_proxy, "

@@ -20,7 +20,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-CARRIED = ("pydantic", "pydantic_core", "annotated_types", "typing_inspection", "adamp", "pretrainedmodels", "munch")
+CARRIED = ("pydantic", "pydantic_core", "annotated_types", "typing_inspection", "adamp", "pretrainedmodels", "munch",
+           "timm")
 
 
 def externally_managed_python(root: Path, keep: Callable[[str], bool]) -> Path:
@@ -130,7 +131,7 @@ def test_the_dry_run_installs_the_carried_wheels_beside_the_interpreter_and_runs
     in-memory step, the evaluation, each through the trial loop, and writes gpu.md into $OUT."""
     python3 = externally_managed_python(tmp_path / "py", lambda name: not name.startswith(CARRIED))
     for name in ("pydantic", "pydantic-core", "annotated-types", "typing-inspection", "adamp", "pretrainedmodels",
-                 "munch", "typing-extensions"):
+                 "munch", "typing-extensions", "timm"):
         installed_wheel(name, tmp_path / "wheels")
     refused = subprocess.run([str(python3), "-m", "pip", "install", "--no-index", "--find-links",
                               str(tmp_path / "wheels"), "adamp"], capture_output=True, text=True)
@@ -145,7 +146,7 @@ def test_the_dry_run_installs_the_carried_wheels_beside_the_interpreter_and_runs
     report = (tmp_path / "out" / "gpu.md").read_text()
     figures = json.loads((tmp_path / "out" / "gpu.json").read_text())
     for part in ("| (a) packed | 2 trials at resources.gpu 0.5", "| (a) trial 2 |", "| (b) alone |",
-                 "over 47 in-memory batches", "| (c) packing |", "| (d) eval |"):
+                 "over 47 in-memory batches", "| (c) packing |", "| (d) eval |", "| (e) ViT-S/16 |"):
         assert part in report
     runs = figures["a"]["runs"]
     assert len(runs) == 2 and all(r["results"][-1]["val_recall@1"] > 0 and r["checkpoint_bytes"] > 0 for r in runs)

@@ -46,3 +46,18 @@ def test_a_step_with_stanford_online_products_11318_proxies_makes_no_host_sync(l
     run, images, labels = step_run("tiny", loss, "adamp", batch=8, num_classes=11318)
     assert run.model.head.proxies.shape[0] == 11318
     assert (step_syncs(run, images, labels).ops, step_syncs(run, images, labels).ops) == ([], [])
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_a_vit_step_with_its_recipes_options_makes_no_host_sync(optimizer):
+    """DINO ViT-S/16 at 32 px as its recipe trains it: gradients clipped to a global norm (torch's clip keeps the
+    factor on the device), the patch embedding frozen (its weights get no gradient and no optimiser state), under bf16
+    autocast."""
+    run, images, labels = step_run("vit_small_patch16_224.dino", "proxy_anchor", optimizer, grad_clip=3.0,
+                                   amp="bf16")
+    run.model.freeze_patch_embedding()
+    counts = [step_syncs(run, images, labels).ops for _ in range(2)]
+    assert counts == [[], []]
+    frozen = set(run.model.net.backbone.patch_embed.parameters())
+    assert len(run.optimizer.state) == len(list(run.model.parameters())) - len(frozen)
+    assert not frozen & set(run.optimizer.state)

@@ -71,9 +71,11 @@ def test_registry_weights_are_the_libraries_published_files_and_every_name_is_do
     """Each entry's weights URL is the one its library would download (nothing is downloaded here), and the
     option help of backbone_type names every registered backbone, so neither can drift from the code."""
     import pretrainedmodels
+    import timm
     from torchvision import models
 
     published = {
+        **{name: timm.models.get_pretrained_cfg(name).url for name in BACKBONES if BACKBONES[name].family == "vit"},
         "googlenet": models.GoogLeNet_Weights.IMAGENET1K_V1.url,
         "inception": pretrainedmodels.pretrained_settings["bninception"]["imagenet"]["url"],
         "resnet18": models.ResNet18_Weights.IMAGENET1K_V1.url,

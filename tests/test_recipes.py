@@ -4,6 +4,7 @@ loss's recipe wherever the searched range holds it. Fast, no Ray."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -164,3 +165,61 @@ def test_the_docs_recipe_table_is_the_recipes():
                     assert value.split(" (")[0] == str(published[name]).lower(), (loss, name, value)
                 else:
                     assert math.isclose(float(value.split(" (")[0]), published[name]), (loss, name, value)
+
+
+# ---------------------------------------------------------------- a ViT's training recipe
+VIT = "vit_small_patch16_224.dino"
+
+
+def test_every_vit_has_a_training_recipe_that_replaces_the_cnn_values_of_each_loss():
+    from tune_upl.facts import BACKBONES, is_vit
+    from tune_upl.references import BACKBONE_RECIPE_FIELDS, load_backbone_recipes
+
+    recipes = load_backbone_recipes()
+    assert set(recipes) == {name for name in BACKBONES if is_vit(name)}
+    for backbone, entry in recipes.items():
+        assert set(entry.values) == set(BACKBONE_RECIPE_FIELDS), backbone
+        assert all(isinstance(v, RecipeValue) and v.source in entry.sources for v in entry.values.values())
+        for loss in LOSSES:
+            merged = recipe(loss, backbone)
+            assert "pooling" not in merged  # the loss recipe's CNN pooling is left out for a ViT
+            assert {k: merged[k] for k in BACKBONE_RECIPE_FIELDS} == entry.settings()
+            assert all(merged[k] == v for k, v in recipe(loss).items() if k not in BACKBONE_RECIPE_FIELDS
+                       and k != "pooling")  # the loss's own parameters and feature_dim stay the loss's
+            make_config({"loss_name": loss, "backbone_type": backbone, **merged})
+    dino = recipe("proxy_anchor", VIT)  # HIER's DINO scripts, spot-checked against the values read
+    assert (dino["optimizer"], dino["lr"], dino["weight_decay"], dino["batch_size"]) == ("adamw", 5e-6, 1e-2, 180)
+    assert math.isclose(dino["proxy_lr"], 1e4 * dino["lr"]) and dino["lr_schedule"] == "constant"
+    assert (dino["warm_up"], dino["grad_clip"], dino["freeze_patch_embed"]) == (1, 3.0, dino["num_epochs"])
+    assert (dino["scale"], dino["margin"], dino["feature_dim"]) == (32.0, 0.1, 512)  # proxy_anchor's own
+    assert recipe("proxy_anchor", "resnet50") == recipe("proxy_anchor")  # a CNN has none: the loss's recipe
+
+
+def test_a_vit_studys_baseline_takes_its_backbones_recipe():
+    space = {"lr": Param(loguniform=(1e-6, 1e-4)), "proxy_lr": Param(loguniform=(1e-3, 1e-1)),
+             "scale": Param(choice=[16, 32, 64]), "optimizer": Param(choice=["adamp", "adamw"])}
+    point = baseline_point(space, {"backbone_type": VIT, "data_name": "synthetic", "loss_name": "proxy_anchor"})
+    assert point == {"lr": 5e-6, "proxy_lr": 5e-2, "scale": 32.0, "optimizer": "adamw"}
+    searched = {**space, "backbone_type": Param(choice=[VIT, "resnet50"])}  # no one backbone: the loss's recipe
+    point = baseline_point(searched, {"data_name": "synthetic", "loss_name": "proxy_anchor"})
+    assert (point["lr"], point["optimizer"], point["backbone_type"]) == (1e-4, "adamw", "resnet50")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r[VIT]["values"].__setitem__("scale", {"value": 16.0, "source": "hier_code", "where": "x"}),
+     "backbone_recipes.vit_small_patch16_224.dino.values.scale: not a backbone's field"),
+    (lambda r: r[VIT]["values"].pop("grad_clip"), "backbone_recipes.vit_small_patch16_224.dino.values: grad_clip missing"),
+    (lambda r: r.pop("deit_small_patch16_224.fb_in1k"), "backbone_recipes: no entry for deit_small_patch16_224.fb_in1k"),
+    (lambda r: r.__setitem__("vit_huge", r[VIT]), "backbone_recipes.vit_huge: unknown name"),
+    (lambda r: r[VIT]["values"]["image_size"].__setitem__("value", 40), "not a multiple of"),
+], ids=["loss parameter", "field missing", "vit missing", "unknown backbone", "values together invalid"])
+def test_a_broken_backbone_recipe_is_refused_naming_its_key(tmp_path, change, message):
+    from tune_upl.references import load_backbone_recipes
+
+    raw = json.loads(json.dumps(yaml.safe_load(REFERENCES_FILE.read_text())))  # the file's anchors unshared
+    change(raw["backbone_recipes"])
+    path = tmp_path / "references.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as error:
+        load_backbone_recipes(path)
+    assert message in str(error.value) and str(path) in str(error.value) and "\n" not in str(error.value)

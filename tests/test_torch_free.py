@@ -63,7 +63,9 @@ def test_dry_run_needs_neither_torch_nor_ray(env, tmp_path):
 
 @pytest.mark.parametrize("fixed, message", [
     ("{backbone_type: resnet51}", "fixed.backbone_type = 'resnet51': unknown backbone_type 'resnet51'; allowed: "
-                                  "googlenet, inception, resnet18, resnet50, tiny"),
+                                  "deit3_small_patch16_224.fb_in22k_ft_in1k, deit_small_patch16_224.fb_in1k, "
+                                  "googlenet, inception, resnet18, resnet50, tiny, vit_base_patch16_224.dino, "
+                                  "vit_small_patch16_224.dino"),
     ("{loss_name: proxy_nca, margin: 0.2}", "the combination loss_name=proxy_nca (fixed) with margin=0.2 (fixed) is "
                                             "refused: loss_name proxy_nca has no margin; the losses that take it: "
                                             "balanced_proxy, proxy_anchor"),

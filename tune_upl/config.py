@@ -15,7 +15,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 from pydantic.dataclasses import dataclass
 from typing_extensions import Annotated
 from tune_upl.errors import ConfigError
-from tune_upl.facts import BACKBONES, DATASETS, LOSS_PARAMETERS, standard_recalls
+from tune_upl.facts import BACKBONES, DATASETS, FAMILY_FIELDS, LOSS_PARAMETERS, standard_recalls
 from tune_upl.loss_axes import Aggregation, Anchor
 
 Protocol = Literal["val", "seed"]
@@ -49,6 +49,30 @@ def loss_field_problem(loss_name: Optional[str], field: str, value: Any) -> Opti
     return f"loss_name {loss_name} has no {field}; the losses that take it: {', '.join(takers)}"
 
 
+# Why a family-specific field (`facts.FAMILY_FIELDS`) means nothing for the other family's backbones.
+_FAMILY_REASON = {
+    "pooling": "a Vision Transformer's embedding is its class token: there is no feature map to pool",
+    "freeze_bn": "a Vision Transformer has no BatchNorm",
+    "freeze_patch_embed": "a CNN has no patch embedding",
+}
+
+
+def backbones_taking(field: str) -> list[str]:
+    """The backbones of the family a family-specific field belongs to."""
+    return sorted(name for name, facts in BACKBONES.items() if facts.family == FAMILY_FIELDS[field])
+
+
+def backbone_field_problem(backbone_type: Optional[str], field: str, value: Any) -> Optional[str]:
+    """Why `field = value` cannot go with `backbone_type`, or None. As for the losses' fields, a value at its
+    default is no choice of the user's, so it passes; so does an unknown backbone (refused on its own)."""
+    if field not in FAMILY_FIELDS or backbone_type not in BACKBONES or value == FIELD_DEFAULTS[field]:
+        return None
+    if BACKBONES[backbone_type].family == FAMILY_FIELDS[field]:
+        return None
+    return (f"backbone_type {backbone_type} takes no {field} ({_FAMILY_REASON[field]}); allowed: leave it at "
+            f"{FIELD_DEFAULTS[field]!r}, or a backbone that takes it: {', '.join(backbones_taking(field))}")
+
+
 @dataclass(frozen=True, config=ConfigDict(extra="forbid", validate_default=True))
 class TrialConfig:
     """One training run. Departures from the seed's defaults are listed in the README."""
@@ -68,8 +92,10 @@ class TrialConfig:
     )] = "car"
     backbone_type: Annotated[str, Field(
         description=(
-            "backbone network: resnet50 (seed default), inception (BN-Inception), googlenet, resnet18, or "
-            "tiny (a small CNN for CPUs)"
+            "backbone network: resnet50 (seed default), inception (BN-Inception), googlenet, resnet18, tiny (a "
+            "small CNN for CPUs), or a timm Vision Transformer by its timm name: vit_small_patch16_224.dino, "
+            "vit_base_patch16_224.dino, deit_small_patch16_224.fb_in1k, deit3_small_patch16_224.fb_in22k_ft_in1k "
+            "(ImageNet-21k pre-training, which overlaps CUB's classes)"
         ),
     )] = "resnet50"
     loss_name: Annotated[str, Field(
@@ -103,6 +129,23 @@ class TrialConfig:
     weight_decay: Annotated[float, Field(ge=0, description="AdamP weight decay (seed: 0)")] = 0.0
     lr_step: Annotated[int, Field(ge=1, description="epochs between learning-rate decays, StepLR (seed: 5)")] = 5
     lr_gamma: Annotated[float, Field(gt=0, le=1, description="learning-rate decay factor, StepLR (seed: 0.5)")] = 0.5
+    lr_schedule: Annotated[Literal["step", "cosine", "constant"], Field(
+        description="learning-rate schedule, stepped once an epoch: step (StepLR by lr_step and lr_gamma, seed), "
+                    "cosine (to zero at the last epoch) or constant",
+    )] = "step"
+    lr_warmup_epochs: Annotated[int, Field(
+        ge=0,
+        description="epochs of linear learning-rate warm-up before the schedule, every group (seed: 0)",
+    )] = 0
+    grad_clip: Annotated[float, Field(
+        ge=0,
+        description="clip the gradients' global L2 norm to this value each step; 0 = off (seed: off)",
+    )] = 0.0
+    freeze_patch_embed: Annotated[int, Field(
+        ge=0,
+        description="Vision Transformers only: epochs at the start with the patch embedding frozen; num_epochs "
+                    "or more: throughout (default 0)",
+    )] = 0
     scale: Annotated[float, Field(gt=0, le=1024, description="loss scale alpha (seed: 32)")] = 32.0
     margin: Annotated[float, Field(
         ge=-1, le=1,
@@ -125,6 +168,11 @@ class TrialConfig:
         ge=16, le=1024,
         description="training and test crop size in pixels (seed: 224)",
     )] = 224
+    crop_scale: Annotated[float, Field(
+        gt=0, le=1,
+        description="smallest share of the image's area a training crop covers (RandomResizedCrop's scale; "
+                    "seed: torchvision's 0.08)",
+    )] = 0.08
     pooling: Annotated[Pooling, Field(description="global pooling of the feature map: max (seed), avg, avgmax")] = "max"
     layer_norm: Annotated[bool, Field(
         description="layer norm over the pooled backbone feature, no affine (seed: true)",
@@ -256,10 +304,13 @@ class TrialConfig:
             raise ValueError(f"unknown {info.field_name} {value!r}; allowed: {', '.join(names)}")
         return value
 
-    @field_validator(*LOSS_SPECIFIC)
+    @field_validator(*LOSS_SPECIFIC, *FAMILY_FIELDS)
     @classmethod
-    def _check_loss_takes_it(cls, value: Any, info: Any) -> Any:
-        problem = loss_field_problem(info.data.get("loss_name"), info.field_name, value)
+    def _check_field_fits(cls, value: Any, info: Any) -> Any:
+        """A loss-specific field needs a loss that takes it, a family-specific one a backbone of that family."""
+        name = info.field_name
+        problem = (loss_field_problem(info.data.get("loss_name"), name, value) if name in LOSS_SPECIFIC
+                   else backbone_field_problem(info.data.get("backbone_type"), name, value))
         if problem:
             raise ValueError(problem)
         return value
@@ -289,6 +340,14 @@ class TrialConfig:
             raise ValueError(
                 f"warm_up={self.warm_up} exceeds num_epochs={self.num_epochs}: the backbone would never train"
             )
+        if self.lr_warmup_epochs >= self.num_epochs and self.lr_schedule != "constant":
+            raise ValueError(f"lr_warmup_epochs={self.lr_warmup_epochs} leaves no epoch of the {self.lr_schedule} "
+                             f"schedule in num_epochs={self.num_epochs}; allowed: 0 to {self.num_epochs - 1}")
+        patch = BACKBONES[self.backbone_type].patch_size
+        if patch and self.image_size % patch:
+            raise ValueError(f"image_size={self.image_size} is not a multiple of {self.backbone_type}'s "
+                             f"{patch}-pixel patches; allowed: {patch * (self.image_size // patch)} or "
+                             f"{patch * (self.image_size // patch + 1)}")
         return self
 
     # --- derived values (never stored, so they cannot disagree with the fields) ---
@@ -299,8 +358,15 @@ class TrialConfig:
         return self.pretrained != "none"
 
     @property
+    def is_vit(self) -> bool:
+        return BACKBONES[self.backbone_type].family == "vit"
+
+    @property
     def bn_frozen(self) -> bool:
-        """The seed freezes BatchNorm statistics of its ImageNet backbones; from scratch they must train."""
+        """The seed freezes BatchNorm statistics of its ImageNet backbones; from scratch they must train. A
+        ViT has none."""
+        if self.is_vit:
+            return False
         return self.uses_pretrained_weights if self.freeze_bn == "auto" else bool(self.freeze_bn)
 
     @property
@@ -396,6 +462,10 @@ def validate_field(name: str, value: Any) -> Any:
     probe: dict[str, Any] = {"warm_up": 0, name: value}
     if name == "warm_up" and isinstance(value, int):
         probe["num_epochs"] = max(1, value)
+    if name == "lr_warmup_epochs" and isinstance(value, int):
+        probe["num_epochs"] = max(1, value + 1)
+    if name in FAMILY_FIELDS:  # a backbone of the family that takes it
+        probe["backbone_type"] = backbones_taking(name)[0]
     try:
         return getattr(TrialConfig(**probe), name)
     except ValidationError as error:

@@ -20,9 +20,11 @@ from tune_upl.archives import check_class_count, split_halves
 from tune_upl.config import TrialConfig
 from tune_upl.prepare import PIXELS_FILE, decode_image_file, read_manifest
 from tune_upl.errors import ConfigError, DatasetError, SplitAccessError
+from tune_upl.facts import BACKBONES, CNN_TEST_RESIZE
 
 __all__ = [
-    "Record", "load_records", "SplitManager", "train_transform", "eval_transform", "ImageDataset", "make_loader",
+    "Record", "load_records", "SplitManager", "train_transform", "eval_transform", "run_transforms", "ImageDataset",
+    "make_loader",
 ]
 
 SPLIT_SEED = 0  # the validation classes depend on this constant only, never on the training seed
@@ -119,26 +121,38 @@ class SplitManager:
 
 
 # ---------------------------------------------------------------- images and loaders
-def train_transform(image_size: int) -> v2.Compose:
-    """RandomResizedCrop + horizontal flip (the seed's), on uint8 tensors: torchvision's fast path. The output
-    stays uint8 (a quarter of float32's bytes through the workers' shared memory); the model normalises it
-    on its own device (`models.InputNormalize`)."""
+def train_transform(image_size: int, interpolation: str = "bilinear", crop_scale: float = 0.08) -> v2.Compose:
+    """RandomResizedCrop (crops of `crop_scale` to all of the image's area) + horizontal flip (the seed's), on
+    uint8 tensors: torchvision's fast path. The output stays uint8 (a quarter of float32's bytes through the
+    workers' shared memory); the model normalises it on its own device (`models.InputNormalize`)."""
     return v2.Compose([
         v2.ToImage(),
-        v2.RandomResizedCrop(image_size, antialias=True),
+        v2.RandomResizedCrop(image_size, scale=(crop_scale, 1.0), interpolation=v2.InterpolationMode(interpolation),
+                             antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ToPureTensor(),
     ])
 
 
-def eval_transform(image_size: int) -> v2.Compose:
-    """Resize(256) + CenterCrop(224) at 224 px, scaled in proportion for other sizes; uint8 out, as above."""
+def eval_transform(image_size: int, interpolation: str = "bilinear", test_resize: float = CNN_TEST_RESIZE
+                   ) -> v2.Compose:
+    """Resize + CenterCrop: Resize(256) + CenterCrop(224) at 224 px (the seed's; `test_resize` is the resize
+    over the crop), scaled in proportion for other sizes; uint8 out, as above."""
     return v2.Compose([
         v2.ToImage(),
-        v2.Resize(round(image_size * 256 / 224), antialias=True),
+        v2.Resize(round(image_size * test_resize), interpolation=v2.InterpolationMode(interpolation),
+                  antialias=True),
         v2.CenterCrop(image_size),
         v2.ToPureTensor(),
     ])
+
+
+def run_transforms(cfg: TrialConfig) -> tuple[v2.Compose, v2.Compose]:
+    """A run's training and test transforms, with its backbone's resampling (bilinear for the CNNs, bicubic
+    for timm's ViTs) and test crop (the seed's 224 of 256; timm's crop_pct for a ViT)."""
+    facts = BACKBONES[cfg.backbone_type]
+    return (train_transform(cfg.image_size, facts.interpolation, cfg.crop_scale),
+            eval_transform(cfg.image_size, facts.interpolation, facts.test_resize))
 
 
 class ImageDataset(Dataset):

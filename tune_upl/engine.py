@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from tune_upl.config import TrialConfig
 from tune_upl.faults import fault_due, fire
-from tune_upl.data import ImageDataset, SplitManager, eval_transform, load_records, make_loader, train_transform
+from tune_upl.data import ImageDataset, SplitManager, load_records, make_loader, run_transforms
 from tune_upl.facts import LOSS_PARAMETERS
 from tune_upl.losses import build_loss
 from tune_upl.metrics import retrieval_metrics
@@ -191,17 +191,49 @@ def load_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"unreadable checkpoint {path}: {type(error).__name__}: {error}") from None
 
 
+@dataclass(frozen=True)
+class EpochFactor:
+    """The learning-rate factor of epoch index `i` (0-based, LambdaLR's count): a linear warm-up over
+    `warmup` epochs ((i + 1) / (warmup + 1)), then the schedule: cosine from 1 to 0 at the last epoch's end,
+    StepLR's gamma ** (epochs since the warm-up // step), or constant. A dataclass, so LambdaLR saves it."""
+
+    schedule: str
+    epochs: int
+    warmup: int
+    step: int
+    gamma: float
+
+    def __call__(self, i: int) -> float:
+        if i < self.warmup:
+            return (i + 1) / (self.warmup + 1)
+        after = i - self.warmup
+        if self.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * after / (self.epochs - self.warmup)))
+        if self.schedule == "step":
+            return self.gamma ** (after // self.step)
+        return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """The seed's StepLR itself where the run asks for it (its checkpoints keep loading), else a LambdaLR of
+    `EpochFactor`; either is stepped once an epoch."""
+    if cfg.lr_schedule == "step" and cfg.lr_warmup_epochs == 0:
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    factor = EpochFactor(cfg.lr_schedule, cfg.num_epochs, cfg.lr_warmup_epochs, cfg.lr_step, cfg.lr_gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def build_optimizer(
     model: MetricModel, cfg: TrialConfig
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.StepLR]:
-    """`lr` for backbone and embedding layer, `proxy_lr` for the proxies; StepLR stepped once per epoch."""
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """`lr` for backbone and embedding layer, `proxy_lr` for the proxies; the schedule stepped once an epoch."""
     groups = [
         {"params": model.backbone_parameters(), "lr": cfg.lr, "name": "backbone"},
         {"params": list(model.net.embedding.parameters()), "lr": cfg.lr, "name": "embedding"},
         {"params": list(model.head.parameters()), "lr": cfg.proxy_lr, "name": "proxies"},
     ]
     optimizer = OPTIMIZERS[cfg.optimizer](groups, cfg.weight_decay)
-    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    return optimizer, build_scheduler(optimizer, cfg)
 
 
 def evaluated_split(cfg: TrialConfig) -> str:
@@ -217,9 +249,10 @@ def build_run(cfg: TrialConfig, gpu_share: float = 0.0) -> Run:
     device = resolve_device(cfg.device, gpu_share)
     cap = claim_gpu(device, gpu_share)
     splits = SplitManager(load_records(cfg), cfg.protocol, cfg.val_fraction)
-    train_set = ImageDataset(splits.get("trainval" if cfg.final else "train"), train_transform(cfg.image_size))
+    train_images, test_images = run_transforms(cfg)
+    train_set = ImageDataset(splits.get("trainval" if cfg.final else "train"), train_images)
     eval_split = evaluated_split(cfg)
-    eval_set = ImageDataset(splits.get(eval_split, final=cfg.final), eval_transform(cfg.image_size))
+    eval_set = ImageDataset(splits.get(eval_split, final=cfg.final), test_images)
     run = build_training(cfg, device, splits, train_set.num_classes, make_loader(train_set, cfg, train=True),
                          make_loader(eval_set, cfg, train=False), eval_split)
     run.memory_cap = cap
@@ -253,7 +286,9 @@ def build_training(cfg: TrialConfig, device: torch.device, splits: Optional[Spli
                    train_loader: Any, eval_loader: Any, eval_split: str) -> Run:
     """The model, loss, optimiser and precision settings of a run around the given loaders (the benchmark
     passes fixed in-memory batches)."""
-    channels_last = cfg.channels_last is True or (cfg.channels_last == "auto" and device.type == "cuda")
+    # auto: on a GPU, for a CNN (its convolutions run faster so); a ViT's one strided conv gains nothing from it
+    channels_last = cfg.channels_last is True or (cfg.channels_last == "auto" and device.type == "cuda"
+                                                  and not cfg.is_vit)
     model = build_model(cfg, num_classes).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -316,14 +351,26 @@ def _step(run: Run, images: torch.Tensor, labels: torch.Tensor, poison: bool = F
     if poison:  # inject_fault: nan
         loss = loss * float("nan")
     run.optimizer.zero_grad(set_to_none=True)
+    clip = run.cfg.grad_clip
     if run.scaler is not None:
         run.scaler.scale(loss).backward()
+        if clip:
+            run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
+            clip_gradients(run.model, clip)
         run.scaler.step(run.optimizer)
         run.scaler.update()
     else:
         loss.backward()
+        if clip:
+            clip_gradients(run.model, clip)
         run.optimizer.step()
     return loss
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> None:
+    """Scale every gradient so their global L2 norm is at most `max_norm` (torch's clip_grad_norm_, which
+    reads no value on the host: the factor stays on the device)."""
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm, foreach=True)
 
 
 def train_epoch(run: Run) -> dict[str, float]:
@@ -331,6 +378,8 @@ def train_epoch(run: Run) -> dict[str, float]:
     cfg, model = run.cfg, run.model
     epoch = run.epoch + 1
     model.set_backbone_trainable(epoch > cfg.warm_up)
+    if epoch <= cfg.freeze_patch_embed:
+        model.freeze_patch_embedding()
     model.train()
     lrs = {g["name"]: g["lr"] for g in run.optimizer.param_groups}
     loss_sum = torch.zeros((), device=run.device)  # summed on the device: no host sync per step
@@ -380,7 +429,7 @@ def train_epoch(run: Run) -> dict[str, float]:
 
 def final_test(run: Run) -> dict[str, float]:
     """Evaluate once on the test classes: the only place (besides protocol seed) they are read."""
-    test_set = ImageDataset(run.splits.get("test", final=True), eval_transform(run.cfg.image_size))
+    test_set = ImageDataset(run.splits.get("test", final=True), run_transforms(run.cfg)[1])
     return evaluate(run, make_loader(test_set, run.cfg, train=False), "test")
 
 

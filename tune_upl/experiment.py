@@ -45,7 +45,8 @@ from tune_upl.layout import (
 )
 from tune_upl.results import older_layout_line, read_saved_spec
 from tune_upl.planning import (
-    Study, baseline_point, max_epochs, plan_studies, prepare_data, prepare_weights, search_trials, serial_loading,
+    Study, backbone_recipe_departures, baseline_point, max_epochs, plan_studies, prepare_data, prepare_weights,
+    search_trials, serial_loading,
 )
 from tune_upl.concurrency import per_study, trials_at_once  # Ray-free: `--dry-run` says them without Ray
 from tune_upl.spec import SearchSpec, parse_spec
@@ -102,11 +103,25 @@ def describe(spec: SearchSpec, studies: list[Study]) -> str:
                      f"{study.base.get('data_name')}/{study.base.get('backbone_type')}/{study.base.get('loss_name')}, "
                      f"data {study.base.get('data_path')}, cache {study.base.get('cache_dir')}, "
                      f"searching {', '.join(study.space) or 'nothing'}")
+        lines += [f"    {line}" for line in recipe_notes([study])]
     if spec.protocol == "val":
         recipe = (f" (+ {spec.final_seeds} recipe runs: the loss's recipe, same seeds)" if spec.recipe_runs else "")
         lines.append(f"  final stage: {spec.final_seeds} seeds per study{recipe}, on train + validation classes, "
                      "tested once")
     return "\n".join(lines)
+
+
+def recipe_notes(studies: list[Study]) -> list[str]:
+    """A line for each study whose backbone has a training recipe (a ViT) that its fixed values depart from."""
+    lines = []
+    for study in studies:
+        departures = backbone_recipe_departures(study)
+        if departures:
+            lines.append(f"note: study {study.key} trains {study.base['backbone_type']} otherwise than its training "
+                         "recipe (references.yaml backbone_recipes): " +
+                         ", ".join(f"{name} {ours!r} (recipe {theirs!r})" for name, (ours, theirs) in departures.items())
+                         + "; fix them in the spec to train as the recipe does")
+    return lines
 
 
 def _per_study_text(spec: SearchSpec, studies: list[Study]) -> str:
@@ -383,6 +398,8 @@ def _run_studies(spec: SearchSpec, studies: list[Study], experiment: Path, optio
     print(f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} in one run: {each} trials each, "
           f"{spec.searcher.type} + {spec.scheduler.type}, objective {spec.objective.metric} ({spec.objective.mode}); "
           f"up to {at_once} trials at once ({_per_study_text(spec, studies)} per study{gpus})", flush=True)
+    for line in recipe_notes(studies):
+        print(line, flush=True)
     publish = functools.partial(push_file, options.remote, experiment) if options.remote else None
     try:
         ran = run_studies(spec, studies, experiment, options.verbose, at_once, callbacks,

@@ -33,16 +33,28 @@ CAFFE_BGR_INPUT = InputNorm(BNINCEPTION_MEAN, (1.0, 1.0, 1.0), unit_scale=False,
 TINY_CHANNELS = (3, 32, 64, 128, 256)  # the tiny CNN's four conv blocks (models.build_tiny)
 
 
+CNN_TEST_RESIZE = 256 / 224  # Resize(256) + CenterCrop(224): the seed's test crop, scaled with image_size
+
+
 @dataclass(frozen=True)
 class BackboneFacts:
-    """What is known about a backbone without building it: the channels of its feature map (the embedding
-    layer's input width), its input normalisation, where its published ImageNet weights live ("" for none)
-    and its name in reports."""
+    """What is known about a backbone without building it: the width of its feature (the embedding layer's
+    input), its input normalisation, where its published weights live ("" for none) and its name in reports.
+
+    A `vit` backbone (a timm Vision Transformer, built by its timm name) gives one vector per image, its
+    class token, where a `cnn` gives a feature map that `pooling` reduces. `interpolation` and `test_resize`
+    (the test resize over the crop, 1 / timm's crop_pct) are the ones its weights were trained and
+    evaluated with; `pretraining` names the data they saw, since ImageNet-21k overlaps CUB's classes."""
 
     dim: int
     input: InputNorm
     weights_url: str
     display: str
+    family: str = "cnn"  # cnn | vit
+    interpolation: str = "bilinear"
+    test_resize: float = CNN_TEST_RESIZE
+    pretraining: str = "ImageNet-1k"
+    patch_size: int = 0  # a ViT's patch in pixels: image_size must be a multiple of it
 
     @property
     def weights_name(self) -> str:
@@ -60,7 +72,35 @@ BACKBONES: dict[str, BackboneFacts] = {
     "resnet50": BackboneFacts(2048, TORCHVISION_INPUT, "https://download.pytorch.org/models/resnet50-0676ba61.pth",
                               "ResNet50"),
     "tiny": BackboneFacts(TINY_CHANNELS[-1], TORCHVISION_INPUT, "", "Tiny"),
+    # timm's Vision Transformers by their timm name; URL, input, interpolation and crop from timm's pretrained
+    # configuration (timm 1.0.31, `timm.models.get_pretrained_cfg(name)`; tests/test_vit.py compares them)
+    "vit_small_patch16_224.dino": BackboneFacts(
+        384, TORCHVISION_INPUT, "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/"
+        "dino_deitsmall16_pretrain.pth", "ViT-S/16 DINO", "vit", "bicubic", 1 / 0.9,
+        "ImageNet-1k, self-supervised (DINO)", 16),
+    "vit_base_patch16_224.dino": BackboneFacts(
+        768, TORCHVISION_INPUT, "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/"
+        "dino_vitbase16_pretrain.pth", "ViT-B/16 DINO", "vit", "bicubic", 1 / 0.9,
+        "ImageNet-1k, self-supervised (DINO)", 16),
+    "deit_small_patch16_224.fb_in1k": BackboneFacts(
+        384, TORCHVISION_INPUT, "https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth",
+        "DeiT-S/16", "vit", "bicubic", 1 / 0.9, "ImageNet-1k, supervised", 16),
+    "deit3_small_patch16_224.fb_in22k_ft_in1k": BackboneFacts(
+        384, TORCHVISION_INPUT, "https://dl.fbaipublicfiles.com/deit/deit_3_small_224_21k.pth",
+        "DeiT-III-S/16 (IN-21k)", "vit", "bicubic", 1.0,
+        "ImageNet-21k, then ImageNet-1k, supervised (overlaps CUB's classes)", 16),
 }
+
+
+def is_vit(backbone_type: str) -> bool:
+    """Whether a backbone is a Vision Transformer (one class-token vector an image, no feature map)."""
+    facts = BACKBONES.get(backbone_type)
+    return facts is not None and facts.family == "vit"
+
+
+# Fields that mean something for one family of backbones only: config refuses them for the other family
+# (a ViT has no feature map to pool and no BatchNorm; a CNN has no patch embedding).
+FAMILY_FIELDS: dict[str, str] = {"pooling": "cnn", "freeze_bn": "cnn", "freeze_patch_embed": "vit"}
 
 
 def imagenet_file(backbone_type: str, weights_dir: str) -> Path:

@@ -1,14 +1,16 @@
 """Backbones, the embedding head and the class proxies.
 
 The head is the seed's: backbone feature map -> global max pooling -> layer norm (no affine) ->
-bias-free Linear(backbone_dim, feature_dim) -> L2 normalisation. Proxies live in `ProxyHead`, which turns
+bias-free Linear(backbone_dim, feature_dim) -> L2 normalisation. A Vision Transformer (timm) gives its class
+token instead of a feature map, which takes the place of the pooled feature. Proxies live in `ProxyHead`, which turns
 embeddings into cosine similarities, so every loss sees only `(similarities, labels)`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +34,13 @@ class Weights:
 
     def load_into(self, module: nn.Module, optional: tuple[str, ...] = ()) -> None:
         """Load into `module` strictly, by its own parameter names. Keys under an `optional` prefix (a
-        classifier the backbone drops anyway) may be missing; a tensor whose shape differs from the model's
+        classifier the backbone drops anyway) may be missing, or in the file only (then left out); a tensor whose shape differs from the model's
         only in size-1 dimensions (BN-Inception's published BatchNorm tensors are (1, C)) is reshaped."""
         own = module.state_dict()
         state = {}
         for key, value in self.state.items():
+            if key not in own and key.startswith(optional):
+                continue
             if key in own and value.shape != own[key].shape:
                 if [d for d in value.shape if d != 1] != [d for d in own[key].shape if d != 1]:
                     raise ConfigError(f"weights file {self.source}: {key} has shape {tuple(value.shape)}, the "
@@ -55,11 +59,11 @@ class Weights:
 
 @dataclass(frozen=True)
 class BackboneEntry:
-    """A backbone's builder (with the weights read from a file, or without) beside its facts (`facts.BACKBONES`:
-    feature-map channels, input normalisation, published weights, report name). No builder downloads:
-    `weights.py` fetches files once, in the driver, before any trial."""
+    """A backbone's builder (with the weights read from a file, or without, at the run's image size) beside
+    its facts (`facts.BACKBONES`: feature width, input normalisation, published weights, report name). No
+    builder downloads: `weights.py` fetches files once, in the driver, before any trial."""
 
-    build: Callable[[Optional[Weights]], nn.Module]
+    build: Callable[[Optional[Weights], int], nn.Module]
     facts: BackboneFacts
 
 
@@ -69,7 +73,7 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
     )
 
 
-def build_tiny(weights: Optional[Weights]) -> nn.Module:
+def build_tiny(weights: Optional[Weights], image_size: int = 224) -> nn.Module:
     """Four conv blocks (32-64-128-256 channels): trains in seconds on a CPU at 64 px."""
     net = nn.Sequential(*[_conv_block(a, b) for a, b in zip(TINY_CHANNELS, TINY_CHANNELS[1:])])
     if weights:
@@ -101,12 +105,12 @@ def _resnet(name: str, weights: Optional[Weights]) -> nn.Module:
     return ResNetFeatures(net)
 
 
-def build_resnet18(weights: Optional[Weights]) -> nn.Module:
+def build_resnet18(weights: Optional[Weights], image_size: int = 224) -> nn.Module:
     """torchvision ResNet18 (512-d feature map): a quick real backbone."""
     return _resnet("resnet18", weights)
 
 
-def build_resnet50(weights: Optional[Weights]) -> nn.Module:
+def build_resnet50(weights: Optional[Weights], image_size: int = 224) -> nn.Module:
     """torchvision ResNet50 (2048-d feature map), the seed's default."""
     return _resnet("resnet50", weights)
 
@@ -129,7 +133,7 @@ class GoogLeNetFeatures(nn.Module):
         return x
 
 
-def build_googlenet(weights: Optional[Weights]) -> nn.Module:
+def build_googlenet(weights: Optional[Weights], image_size: int = 224) -> nn.Module:
     """torchvision GoogLeNet built as `googlenet(weights=...)` builds it: its ImageNet weights were trained on
     input it re-normalises itself (`transform_input`), and the published file carries the auxiliary heads,
     which are dropped after loading. Without weights: no transform, no auxiliary heads."""
@@ -155,7 +159,7 @@ class BNInceptionFeatures(nn.Module):
         return self.net.features(x)
 
 
-def build_inception(weights: Optional[Weights]) -> nn.Module:
+def build_inception(weights: Optional[Weights], image_size: int = 224) -> nn.Module:
     """BN-Inception from `pretrainedmodels`, as the seed and Proxy-Anchor use. Its published file stores the
     BatchNorm tensors as (1, C); `load_into` reshapes them, as Proxy-Anchor's code squeezes them."""
     import pretrainedmodels
@@ -166,12 +170,56 @@ def build_inception(weights: Optional[Weights]) -> nn.Module:
     return BNInceptionFeatures(net)
 
 
+def _vit_filter() -> Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]:
+    """timm's filter for ViT files (`vision_transformer.checkpoint_filter_fn`): resamples pos_embed to the
+    model's grid and the patch embedding to its patch, as timm's `vit_*` entry points apply it."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    return checkpoint_filter_fn
+
+
+def _deit_filter() -> Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]:
+    """timm's filter for DeiT files, as its `deit*` entry points apply it: the ViT filter, and DeiT-III's
+    `gamma_1/2` renamed to timm's LayerScale (`adapt_layer_scale`)."""
+    from timm.models.deit import checkpoint_filter_fn
+
+    return partial(checkpoint_filter_fn, adapt_layer_scale=True)
+
+
+def build_vit(name: str, state_filter: Callable[[], Callable[..., dict[str, torch.Tensor]]],
+              weights: Optional[Weights], image_size: int) -> nn.Module:
+    """A timm Vision Transformer at `image_size`, giving its class token after the final norm (`global_pool
+    token`, no classifier): DINO's k-NN feature and Hyp-ViT's embedding.
+
+    Its weights go through the filter timm's own loader applies to this model's files (so pos_embed is
+    resampled to a smaller image's grid), then `Weights.load_into`, whose error names the file, the key and
+    both shapes; the published classifier (`head.`, DeiT's) is dropped, as timm drops it at num_classes=0.
+    tests/test_vit.py checks that this loads what timm's `pretrained_cfg_overlay=dict(file=...)` loads."""
+    import timm
+
+    model = timm.create_model(name, pretrained=False, num_classes=0, global_pool="token", img_size=image_size)
+    if weights:
+        try:
+            state = state_filter()(dict(weights.state), model)
+        except Exception as error:  # a file of another model: its tensors do not fit timm's conversions
+            raise ConfigError(f"weights file {weights.source}: timm could not adapt it to {name} at {image_size} "
+                              f"px ({type(error).__name__}: {error}); is it this backbone's file?") from None
+        Weights(state, weights.source).load_into(model, optional=("head.", "head_dist."))
+    return model
+
+
 BACKBONES: dict[str, BackboneEntry] = {
     "googlenet": BackboneEntry(build_googlenet, BACKBONE_FACTS["googlenet"]),
     "inception": BackboneEntry(build_inception, BACKBONE_FACTS["inception"]),
     "resnet18": BackboneEntry(build_resnet18, BACKBONE_FACTS["resnet18"]),
     "resnet50": BackboneEntry(build_resnet50, BACKBONE_FACTS["resnet50"]),
     "tiny": BackboneEntry(build_tiny, BACKBONE_FACTS["tiny"]),
+    **{name: BackboneEntry(partial(build_vit, name, state_filter), BACKBONE_FACTS[name]) for name, state_filter in (
+        ("vit_small_patch16_224.dino", _vit_filter),
+        ("vit_base_patch16_224.dino", _vit_filter),
+        ("deit_small_patch16_224.fb_in1k", _deit_filter),
+        ("deit3_small_patch16_224.fb_in22k_ft_in1k", _deit_filter),
+    )},
 }
 
 
@@ -196,13 +244,24 @@ def read_weights(cfg: TrialConfig) -> Optional[Weights]:
         raise ConfigError(f"TrialConfig.pretrained = {cfg.pretrained!r}: no such file; "
                           "allowed: auto, none or a weights file")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = _read_state(file, BACKBONE_FACTS[cfg.backbone_type].family == "vit")
     except Exception as error:
         raise ConfigError(f"TrialConfig.pretrained = {cfg.pretrained!r}: unreadable weights file {file} ({error})"
                           ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"weights file {file}: not a state dict (a mapping of names to tensors)")
     return Weights(dict(state), str(file))
+
+
+def _read_state(file: Path, vit: bool) -> Any:
+    """A weights file's contents, no code in it run (weights_only). A ViT's file is read as timm reads it
+    (`timm.models.load_state_dict`: the `model` or `state_dict` entry of a training checkpoint, e.g. DeiT's,
+    its EMA weights where it holds them, a `module.` prefix dropped)."""
+    if vit:
+        from timm.models import load_state_dict
+
+        return load_state_dict(str(file), weights_only=True)
+    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 class InputNormalize(nn.Module):
@@ -246,13 +305,15 @@ class EmbeddingNet(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         maps = self.backbone(self.input_norm(images))
-        if self.pooling == "max":
+        if maps.dim() == 2:  # a ViT's class token: already one vector an image
+            pooled = maps
+        elif self.pooling == "max":
             pooled = F.adaptive_max_pool2d(maps, 1)
         elif self.pooling == "avg":
             pooled = F.adaptive_avg_pool2d(maps, 1)
         else:  # avgmax: the sum of both, as in several proxy-loss codebases
             pooled = F.adaptive_max_pool2d(maps, 1) + F.adaptive_avg_pool2d(maps, 1)
-        pooled = pooled.flatten(1)
+        pooled = pooled.flatten(1)  # a no-op on a class token
         return F.layer_norm(pooled, pooled.shape[-1:]) if self.layer_norm else pooled
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -302,10 +363,18 @@ class MetricModel(nn.Module):
         for parameter in self.backbone_parameters():
             parameter.requires_grad_(trainable)
 
+    def freeze_patch_embedding(self) -> None:
+        """A ViT's patch embedding frozen (requires_grad=False), as Hyp-ViT trains; after
+        `set_backbone_trainable`, which would unfreeze it."""
+        patch_embed = getattr(self.net.backbone, "patch_embed", None)
+        if patch_embed is None:
+            raise TypeError(f"{type(self.net.backbone).__name__} has no patch embedding")
+        patch_embed.requires_grad_(False)
+
 
 def build_model(cfg: TrialConfig, num_classes: int) -> MetricModel:
     """Build backbone, head and proxies from the config; seeds must be set by the caller."""
     entry = BACKBONES[cfg.backbone_type]
-    backbone = entry.build(read_weights(cfg))  # library models load by the library's own parameter names
+    backbone = entry.build(read_weights(cfg), cfg.image_size)  # library models load by their own parameter names
     net = EmbeddingNet(backbone, entry.facts.dim, cfg.feature_dim, cfg.pooling, cfg.layer_norm, entry.facts.input)
     return MetricModel(net, ProxyHead(num_classes, cfg.feature_dim), freeze_bn=cfg.bn_frozen)

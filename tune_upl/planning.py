@@ -91,7 +91,7 @@ def plan_studies(spec: SearchSpec, overrides: dict[str, Any], paths: Paths = Pat
                                     bool(base.get("recalls")))
         if problem:  # the dataset's own Recall@K columns may lack the objective's k
             raise SpecError(problem)
-        recipe = (recipe_config(base, {*spec.fixed, *point, *overrides}, published_recipe(base["loss_name"]),
+        recipe = (recipe_config(base, {*spec.fixed, *point, *overrides}, published_recipe(base["loss_name"], base["backbone_type"]),
                                 study_key(point)) if spec.recipe_runs else None)
         study = Study(study_key(point), point, base, space, recipe)
         twin = next((s for s in studies if same_study(make_config(s.base), cfg, point)), None)
@@ -159,14 +159,16 @@ def suggest_config(trial: Any, space: dict[str, Param], base: dict[str, Any]) ->
 
 def baseline_point(space: dict[str, Param], base: dict[str, Any]) -> dict[str, Any]:
     """The study's first trial: its loss's published recipe (`references.recipe`, the paper's or official
-    code's settings), so the search's gain over it is tuning gain. A searched field takes the recipe's value
+    code's settings; a ViT's training settings from its backbone's recipe, unless backbone_type is searched),
+    so the search's gain over it is tuning gain. A searched field takes the recipe's value
     where its range holds it, the seed's (`FIELD_DEFAULTS`) where the recipe states none; a recipe value
     outside the range is sampled (the seed's would pass for the loss's own). balanced_proxy's recipe is the
     seed's. When `loss_name` is itself searched the study has no one loss: every field takes the seed's
     value, and `loss_name` the seed's loss where its choices hold it (whose recipe that is)."""
     from tune_upl.references import recipe  # read only for a baseline
 
-    published = {} if "loss_name" in space else recipe(base.get("loss_name", FIELD_DEFAULTS["loss_name"]))
+    backbone = None if "backbone_type" in space else base.get("backbone_type", FIELD_DEFAULTS["backbone_type"])
+    published = {} if "loss_name" in space else recipe(base.get("loss_name", FIELD_DEFAULTS["loss_name"]), backbone)
     point: dict[str, Any] = {}
     for name, param in space.items():
         if param.holds({**base, **point}) is False:
@@ -193,13 +195,32 @@ def grid_points(study: Study) -> list[dict[str, Any]]:
     return points
 
 
-def published_recipe(loss_name: str) -> dict[str, Any]:
-    """The loss's published recipe, TrialConfig field -> value (`references.recipe`); a damaged
-    `references.yaml` is one line."""
+def backbone_recipe_departures(study: Study) -> dict[str, tuple[Any, Any]]:
+    """A study's fields, neither searched nor its backbone recipe's value, that its backbone's training recipe
+    (`backbone_recipes:` in references.yaml, every ViT's) states: field -> (the study's value, the recipe's).
+    A ViT study that fixes none of them trains with the seed's CNN recipe (AdamP, StepLR, ...), which the plan
+    then says in one line. Empty for a CNN, or where `backbone_type` is searched."""
+    from tune_upl.references import load_backbone_recipes  # torch-free; read only to describe a plan
+
+    if "backbone_type" in study.space:
+        return {}
+    entry = load_backbone_recipes().get(study.base["backbone_type"])
+    if entry is None:
+        return {}
+    epochs = study.base["num_epochs"]
+    same = lambda name, ours, theirs: (min(ours, epochs) == min(theirs, epochs) if name == "freeze_patch_embed"
+                                       else ours == theirs)  # frozen throughout is frozen throughout
+    return {name: (study.base[name], value) for name, value in entry.settings().items()
+            if name not in study.space and not same(name, study.base[name], value)}
+
+
+def published_recipe(loss_name: str, backbone_type: str) -> dict[str, Any]:
+    """The loss's published recipe, with the backbone's training recipe where it has one (the ViTs), TrialConfig
+    field -> value (`references.recipe`); a damaged `references.yaml` is one line."""
     from tune_upl.references import recipe  # read only under recipe_runs
 
     try:
-        return dict(recipe(loss_name))
+        return dict(recipe(loss_name, backbone_type))
     except ConfigError as error:
         raise SpecError(f"recipe_runs: no recipe of {loss_name}: {error}") from None
 

@@ -31,7 +31,7 @@ from tune_upl.ablation import (
     trial_points,
 )
 from tune_upl.comparisons import Paired, method_gains, paired_interval
-from tune_upl.facts import BACKBONES, DATASETS, standard_recalls
+from tune_upl.facts import BACKBONES, DATASETS, LOSS_PARAMETERS, standard_recalls
 from tune_upl.loss_axes import AGGREGATIONS, ANCHORS, DEFAULT_CELL, PROXY_ANCHOR_CELL
 from tune_upl.importance import (
     MEANINGFUL_TRIALS, MIN_TOP_TRIALS, TARGET_QUANTILE, Importance, importances, told_study,
@@ -148,6 +148,14 @@ def benchmark_tables(data: ExperimentData, refs: References, storage: Optional[s
                 other[label] = _mean_std(values) if values else "-"
             other["Runs"] = len(final.runs)
             other_rows.append(other)
+        used = {(n, b, lo, d) for n, b, lo, d in map(_group, (f.config for f in finals))}
+        for ref in refs.results:  # another method's published rows on these backbones (Hyp-ViT's, OML's), as rows
+            if ref.data == data_name and ref.backbone in {b for _, b, _, _ in used} and ref.loss not in LOSS_PARAMETERS:
+                row = {"Backbone": backbone_display(ref.backbone), "Loss": f"{ref.loss} (published)", "Dim": ref.dim,
+                       **{f"R@{k}": f"{ref.recall[k]:.1f}" if k in ref.recall else "-" for k in ks},
+                       "Runs": "-", "Published": f"[{refs.sources[ref.source].label}](#references)"}
+                recall_rows.append(row)
+                cited = True
         if cited:
             for row in recall_rows:
                 row.setdefault("Published", "-")
@@ -158,7 +166,8 @@ def benchmark_tables(data: ExperimentData, refs: References, storage: Optional[s
                "seed and tested once after its last epoch: mean ± std over the seeds (Runs). The published "
                "numbers selected their best epoch on the test classes, which flatters them.")
         ref_note = (" In brackets: the published number for the same dataset, backbone, loss and dimension, and "
-                    "our difference in points." if cited else
+                    "our difference in points; a row marked (published) is another method's published result on the same "
+                    "backbone (its protocol under References)." if cited else
                     f" No published numbers exist for `{data_name}` with these backbones, losses and dimensions "
                     "(the references cover CARS196 and CUB200-2011).")
         lines += [f"*{how}{ref_note}*", "", _table(other_rows), "",
@@ -695,15 +704,35 @@ def retrieval_section(data: ExperimentData, figures: Figures) -> list[str]:
     return lines
 
 
-def references_section(refs: References) -> list[str]:
-    lines = ["Published Recall@K (%) used above, from `tune_upl/references.yaml`; every one selected its best "
-             "epoch on the test classes.", ""]
+def experiment_backbones(data: ExperimentData) -> set[str]:
+    """The backbones the experiment's trials and final runs trained."""
+    found = {final.config["backbone_type"] for final in data.finals}
+    if not data.trials.empty:
+        found |= {config.get("backbone_type") for config in data.trials["_config"] if isinstance(config, dict)}
+    return {name for name in found if name}
+
+
+def references_section(refs: References, backbones: Optional[set[str]] = None) -> list[str]:
+    """The published rows and their sources; with `backbones`, only those backbones' rows (a ViT study is not
+    set beside ResNet rows), and a line saying so."""
+    if backbones is not None:
+        shown = ", ".join(f"`{b}`" for b in sorted(backbones))
+        refs = refs.for_backbones(backbones)
+        if not refs.results:
+            return [f"`tune_upl/references.yaml` has no published rows for this experiment's backbones ({shown}).",
+                    ""]
+    lines = ["Published Recall@K (%) from `tune_upl/references.yaml`" +
+             (f", for this experiment's backbones ({shown})" if backbones is not None else "") +
+             ". The protocol column says where a row's protocol differs from ours; every row without one "
+             "selected its best epoch on the test classes.", ""]
     for source in refs.sources.values():
         lines.append(f"- **{source.label}**: {source.title}. {source.where}. {source.note}")
     lines.append("")
     for data_name in sorted({r.data for r in refs.results}):  # a table per dataset: each has its own Recall@K
+        ks = sorted({k for r in refs.results if r.data == data_name for k in r.recall})
         rows = [{"source": refs.sources[r.source].label, "data": r.data, "backbone": r.backbone, "loss": r.loss,
-                 "dim": r.dim, **{f"R@{k}": f"{v:.1f}" for k, v in r.recall.items()}}
+                 "dim": r.dim, **{f"R@{k}": f"{r.recall[k]:.1f}" if k in r.recall else "-" for k in ks},
+                 **({"protocol": r.protocol or "-"} if any(x.protocol for x in refs.results) else {})}
                 for r in refs.results if r.data == data_name]
         lines += [_table(rows, "left"), ""]
     return lines
@@ -785,7 +814,7 @@ def render(data: ExperimentData, folder: Path, storage: Optional[str] = None) ->
     lines += ["## Hyper-parameter importance", "", *importance_section(data, figures)]
     lines += ["## Retrieval", "", *retrieval_section(data, figures)]
     lines += ["## Leaderboard", "", *leaderboard(data, f"{folder.name}/trials.csv")]
-    lines += ["## References", "", *references_section(refs)]
+    lines += ["## References", "", *references_section(refs, experiment_backbones(data))]
     figures.remove_stale()
     if figures.failures:
         lines += ["## Not drawn", "", *[f"- {failure}" for failure in figures.failures], ""]

@@ -96,11 +96,11 @@ def _restored_run(config: dict[str, Any], state_file: Path) -> Any:
 
 
 def _embed_test_split(config: dict[str, Any], state_file: Path) -> dict[str, Any]:
-    from tune_upl.data import ImageDataset, eval_transform, make_loader
+    from tune_upl.data import ImageDataset, make_loader, run_transforms
     from tune_upl.engine import embed
 
     run = _restored_run(config, state_file)
-    transform = eval_transform(run.cfg.image_size)
+    transform = run_transforms(run.cfg)[1]
     dataset = ImageDataset(run.splits.get("test", final=True), transform)
     embeddings, labels = embed(run, make_loader(dataset, run.cfg, train=False))
     return {"embeddings": embeddings.cpu(), "labels": labels.cpu(), "paths": [str(r.path) for r in dataset.records]}
@@ -147,7 +147,7 @@ def query_label(db: Database, path: Path) -> Optional[int]:
 
 def embed_image(db: Database, path: Path) -> torch.Tensor:
     """An image file embedded by the database's model, as the test images were (eval transform)."""
-    from tune_upl.data import eval_transform
+    from tune_upl.data import run_transforms
     from tune_upl.engine import embed
     from tune_upl.prepare import decode_image_file
 
@@ -156,7 +156,7 @@ def embed_image(db: Database, path: Path) -> torch.Tensor:
         image = decode_image_file(path)
     except (OSError, RuntimeError, ValueError) as error:
         raise ExperimentError(f"--query_img_name {path}: not a readable image ({error})") from None
-    batch = eval_transform(run.cfg.image_size)(image).unsqueeze(0)
+    batch = run_transforms(run.cfg)[1](image).unsqueeze(0)
     embeddings, _ = embed(run, [(batch, torch.zeros(1, dtype=torch.long))])
     return F.normalize(embeddings[0].float().cpu(), dim=-1)
 

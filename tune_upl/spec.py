@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Any, Callable, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,12 +20,15 @@ from tune_upl.config import (
     FIELD_DEFAULTS,
     FIELD_NAMES,
     LOSS_SPECIFIC,
+    backbone_field_problem,
+    backbones_taking,
     loss_field_problem,
     losses_taking,
     unknown_field_message,
     validate_field,
 )
 from tune_upl.errors import ConfigError, SpecError
+from tune_upl.facts import FAMILY_FIELDS
 from tune_upl.layout import NAME_PATTERN, study_key
 
 METRIC_PATTERN = re.compile(r"^(val|test)_(recall@[1-9][0-9]*|map@r|r_precision)$")
@@ -281,7 +284,8 @@ class SearchSpec(_Strict):
         for point in self.study_points():
             given = {**self.fixed, **point}
             where = {**dict.fromkeys(self.fixed, "fixed"), **dict.fromkeys(point, "studies")}
-            problem = loss_combination_problem(given, self.space, where)
+            problem = (loss_combination_problem(given, self.space, where)
+                       or backbone_combination_problem(given, self.space, where))
             if problem:
                 raise ValueError(problem)
         return self
@@ -325,21 +329,36 @@ def grace_period_problem(scheduler: Scheduler, epochs: int, study: str) -> Optio
 def loss_combination_problem(given: dict[str, Any], space: dict[str, Param], where: dict[str, str]) -> Optional[str]:
     """Why a study's fixed values (`given`, each from `where`: fixed, studies, the command line) and searched
     fields put a loss-specific field on a loss without it, naming the combination; None when they do not."""
-    losses = (space["loss_name"].choice if "loss_name" in space
-              else [given.get("loss_name", FIELD_DEFAULTS["loss_name"])])
-    origin = "space" if "loss_name" in space else where.get("loss_name", "default")
+    return _combination_problem("loss_name", LOSS_SPECIFIC, loss_field_problem, losses_taking, "has", given, space,
+                                where)
+
+
+def backbone_combination_problem(given: dict[str, Any], space: dict[str, Param],
+                                 where: dict[str, str]) -> Optional[str]:
+    """As `loss_combination_problem`, for the fields of one family of backbones (`facts.FAMILY_FIELDS`): pooling
+    or freeze_bn given or searched with a ViT, freeze_patch_embed with a CNN."""
+    return _combination_problem("backbone_type", tuple(FAMILY_FIELDS), backbone_field_problem, backbones_taking,
+                                "takes", given, space, where)
+
+
+def _combination_problem(kind: str, fields: tuple[str, ...], problem: Callable[[str, str, Any], Optional[str]],
+                         takers: Callable[[str], list[str]], verb: str, given: dict[str, Any],
+                         space: dict[str, Param], where: dict[str, str]) -> Optional[str]:
+    """The first field of `fields` given or searched with a value of `kind` (loss_name, backbone_type) that
+    cannot take it (`problem`; `takers`: the values that can), as one line naming the combination."""
+    owners = space[kind].choice if kind in space else [given.get(kind, FIELD_DEFAULTS[kind])]
+    origin = "space" if kind in space else where.get(kind, "default")
     study = ",".join(f"{k}={v}" for k, v in given.items() if where.get(k) == "studies")
-    for loss in losses:
-        for name in LOSS_SPECIFIC:
+    for owner in owners:
+        for name in fields:
             if name in given:
-                problem = loss_field_problem(loss, name, given[name])
-                if problem:
-                    return (f"the combination loss_name={loss} ({origin}) with {name}={given[name]} "
-                            f"({where.get(name, 'fixed')}) is refused: {problem}")
-            elif name in space and loss not in losses_taking(name) and \
-                    space[name].holds({**given, "loss_name": loss}) is not False:
-                return (f"space.{name}: searched for loss_name {loss}" + (f" (study {study})" if study else "") +
-                        f", which has no {name}; give it when: {{loss_name: [{', '.join(losses_taking(name))}]}}")
+                found = problem(owner, name, given[name])
+                if found:
+                    return (f"the combination {kind}={owner} ({origin}) with {name}={given[name]} "
+                            f"({where.get(name, 'fixed')}) is refused: {found}")
+            elif name in space and owner not in takers(name) and space[name].holds({**given, kind: owner}) is not False:
+                return (f"space.{name}: searched for {kind} {owner}" + (f" (study {study})" if study else "") +
+                        f", which {verb} no {name}; give it when: {{{kind}: [{', '.join(takers(name))}]}}")
     return None
 
 

@@ -32,6 +32,7 @@ RANGES: dict[str, str] = {
     "tabulate": ">=0.10,<1",
     "threadpoolctl": ">=3.8,<4",
     "pretrainedmodels": ">=0.7.4,<0.8",
+    "timm": ">=1.0.31,<1.1",
     "packaging": ">=22",
 }
 
