@@ -15,7 +15,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 from pydantic.dataclasses import dataclass
 from typing_extensions import Annotated
 from tune_upl.errors import ConfigError
-from tune_upl.facts import BACKBONES, DATASETS, FAMILY_FIELDS, LOSS_PARAMETERS, standard_recalls
+from tune_upl.facts import BACKBONES, DATASETS, FAMILY_FIELDS, LOSS_PARAMETERS, is_vit, standard_recalls
 from tune_upl.loss_axes import Aggregation, Anchor
 
 Protocol = Literal["val", "seed"]
@@ -359,7 +359,7 @@ class TrialConfig:
 
     @property
     def is_vit(self) -> bool:
-        return BACKBONES[self.backbone_type].family == "vit"
+        return is_vit(self.backbone_type)
 
     @property
     def bn_frozen(self) -> bool:

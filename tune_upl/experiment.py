@@ -119,8 +119,8 @@ def recipe_notes(studies: list[Study]) -> list[str]:
         if departures:
             lines.append(f"note: study {study.key} trains {study.base['backbone_type']} otherwise than its training "
                          "recipe (references.yaml backbone_recipes): " +
-                         ", ".join(f"{name} {ours!r} (recipe {theirs!r})" for name, (ours, theirs) in departures.items())
-                         + "; fix them in the spec to train as the recipe does")
+                         ", ".join(f"{name} {ours!r} (recipe {theirs!r})"
+                                   for name, (ours, theirs) in departures.items()) + "; fix them in the spec to train as the recipe does")
     return lines
 
 

@@ -2,8 +2,8 @@
 
 The head is the seed's: backbone feature map -> global max pooling -> layer norm (no affine) ->
 bias-free Linear(backbone_dim, feature_dim) -> L2 normalisation. A Vision Transformer (timm) gives its class
-token instead of a feature map, which takes the place of the pooled feature. Proxies live in `ProxyHead`, which turns
-embeddings into cosine similarities, so every loss sees only `(similarities, labels)`.
+token instead of a feature map, which takes the place of the pooled feature. Proxies live in `ProxyHead`, which
+turns embeddings into cosine similarities, so every loss sees only `(similarities, labels)`.
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ class Weights:
 
     def load_into(self, module: nn.Module, optional: tuple[str, ...] = ()) -> None:
         """Load into `module` strictly, by its own parameter names. Keys under an `optional` prefix (a
-        classifier the backbone drops anyway) may be missing, or in the file only (then left out); a tensor whose shape differs from the model's
-        only in size-1 dimensions (BN-Inception's published BatchNorm tensors are (1, C)) is reshaped."""
+        classifier the backbone drops anyway) may be missing, or in the file only (then left out); a tensor whose
+        shape differs from the model's only in size-1 dimensions (BN-Inception's published BatchNorm tensors are (1, C)) is reshaped."""
         own = module.state_dict()
         state = {}
         for key, value in self.state.items():
@@ -170,24 +170,20 @@ def build_inception(weights: Optional[Weights], image_size: int = 224) -> nn.Mod
     return BNInceptionFeatures(net)
 
 
-def _vit_filter() -> Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]:
-    """timm's filter for ViT files (`vision_transformer.checkpoint_filter_fn`): resamples pos_embed to the
-    model's grid and the patch embedding to its patch, as timm's `vit_*` entry points apply it."""
+def timm_filter(name: str) -> Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]:
+    """The filter timm's entry point of `name` applies to its files: `vision_transformer.checkpoint_filter_fn`
+    for the `vit_*` models (pos_embed resampled to the model's grid, the patch embedding to its patch), the DeiT
+    one with `adapt_layer_scale` for the `deit*` models (also DeiT-III's `gamma_1/2` renamed to LayerScale)."""
+    if name.startswith("deit"):
+        from timm.models.deit import checkpoint_filter_fn as deit_filter
+
+        return partial(deit_filter, adapt_layer_scale=True)
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     return checkpoint_filter_fn
 
 
-def _deit_filter() -> Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]:
-    """timm's filter for DeiT files, as its `deit*` entry points apply it: the ViT filter, and DeiT-III's
-    `gamma_1/2` renamed to timm's LayerScale (`adapt_layer_scale`)."""
-    from timm.models.deit import checkpoint_filter_fn
-
-    return partial(checkpoint_filter_fn, adapt_layer_scale=True)
-
-
-def build_vit(name: str, state_filter: Callable[[], Callable[..., dict[str, torch.Tensor]]],
-              weights: Optional[Weights], image_size: int) -> nn.Module:
+def build_vit(name: str, weights: Optional[Weights], image_size: int) -> nn.Module:
     """A timm Vision Transformer at `image_size`, giving its class token after the final norm (`global_pool
     token`, no classifier): DINO's k-NN feature and Hyp-ViT's embedding.
 
@@ -200,7 +196,7 @@ def build_vit(name: str, state_filter: Callable[[], Callable[..., dict[str, torc
     model = timm.create_model(name, pretrained=False, num_classes=0, global_pool="token", img_size=image_size)
     if weights:
         try:
-            state = state_filter()(dict(weights.state), model)
+            state = timm_filter(name)(dict(weights.state), model)
         except Exception as error:  # a file of another model: its tensors do not fit timm's conversions
             raise ConfigError(f"weights file {weights.source}: timm could not adapt it to {name} at {image_size} "
                               f"px ({type(error).__name__}: {error}); is it this backbone's file?") from None
@@ -214,12 +210,8 @@ BACKBONES: dict[str, BackboneEntry] = {
     "resnet18": BackboneEntry(build_resnet18, BACKBONE_FACTS["resnet18"]),
     "resnet50": BackboneEntry(build_resnet50, BACKBONE_FACTS["resnet50"]),
     "tiny": BackboneEntry(build_tiny, BACKBONE_FACTS["tiny"]),
-    **{name: BackboneEntry(partial(build_vit, name, state_filter), BACKBONE_FACTS[name]) for name, state_filter in (
-        ("vit_small_patch16_224.dino", _vit_filter),
-        ("vit_base_patch16_224.dino", _vit_filter),
-        ("deit_small_patch16_224.fb_in1k", _deit_filter),
-        ("deit3_small_patch16_224.fb_in22k_ft_in1k", _deit_filter),
-    )},
+    **{name: BackboneEntry(partial(build_vit, name), facts) for name, facts in BACKBONE_FACTS.items()
+       if facts.family == "vit"},
 }
 
 
@@ -244,7 +236,7 @@ def read_weights(cfg: TrialConfig) -> Optional[Weights]:
         raise ConfigError(f"TrialConfig.pretrained = {cfg.pretrained!r}: no such file; "
                           "allowed: auto, none or a weights file")
     try:
-        state = _read_state(file, BACKBONE_FACTS[cfg.backbone_type].family == "vit")
+        state = _read_state(file, cfg.is_vit)
     except Exception as error:
         raise ConfigError(f"TrialConfig.pretrained = {cfg.pretrained!r}: unreadable weights file {file} ({error})"
                           ) from None

@@ -91,8 +91,9 @@ def plan_studies(spec: SearchSpec, overrides: dict[str, Any], paths: Paths = Pat
                                     bool(base.get("recalls")))
         if problem:  # the dataset's own Recall@K columns may lack the objective's k
             raise SpecError(problem)
-        recipe = (recipe_config(base, {*spec.fixed, *point, *overrides}, published_recipe(base["loss_name"], base["backbone_type"]),
-                                study_key(point)) if spec.recipe_runs else None)
+        recipe = (recipe_config(base, {*spec.fixed, *point, *overrides},
+                                published_recipe(base["loss_name"], base["backbone_type"]), study_key(point))
+                  if spec.recipe_runs else None)
         study = Study(study_key(point), point, base, space, recipe)
         twin = next((s for s in studies if same_study(make_config(s.base), cfg, point)), None)
         if twin is not None:

@@ -71,8 +71,14 @@ class References:
 
 
 @functools.lru_cache(maxsize=None)
+def _document(path: Path) -> Any:
+    """references.yaml parsed once: the published rows, the losses' and the backbones' recipes all read it."""
+    return yaml.safe_load(path.read_text())
+
+
+@functools.lru_cache(maxsize=None)
 def load_references(path: Path = REFERENCES_FILE) -> References:
-    raw = yaml.safe_load(path.read_text())
+    raw = _document(path)
     sources = {key: Source(key, s["label"], s["title"], s["where"], s.get("note", ""))
                for key, s in raw["sources"].items()}
     results = []
@@ -167,7 +173,7 @@ def _recipe_problem(section: str, key: str, recipe: Recipe) -> Optional[str]:
 
 def _load_section(path: Path, section: str, allowed: list[str], required: list[str]) -> dict[str, Recipe]:
     """One section of recipes from `path`, each checked; a bad one raises ConfigError naming its key."""
-    document = yaml.safe_load(path.read_text())
+    document = _document(path)
     raw = document.get(section) if isinstance(document, dict) else None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: {section}: missing (one entry per {', '.join(required)})")

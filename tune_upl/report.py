@@ -148,9 +148,9 @@ def benchmark_tables(data: ExperimentData, refs: References, storage: Optional[s
                 other[label] = _mean_std(values) if values else "-"
             other["Runs"] = len(final.runs)
             other_rows.append(other)
-        used = {(n, b, lo, d) for n, b, lo, d in map(_group, (f.config for f in finals))}
+        backbones = {final.config["backbone_type"] for final in finals}
         for ref in refs.results:  # another method's published rows on these backbones (Hyp-ViT's, OML's), as rows
-            if ref.data == data_name and ref.backbone in {b for _, b, _, _ in used} and ref.loss not in LOSS_PARAMETERS:
+            if ref.data == data_name and ref.backbone in backbones and ref.loss not in LOSS_PARAMETERS:
                 row = {"Backbone": backbone_display(ref.backbone), "Loss": f"{ref.loss} (published)", "Dim": ref.dim,
                        **{f"R@{k}": f"{ref.recall[k]:.1f}" if k in ref.recall else "-" for k in ks},
                        "Runs": "-", "Published": f"[{refs.sources[ref.source].label}](#references)"}
@@ -166,8 +166,8 @@ def benchmark_tables(data: ExperimentData, refs: References, storage: Optional[s
                "seed and tested once after its last epoch: mean ± std over the seeds (Runs). The published "
                "numbers selected their best epoch on the test classes, which flatters them.")
         ref_note = (" In brackets: the published number for the same dataset, backbone, loss and dimension, and "
-                    "our difference in points; a row marked (published) is another method's published result on the same "
-                    "backbone (its protocol under References)." if cited else
+                    "our difference in points; a row marked (published) is another method's published result on "
+                    "the same backbone (its protocol under References)." if cited else
                     f" No published numbers exist for `{data_name}` with these backbones, losses and dimensions "
                     "(the references cover CARS196 and CUB200-2011).")
         lines += [f"*{how}{ref_note}*", "", _table(other_rows), "",
